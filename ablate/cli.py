@@ -1,0 +1,168 @@
+"""The `ablate` command line: parses flags, calls the stage functions, prints where results went.
+
+    ablate --help
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ablate.errors import BadInput
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    help="Staged attention-mask ablation studies on Hugging Face decoder LMs.",
+)
+
+EVAL_EPILOG_1 = """Example (offline, CPU):\n
+  ablate tiny-model --out /tmp/tiny\n
+  ablate stage1 --model /tmp/tiny --tasks ablate_tiny,piqa --task-data piqa=ablate/task_data/piqa.jsonl --device cpu\n
+Study settings:\n
+  ablate stage1 --model mistralai/Ministral-3-3B-Base-2512 --tasks hellaswag,piqa,arc_easy,arc_challenge,winogrande"""
+
+EVAL_EPILOG_2 = """Example (offline, CPU):\n
+  ablate stage2 --mask prefill_bidir --model /tmp/tiny --tasks ablate_tiny --device cpu\n
+Study settings:\n
+  ablate stage2 --mask prefill_bidir --model mistralai/Ministral-3-3B-Base-2512 --tasks hellaswag,piqa,arc_easy,arc_challenge,winogrande"""
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"ablate: error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("ablate").setLevel(logging.INFO)
+
+
+def _eval_command(stage: str, flags: dict) -> None:
+    from ablate.config import load_eval_config
+    from ablate.evaluation import run_stage1, run_stage2
+
+    _quiet_libraries()
+    try:
+        config = load_eval_config(stage, flags)
+        run_dir = (run_stage1 if stage.startswith("stage1") else run_stage2)(config)
+    except BadInput as exc:
+        _fail(str(exc))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    typer.echo(summary_table(metrics))
+    typer.echo(f"run directory: {run_dir}")
+
+
+def summary_table(metrics: dict) -> str:
+    baseline = metrics.get("baseline") or {}
+    lines = [f"{metrics['stage']}  model={metrics['model']}  mask={metrics['mask']}"]
+    header = f"{'task':<16}{'acc':>9}{'stderr':>9}{'chance':>8}{'n':>7}"
+    if baseline.get("run"):
+        header += f"{'stage1':>9}{'delta':>9}{'retention':>10}"
+    lines.append(header)
+
+    def fmt(x, width, digits=4):
+        return f"{x:>{width}.{digits}f}" if isinstance(x, (int, float)) else f"{'n/a':>{width}}"
+
+    rows = list(metrics["tasks"].items()) + [("macro", metrics["macro"])]
+    for name, t in rows:
+        line = f"{name:<16}{fmt(t['acc'], 9)}{fmt(t.get('acc_stderr'), 9)}{fmt(t['chance'], 8, 3)}"
+        line += f"{t.get('n', ''):>7}"
+        if baseline.get("run"):
+            b = baseline["macro"] if name == "macro" else baseline["tasks"][name]
+            line += f"{fmt(b['acc_baseline'], 9)}{fmt(b['delta'], 9)}{fmt(b['retention'], 10, 3)}"
+        lines.append(line)
+    if baseline and not baseline.get("run"):
+        lines.append(f"no stage 1 comparison: {baseline['reason']}")
+    return "\n".join(lines)
+
+
+TASKS_HELP = "comma-separated lm-eval task names"
+
+
+@app.command(epilog=EVAL_EPILOG_1)
+def stage1(
+    model: Optional[str] = typer.Option(None, help="hub model id or local path"),
+    tasks: Optional[str] = typer.Option(None, help=TASKS_HELP),
+    include_path: Optional[str] = typer.Option(None, help="extra folder of lm-eval task YAMLs"),
+    task_data: Optional[List[str]] = typer.Option(None, help="TASK=FILE: read a task's rows from a local file"),
+    limit: Optional[float] = typer.Option(None, help="documents per task (int) or fraction (<1)"),
+    num_fewshot: Optional[int] = typer.Option(None, help="few-shot examples (task default when unset)"),
+    batch_size: Optional[str] = typer.Option(None, help="batch size or 'auto'"),
+    max_length: Optional[int] = typer.Option(None, help="context window (model's own when unset)"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N or auto"),
+    dtype: Optional[str] = typer.Option(None, help="auto, float32, bfloat16, float16"),
+    attn_implementation: Optional[str] = typer.Option(None, help="sdpa, eager or flex_attention"),
+    seed: Optional[int] = typer.Option(None, help="random seed"),
+    runs_dir: Optional[str] = typer.Option(None, help="where run directories are created"),
+):
+    """Stage 1: baseline lm-eval evaluation with the causal mask."""
+    _eval_command("stage1_baseline_eval", dict(locals()))
+
+
+@app.command(epilog=EVAL_EPILOG_2)
+def stage2(
+    mask: Optional[str] = typer.Option(None, help="mask over the prompt: prefill_bidir (default), full_bidir, causal"),
+    model: Optional[str] = typer.Option(None, help="hub model id or local path"),
+    tasks: Optional[str] = typer.Option(None, help=TASKS_HELP),
+    include_path: Optional[str] = typer.Option(None, help="extra folder of lm-eval task YAMLs"),
+    task_data: Optional[List[str]] = typer.Option(None, help="TASK=FILE: read a task's rows from a local file"),
+    limit: Optional[float] = typer.Option(None, help="documents per task (int) or fraction (<1)"),
+    num_fewshot: Optional[int] = typer.Option(None, help="few-shot examples (task default when unset)"),
+    batch_size: Optional[str] = typer.Option(None, help="batch size or 'auto'"),
+    max_length: Optional[int] = typer.Option(None, help="context window (model's own when unset)"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N or auto"),
+    dtype: Optional[str] = typer.Option(None, help="auto, float32, bfloat16, float16"),
+    attn_implementation: Optional[str] = typer.Option(None, help="sdpa, eager or flex_attention"),
+    seed: Optional[int] = typer.Option(None, help="random seed"),
+    runs_dir: Optional[str] = typer.Option(None, help="where run directories are created"),
+    baseline: Optional[str] = typer.Option(None, help="stage 1 run to compare with (default: latest matching)"),
+):
+    """Stage 2: the same evaluation with the prompt read through an ablated mask, compared with stage 1."""
+    _eval_command("stage2_ablation_eval", dict(locals()))
+
+
+@app.command(epilog="Example:\n\n  ablate masks")
+def masks():
+    """List the registered attention masks."""
+    from ablate.masks import MASKS
+
+    for spec in MASKS.values():
+        flag = "  [leaks labels in training]" if spec.leaks_labels else ""
+        typer.echo(f"{spec.name:<15}{spec.description}{flag}")
+
+
+@app.command("tiny-model", epilog="Example:\n\n  ablate tiny-model --arch mistral3 --out /tmp/tiny-mistral3")
+def tiny_model(
+    out: Path = typer.Option(..., help="folder to write the model into (must not exist)"),
+    arch: str = typer.Option("llama", help="llama, mistral, ministral3, qwen2, qwen3 or mistral3"),
+    seed: int = typer.Option(0, help="initialisation seed"),
+):
+    """Build a tiny random model of a real architecture offline (for tests and smoke runs)."""
+    from ablate.tiny import build_tiny_model
+
+    _quiet_libraries()
+    if out.exists():
+        _fail(f"{out} already exists; choose a new folder")
+    try:
+        path = build_tiny_model(out, arch=arch, seed=seed)
+    except BadInput as exc:
+        _fail(str(exc))
+    typer.echo(f"tiny {arch} model written to {path}")
+
+
+def main() -> None:
+    app(prog_name="ablate")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

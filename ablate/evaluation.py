@@ -1,0 +1,229 @@
+"""Stages 1 and 2: lm-evaluation-harness under the causal mask, then under an ablated mask.
+
+    ablate tiny-model --out /tmp/tiny && \
+    ablate stage1 --model /tmp/tiny --tasks ablate_tiny --device cpu && \
+    ablate stage2 --model /tmp/tiny --tasks ablate_tiny --mask prefill_bidir --device cpu
+
+Everything that can be checked (mask, tasks, task data, model) is checked
+before a run directory exists, so bad input leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from ablate import rundir
+from ablate.config import STAGE1, STAGE2, EvalConfig
+from ablate.errors import BadInput
+
+log = logging.getLogger(__name__)
+
+
+def run_stage1(config: EvalConfig) -> Path:
+    return run_eval(config)
+
+
+def run_stage2(config: EvalConfig) -> Path:
+    return run_eval(config)
+
+
+def comparison_key(config: EvalConfig, task_data: dict[str, Path]) -> dict:
+    """The settings that must agree for two evaluation runs to be compared document by document."""
+    model = config.model
+    if Path(model).expanduser().exists():
+        model = str(Path(model).expanduser().resolve())
+    return {
+        "model": model,
+        "tasks": sorted(config.tasks),
+        "limit": config.limit,
+        "num_fewshot": config.num_fewshot,
+        "task_data_sha256": {name: hashlib.sha256(path.read_bytes()).hexdigest()
+                             for name, path in sorted(task_data.items())},
+    }
+
+
+def run_eval(config: EvalConfig) -> Path:
+    from lm_eval import simple_evaluate
+
+    from ablate.harness import PrefillMaskLM
+    from ablate.models import load_model, resolve_device
+    from ablate.tasks import check_task_names, load_tasks, parse_task_data, task_manager
+
+    started = time.time()
+    device = resolve_device(config.device)
+    manager = task_manager(config.include_path, list(config.tasks))
+    check_task_names(manager, list(config.tasks))
+    task_data = parse_task_data(list(config.task_data))
+    tasks = load_tasks(manager, list(config.tasks), task_data)
+    model, tokenizer = load_model(config.model, device, config.dtype, config.attn_implementation)
+    key = comparison_key(config, task_data)
+    baseline = find_baseline(config, key) if config.stage == STAGE2 else None
+
+    run_dir = rundir.new_run_dir(Path(config.runs_dir), config.stage)
+    rundir.write_json(run_dir / "config.json", config.to_dict())
+    rundir.write_json(run_dir / "env.json", rundir.environment(device))
+    with _run_log(run_dir / "run.log"), _failure_status(run_dir):
+        log.info("run %s: %s on %s with mask %s", run_dir, config.model, ",".join(config.tasks), config.mask)
+        lm = PrefillMaskLM(
+            pretrained=model, tokenizer=tokenizer, mask=config.mask, device=device,
+            batch_size=config.batch_size, max_length=config.max_length,
+        )
+        eval_started = time.time()
+        results = simple_evaluate(
+            model=lm, tasks=list(tasks.values()), num_fewshot=config.num_fewshot,
+            limit=config.lm_eval_limit, log_samples=True, bootstrap_iters=1000,
+            random_seed=config.seed, numpy_random_seed=config.seed, torch_random_seed=config.seed,
+            fewshot_random_seed=config.seed,
+        )
+        eval_seconds = time.time() - eval_started
+        per_task = {}
+        for name in tasks:
+            samples = sorted(results["samples"][name], key=lambda s: s["doc_id"])
+            rows = [sample_row(s) for s in samples]
+            rundir.write_jsonl(run_dir / f"samples_{name}.jsonl", rows)
+            per_task[name] = task_metrics(results["results"][name], rows)
+        metrics = {
+            "stage": config.stage,
+            "run_id": run_dir.name,
+            "status": rundir.COMPLETED,
+            "model": config.model,
+            "mask": config.mask,
+            "seed": config.seed,
+            "comparison": key,
+            "tasks": per_task,
+            "macro": macro(per_task),
+            "timing": {
+                "wall_seconds": round(time.time() - started, 3),
+                "eval_seconds": round(eval_seconds, 3),
+                "tokens": lm.tokens_processed,
+                "tokens_per_second": round(lm.tokens_processed / eval_seconds, 1) if eval_seconds else None,
+            },
+        }
+        if config.stage == STAGE2:
+            metrics["baseline"] = compare(metrics, baseline)
+        rundir.write_json(run_dir / "metrics.json", metrics)
+        rundir.set_status(run_dir, rundir.COMPLETED)
+    return run_dir
+
+
+def sample_row(sample: dict) -> dict:
+    logprobs = [float(r[0]) for r in sample["filtered_resps"]]
+    pred = max(range(len(logprobs)), key=logprobs.__getitem__)
+    contexts = [a[0] for a in sample["arguments"]]
+    row = {
+        "doc_id": sample["doc_id"],
+        "target": sample["target"],
+        "logprobs": logprobs,
+        "pred": pred,
+        "correct": bool(sample["acc"]),
+        # Winogrande-style tasks vary the context per choice and share the continuation.
+        "context": contexts[0] if len(set(contexts)) == 1 else contexts,
+        "choices": [a[1] for a in sample["arguments"]],
+    }
+    if "acc_norm" in sample:
+        row["correct_norm"] = bool(sample["acc_norm"])
+    return row
+
+
+def _number(value):
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def task_metrics(result: dict, rows: list[dict]) -> dict:
+    out = {"acc": _number(result.get("acc,none")), "acc_stderr": _number(result.get("acc_stderr,none"))}
+    if "acc_norm,none" in result:
+        out["acc_norm"] = _number(result["acc_norm,none"])
+        out["acc_norm_stderr"] = _number(result.get("acc_norm_stderr,none"))
+    out["n"] = len(rows)
+    out["chance"] = sum(1 / len(r["logprobs"]) for r in rows) / len(rows) if rows else None
+    return out
+
+
+def macro(per_task: dict) -> dict:
+    accs = [t["acc"] for t in per_task.values()]
+    chances = [t["chance"] for t in per_task.values()]
+    return {
+        "acc": sum(accs) / len(accs) if accs and None not in accs else None,
+        "chance": sum(chances) / len(chances) if chances and None not in chances else None,
+        "n_tasks": len(per_task),
+    }
+
+
+def find_baseline(config: EvalConfig, key: dict) -> dict:
+    """The latest completed stage 1 run with the same comparison key, or why there is none."""
+    if config.baseline:
+        path = Path(config.baseline)
+        status, _ = rundir.read_status(path)
+        if not (path / "metrics.json").is_file():
+            raise BadInput(f"--baseline {path} is not a run directory with a metrics.json")
+        runs = [r for r in rundir.find_runs(path.parent.parent, STAGE1) if r.path.resolve() == path.resolve()]
+        if not runs or status != rundir.COMPLETED or runs[0].metrics is None:
+            raise BadInput(f"--baseline {path} is not a completed stage 1 run (status: {status})")
+        candidates = runs
+    else:
+        candidates = [r for r in rundir.find_runs(Path(config.runs_dir), STAGE1)
+                      if r.status == rundir.COMPLETED and r.metrics is not None]
+    matching = [r for r in candidates if r.metrics.get("comparison") == key]
+    if matching:
+        return {"run": matching[-1]}
+    where = Path(config.runs_dir) / STAGE1
+    if not candidates:
+        return {"reason": f"no completed stage 1 run in {where}"}
+    latest = candidates[-1]
+    differs = sorted(k for k in key if latest.metrics.get("comparison", {}).get(k) != key[k])
+    return {"reason": f"no completed stage 1 run in {where} matches this run; the latest "
+                      f"({latest.run_id}) differs in {', '.join(differs) or 'its comparison record'}"}
+
+
+def compare(metrics: dict, baseline: dict) -> dict:
+    run = baseline.get("run")
+    if run is None:
+        log.warning("no stage 1 baseline: %s", baseline["reason"])
+        return {"run": None, "reason": baseline["reason"]}
+
+    def delta(now, before):
+        if now is None or before is None:
+            return {"acc_baseline": before, "delta": None, "retention": None}
+        # Retention is undefined when the baseline is 0; never report a huge or infinite ratio.
+        return {"acc_baseline": before, "delta": now - before,
+                "retention": now / before if before > 0 else None}
+
+    return {
+        "run": str(run.path),
+        "run_id": run.run_id,
+        "tasks": {name: delta(t["acc"], run.metrics["tasks"][name]["acc"]) for name, t in metrics["tasks"].items()},
+        "macro": delta(metrics["macro"]["acc"], run.metrics["macro"]["acc"]),
+    }
+
+
+@contextmanager
+def _run_log(path: Path):
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    loggers = [logging.getLogger(n) for n in ("ablate", "lm_eval", "transformers")]
+    previous = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(min(lg.level or logging.INFO, logging.INFO))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, previous):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+        handler.close()
+
+
+@contextmanager
+def _failure_status(run_dir: Path):
+    try:
+        yield
+    except BaseException as exc:
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        rundir.set_status(run_dir, rundir.FAILED, reason)
+        raise

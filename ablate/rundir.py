@@ -1,0 +1,140 @@
+"""Run directories: ``runs/<stage>/<YYYYmmdd-HHMMSS>/``, written atomically, never overwritten.
+
+    python -c "from ablate.rundir import find_runs; print(find_runs('runs', 'stage1_baseline_eval'))"
+
+A run carries an explicit status in ``status.txt`` (running -> completed |
+failed | ...); readers trust it over the presence of other files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+RUNNING, COMPLETED, FAILED = "running", "completed", "failed"
+PACKAGES = ("ablate", "torch", "transformers", "lm_eval", "datasets", "accelerate", "safetensors", "tokenizers")
+
+
+def write_json(path: Path, data) -> None:
+    """Write JSON atomically: temporary file in the same folder, fsync, rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2, sort_keys=False, allow_nan=False, default=str)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_jsonl(path: Path, rows) -> None:
+    write_text(path, "".join(json.dumps(row, default=str) + "\n" for row in rows))
+
+
+def new_run_dir(runs_dir: Path, stage: str) -> Path:
+    """Create a fresh run directory; a second run in the same second gets a suffix."""
+    base = Path(runs_dir) / stage
+    base.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for attempt in range(1000):
+        path = base / (stamp if attempt == 0 else f"{stamp}-{attempt}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        set_status(path, RUNNING)
+        return path
+    raise RuntimeError(f"could not create a run directory under {base}")
+
+
+def set_status(run_dir: Path, status: str, reason: str = "") -> None:
+    write_text(Path(run_dir) / "status.txt", status + (f"\n{reason}\n" if reason else "\n"))
+
+
+def read_status(run_dir: Path) -> tuple[str, str]:
+    try:
+        lines = (Path(run_dir) / "status.txt").read_text().splitlines()
+    except FileNotFoundError:
+        return "unknown", "no status.txt"
+    return (lines[0].strip() if lines else "unknown"), "\n".join(lines[1:]).strip()
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def environment(device: str) -> dict:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    env = {
+        "git_sha": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "hostname": platform.node(),
+        "packages": versions,
+        "device": device,
+    }
+    import torch
+
+    if torch.cuda.is_available():
+        env["cuda"] = {"version": torch.version.cuda, "gpus": [torch.cuda.get_device_name(i)
+                                                              for i in range(torch.cuda.device_count())]}
+    return env
+
+
+@dataclass(frozen=True)
+class Run:
+    path: Path
+    status: str
+    metrics: dict | None
+
+    @property
+    def run_id(self) -> str:
+        return self.path.name
+
+
+def find_runs(runs_dir: Path, stage: str) -> list[Run]:
+    """All runs of a stage, oldest first, with their status and metrics (None when unreadable)."""
+    base = Path(runs_dir) / stage
+    if not base.is_dir():
+        return []
+    runs = []
+    for path in sorted(p for p in base.iterdir() if p.is_dir()):
+        status, _ = read_status(path)
+        try:
+            metrics = json.loads((path / "metrics.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            metrics = None
+        runs.append(Run(path, status, metrics))
+    return runs
