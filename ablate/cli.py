@@ -45,6 +45,9 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("ablate").setLevel(logging.INFO)
+    import datasets
+
+    datasets.disable_progress_bars()  # per-split bars for small local files are noise; lm-eval keeps its own
 
 
 def _eval_command(stage: str, flags: dict) -> None:

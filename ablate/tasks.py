@@ -136,7 +136,29 @@ def _retarget(manager, name: str, data: Path) -> dict:
         dataset_kwargs={"data_files": {split: str(data) for split in sorted(splits)}},
     )
     cfg.pop("custom_dataset", None)
+    _check_template_fields(name, cfg, data)
     return cfg
+
+
+def _check_template_fields(name: str, cfg: dict, data: Path) -> None:
+    """Name the missing field up front: lm-eval would fail later with a template or parse error."""
+    import jinja2
+    from jinja2 import meta
+
+    if data.suffix != ".jsonl" or cfg.get("process_docs"):
+        return
+    env = jinja2.Environment()
+    fields: set[str] = set()
+    for key in ("doc_to_text", "doc_to_target", "doc_to_choice"):
+        value = cfg.get(key)
+        if isinstance(value, str):
+            fields |= meta.find_undeclared_variables(env.parse(value if "{" in value else "{{" + value + "}}"))
+    for number, line in enumerate(data.read_text().splitlines(), 1):
+        if line.strip():
+            missing = sorted(fields - set(json.loads(line)))
+            if missing:
+                raise BadInput(f"--task-data file {data} line {number} lacks field(s) {', '.join(missing)} "
+                               f"used by task '{name}'")
 
 
 def load_tasks(manager, tasks: list[str], task_data: dict[str, Path]) -> dict:
@@ -150,11 +172,10 @@ def load_tasks(manager, tasks: list[str], task_data: dict[str, Path]) -> dict:
         specs.append(_retarget(manager, name, data) if data else name)
     try:
         built = manager.load(specs)["tasks"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise BadInput(f"cannot build tasks {', '.join(tasks)}: {exc}") from None
-    except Exception as exc:  # datasets raises many types for a file it cannot read or a hub it cannot reach
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BadInput(f"cannot load the data of tasks {', '.join(tasks)}: {first}") from None
+    except Exception as exc:  # lm-eval and datasets raise many types for data they cannot use
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        source = f" from --task-data {', '.join(str(p) for p in task_data.values())}" if task_data else ""
+        raise BadInput(f"cannot build tasks {', '.join(tasks)}{source}: {type(exc).__name__}: {first}") from None
     for name, task in built.items():
         _check_docs(name, task, task_data.get(name))
     return built

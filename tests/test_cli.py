@@ -1,0 +1,188 @@
+"""The CLI end to end on a tiny local model: python -m pytest tests/test_cli.py -q"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from ablate.cli import app
+from ablate.tasks import FIXTURE_DATA
+
+runner = CliRunner()
+PIQA = f"piqa={FIXTURE_DATA['piqa']}"
+
+
+def ablate(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def run_dirs(runs, stage="*"):
+    return sorted(p for p in Path(runs).glob(f"{stage}/*") if p.is_dir())
+
+
+@pytest.fixture(scope="module")
+def study(tiny_models, tmp_path_factory):
+    """stage 1 then stage 2 through the real console entry point, in a subprocess."""
+    runs = tmp_path_factory.mktemp("runs")
+    model = tiny_models("llama")
+    common = ["--model", model, "--tasks", "ablate_tiny,piqa", "--task-data", PIQA,
+              "--device", "cpu", "--batch-size", "4", "--runs-dir", runs]
+    outputs = []
+    for stage, extra in (("stage1", []), ("stage2", ["--mask", "prefill_bidir"])):
+        proc = subprocess.run([sys.executable, "-m", "ablate", stage, *map(str, common + extra)],
+                              capture_output=True, text=True, timeout=600, env={**os.environ})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outputs.append(proc.stdout)
+    s1 = run_dirs(runs, "stage1_baseline_eval")[0]
+    s2 = run_dirs(runs, "stage2_ablation_eval")[0]
+    return runs, s1, s2, outputs
+
+
+def test_stage1_writes_the_run_directory(study):
+    _, s1, _, outputs = study
+    assert (s1 / "status.txt").read_text().split()[0] == "completed"
+    for name in ("metrics.json", "config.json", "env.json", "run.log", "samples_ablate_tiny.jsonl", "samples_piqa.jsonl"):
+        assert (s1 / name).is_file(), name
+    metrics = json.loads((s1 / "metrics.json").read_text())
+    assert metrics["stage"] == "stage1_baseline_eval" and metrics["status"] == "completed"
+    assert metrics["run_id"] == s1.name and metrics["mask"] == "causal"
+    piqa = metrics["tasks"]["piqa"]
+    assert piqa["n"] == 8 and piqa["chance"] == 0.5 and 0 <= piqa["acc"] <= 1
+    assert piqa["acc_stderr"] > 0 and "acc_norm" in piqa
+    assert metrics["tasks"]["ablate_tiny"]["chance"] == 0.25
+    assert metrics["macro"]["acc"] == pytest.approx((piqa["acc"] + metrics["tasks"]["ablate_tiny"]["acc"]) / 2)
+    assert metrics["macro"]["chance"] == pytest.approx(0.375)
+    assert metrics["timing"]["tokens"] > 0 and metrics["timing"]["tokens_per_second"] > 0
+    env = json.loads((s1 / "env.json").read_text())
+    assert {"git_sha", "git_dirty", "packages", "device"} <= set(env) and env["packages"]["lm_eval"]
+    config = json.loads((s1 / "config.json").read_text())
+    assert config["tasks"] == ["ablate_tiny", "piqa"] and config["mask"] == "causal"
+    assert f"run directory: {s1}" in outputs[0]
+
+
+def test_samples_jsonl_rows(study):
+    _, s1, _, _ = study
+    rows = [json.loads(line) for line in (s1 / "samples_piqa.jsonl").read_text().splitlines()]
+    assert [r["doc_id"] for r in rows] == list(range(8))
+    metrics = json.loads((s1 / "metrics.json").read_text())
+    for row in rows:
+        assert len(row["logprobs"]) == 2 and row["pred"] == row["logprobs"].index(max(row["logprobs"]))
+        assert row["correct"] == (row["pred"] == row["target"])
+    assert sum(r["correct"] for r in rows) / len(rows) == pytest.approx(metrics["tasks"]["piqa"]["acc"])
+
+
+def test_stage2_compares_with_stage1(study):
+    _, s1, s2, outputs = study
+    m1 = json.loads((s1 / "metrics.json").read_text())
+    m2 = json.loads((s2 / "metrics.json").read_text())
+    assert m2["mask"] == "prefill_bidir" and m2["baseline"]["run_id"] == s1.name
+    for task in ("piqa", "ablate_tiny"):
+        b = m2["baseline"]["tasks"][task]
+        assert b["acc_baseline"] == m1["tasks"][task]["acc"]
+        assert b["delta"] == pytest.approx(m2["tasks"][task]["acc"] - m1["tasks"][task]["acc"])
+        expected = m2["tasks"][task]["acc"] / m1["tasks"][task]["acc"] if m1["tasks"][task]["acc"] else None
+        assert b["retention"] == (pytest.approx(expected) if expected is not None else None)
+    assert m2["baseline"]["macro"]["delta"] == pytest.approx(m2["macro"]["acc"] - m1["macro"]["acc"])
+    assert "retention" in outputs[1]
+    # the ablation changed the scores themselves, document by document
+    rows1 = [json.loads(x) for x in (s1 / "samples_piqa.jsonl").read_text().splitlines()]
+    rows2 = [json.loads(x) for x in (s2 / "samples_piqa.jsonl").read_text().splitlines()]
+    assert [r["logprobs"] for r in rows1] != [r["logprobs"] for r in rows2]
+
+
+def test_stage2_without_stage1_still_runs_and_says_why(tiny_llama, tmp_path):
+    result = ablate("stage2", "--model", tiny_llama, "--tasks", "ablate_tiny", "--device", "cpu",
+                    "--runs-dir", tmp_path, "--limit", "4")
+    assert result.exit_code == 0, result.output
+    (run,) = run_dirs(tmp_path)
+    baseline = json.loads((run / "metrics.json").read_text())["baseline"]
+    assert baseline["run"] is None and "no completed stage 1 run" in baseline["reason"]
+    assert "no stage 1 comparison" in result.output
+
+
+def test_stage2_does_not_compare_with_other_settings(study, tiny_llama):
+    runs, _, _, _ = study
+    result = ablate("stage2", "--model", tiny_llama, "--tasks", "ablate_tiny,piqa", "--task-data", PIQA,
+                    "--device", "cpu", "--runs-dir", runs, "--limit", "3")
+    assert result.exit_code == 0, result.output
+    latest = run_dirs(runs, "stage2_ablation_eval")[-1]
+    baseline = json.loads((latest / "metrics.json").read_text())["baseline"]
+    assert baseline["run"] is None and "differs in limit" in baseline["reason"]
+
+
+BAD = {
+    "unknown task": (["--tasks", "piqqa"], "unknown task 'piqqa'; did you mean piqa"),
+    "unknown mask": (["--mask", "bidir"], "unknown mask 'bidir'"),
+    "missing model": (["--model", "./no/such/model"], "does not exist"),
+    "flash with prefix mask": (["--attn-implementation", "flash_attention_2"], "FlashAttention only supports causal"),
+    "bad batch size": (["--batch-size", "0"], "--batch-size must be"),
+    "task data for another task": (["--task-data", PIQA], "names tasks not in --tasks"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_is_one_line_and_exit_2(case, tiny_llama, tmp_path):
+    extra, message = BAD[case]
+    args = ["--model", tiny_llama, "--tasks", "ablate_tiny", "--device", "cpu", "--runs-dir", tmp_path]
+    for i in range(0, len(extra), 2):
+        if extra[i] in args:
+            args[args.index(extra[i]) + 1] = extra[i + 1]
+        else:
+            args += extra[i:i + 2]
+    result = ablate("stage2", *args)
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert run_dirs(tmp_path) == []
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"goal": "x", "sol1": "a", "sol2": "b", "label": 0}\n{not json\n', "line 2 is not valid JSON"),
+    ('{"goal": "x", "sol1": "a", "label": 0}\n', "lacks field(s) sol2 used by task 'piqa'"),
+    ("\n", "has no rows"),
+    ('{"goal": "x", "sol1": "a", "sol2": "b", "label": 1}\n{"goal": "y", "sol1": "a", "sol2": "b", "label": 5}\n',
+     "row 1 of its data file"),
+    ('{"goal": "x", "sol1": "a", "sol2": "b", "label": 5}\n', "cannot build tasks piqa from --task-data"),
+])
+def test_malformed_task_data(content, message, tiny_llama, tmp_path):
+    data = tmp_path / "piqa.jsonl"
+    data.write_text(content)
+    result = ablate("stage1", "--model", tiny_llama, "--tasks", "piqa", "--task-data", f"piqa={data}",
+                    "--device", "cpu", "--runs-dir", tmp_path / "runs")
+    assert result.exit_code == 2 and message in result.stderr, result.output
+    assert not (tmp_path / "runs").exists() or run_dirs(tmp_path / "runs") == []
+
+
+def test_stage1_is_causal_only():
+    from ablate.config import STAGE1, load_eval_config
+    from ablate.errors import BadInput
+
+    with pytest.raises(BadInput, match="stage 1 is the causal baseline"):
+        load_eval_config(STAGE1, {"mask": "prefill_bidir", "model": "m", "tasks": "piqa"})
+    assert load_eval_config(STAGE1, {"model": "m"}).tasks == (
+        "hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande")
+
+
+def test_help_lists_every_command_with_an_example():
+    result = ablate("--help")
+    for command in ("stage1", "stage2", "masks", "tiny-model"):
+        assert command in result.output
+        assert "Example" in ablate(command, "--help").output
+
+
+def test_masks_command_lists_the_registry():
+    result = ablate("masks")
+    assert result.exit_code == 0
+    assert "prefill_bidir" in result.output and "leaks labels" in result.output
+
+
+def test_tiny_model_refuses_to_overwrite(tmp_path):
+    result = ablate("tiny-model", "--out", tmp_path)
+    assert result.exit_code == 2 and "already exists" in result.stderr

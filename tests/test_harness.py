@@ -1,0 +1,95 @@
+"""lm-eval integration: python -m pytest tests/test_harness.py -q
+
+The causal path must reproduce stock lm-eval HF results; the prefill_bidir path
+must equal a brute-force forward with an explicit mask, request by request.
+"""
+
+import pytest
+import torch
+from lm_eval import simple_evaluate
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
+
+from ablate.harness import PrefillMaskLM
+from ablate.models import load_model
+from ablate.tasks import FIXTURE_DATA, STUDY_TASKS, load_tasks, task_manager
+
+TASKS = [*STUDY_TASKS, "ablate_tiny"]
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_models):
+    return load_model(str(tiny_models("llama")), "cpu", "float32", "sdpa")
+
+
+def evaluate(lm):
+    manager = task_manager(None, TASKS)
+    tasks = load_tasks(manager, TASKS, dict(FIXTURE_DATA))
+    return simple_evaluate(model=lm, tasks=list(tasks.values()), log_samples=True, bootstrap_iters=0)
+
+
+def loglikelihoods(results, task):
+    samples = sorted(results["samples"][task], key=lambda s: s["doc_id"])
+    return [r[0][0] for s in samples for r in s["resps"]]
+
+
+def test_causal_equals_stock_lm_eval_on_the_study_tasks(llama):
+    model, tokenizer = llama
+    stock = evaluate(HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=4, device="cpu"))
+    ours = evaluate(PrefillMaskLM(pretrained=model, tokenizer=tokenizer, mask="causal", batch_size=4, device="cpu"))
+    for task in TASKS:
+        expected, got = loglikelihoods(stock, task), loglikelihoods(ours, task)
+        assert len(got) == len(expected) > 0, task
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), atol=1e-5, rtol=0)
+        assert ours["results"][task]["acc,none"] == stock["results"][task]["acc,none"]
+
+
+def brute_force_loglikelihood(model, context_enc, continuation_enc):
+    ids = torch.tensor([context_enc + continuation_enc])[:, :-1]
+    n, p = ids.shape[1], len(context_enc)
+    allowed = torch.tensor([[k <= q or (q < p and k < p) for k in range(n)] for q in range(n)])
+    mask = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[None, None]
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[0], dim=-1)
+    rows = logprobs[n - len(continuation_enc):]
+    return float(rows.gather(1, torch.tensor(continuation_enc)[:, None]).sum())
+
+
+def test_prefill_bidir_equals_brute_force_per_request(llama):
+    model, tokenizer = llama
+    lm = PrefillMaskLM(pretrained=model, tokenizer=tokenizer, mask="prefill_bidir", batch_size=3, device="cpu")
+    pairs = [
+        ("Question: To dry wet shoes,\nAnswer:", " stuff them with newspaper overnight."),
+        ("Question: To dry wet shoes,\nAnswer:", " fill them with water."),
+        ("Mia has a red ball. What color is the ball of Mia?\nAnswer:", " red"),
+        ("The cup did not fit in the box because the cup", " was too big."),
+        ("A", " very long continuation that is longer than its context"),
+    ]
+    requests = [Instance("loglikelihood", doc={}, arguments=pair, idx=i) for i, pair in enumerate(pairs)]
+    got = [ll for ll, _ in lm.loglikelihood(requests)]
+    for (context, continuation), value in zip(pairs, got):
+        context_enc, continuation_enc = lm._encode_pair(context, continuation)
+        expected = brute_force_loglikelihood(model, context_enc, continuation_enc)
+        assert value == pytest.approx(expected, abs=1e-5)
+    causal = PrefillMaskLM(pretrained=model, tokenizer=tokenizer, mask="causal", batch_size=3, device="cpu")
+    assert [ll for ll, _ in causal.loglikelihood(requests)] != pytest.approx(got, abs=1e-4)
+
+
+def test_truncated_prompt_keeps_the_boundary(llama):
+    model, tokenizer = llama
+    lm = PrefillMaskLM(pretrained=model, tokenizer=tokenizer, mask="prefill_bidir", batch_size=2,
+                       device="cpu", max_length=8)
+    context = "Mia has a red ball and a blue kite. What color is the ball of Mia?\nAnswer:"
+    (value, _), = lm.loglikelihood([Instance("loglikelihood", doc={}, arguments=(context, " red"), idx=0)])
+    context_enc, continuation_enc = lm._encode_pair(context, " red")
+    kept = (context_enc + continuation_enc)[-9:]
+    expected = brute_force_loglikelihood(model, kept[: -len(continuation_enc)], continuation_enc)
+    assert value == pytest.approx(expected, abs=1e-5)
+
+
+def test_tokens_are_counted(llama):
+    model, tokenizer = llama
+    lm = PrefillMaskLM(pretrained=model, tokenizer=tokenizer, mask="prefill_bidir", batch_size=2, device="cpu")
+    lm.loglikelihood([Instance("loglikelihood", doc={}, arguments=("a b c", " d"), idx=0)])
+    context_enc, continuation_enc = lm._encode_pair("a b c", " d")
+    assert lm.tokens_processed == len(context_enc) + len(continuation_enc) - 1
