@@ -45,6 +45,9 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("ablate").setLevel(logging.INFO)
+    # The run log gets lm-eval's INFO lines; the console only its warnings and ablate's own lines.
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(lambda r: r.levelno >= logging.WARNING or r.name.startswith("ablate"))
     import datasets
 
     datasets.disable_progress_bars()  # per-split bars for small local files are noise; lm-eval keeps its own
@@ -89,24 +92,31 @@ def summary_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-TASKS_HELP = "comma-separated lm-eval task names"
+def _opt(name: str, help: str | None = None):
+    """A stage option whose help text is the config field's own (ablate/config.py)."""
+    from dataclasses import fields
+
+    from ablate.config import EvalConfig
+
+    text = help or next(f.metadata["help"] for f in fields(EvalConfig) if f.name == name)
+    return typer.Option(None, help=text)
 
 
 @app.command(epilog=EVAL_EPILOG_1)
 def stage1(
-    model: Optional[str] = typer.Option(None, help="hub model id or local path"),
-    tasks: Optional[str] = typer.Option(None, help=TASKS_HELP),
-    include_path: Optional[str] = typer.Option(None, help="extra folder of lm-eval task YAMLs"),
-    task_data: Optional[List[str]] = typer.Option(None, help="TASK=FILE: read a task's rows from a local file"),
-    limit: Optional[float] = typer.Option(None, help="documents per task (int) or fraction (<1)"),
-    num_fewshot: Optional[int] = typer.Option(None, help="few-shot examples (task default when unset)"),
-    batch_size: Optional[str] = typer.Option(None, help="batch size or 'auto'"),
-    max_length: Optional[int] = typer.Option(None, help="context window (model's own when unset)"),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N or auto"),
-    dtype: Optional[str] = typer.Option(None, help="auto, float32, bfloat16, float16"),
-    attn_implementation: Optional[str] = typer.Option(None, help="sdpa, eager or flex_attention"),
-    seed: Optional[int] = typer.Option(None, help="random seed"),
-    runs_dir: Optional[str] = typer.Option(None, help="where run directories are created"),
+    model: Optional[str] = _opt("model"),
+    tasks: Optional[str] = _opt("tasks", "comma-separated lm-eval task names"),
+    include_path: Optional[str] = _opt("include_path"),
+    task_data: Optional[List[str]] = _opt("task_data"),
+    limit: Optional[float] = _opt("limit"),
+    num_fewshot: Optional[int] = _opt("num_fewshot"),
+    batch_size: Optional[str] = _opt("batch_size"),
+    max_length: Optional[int] = _opt("max_length"),
+    device: Optional[str] = _opt("device"),
+    dtype: Optional[str] = _opt("dtype"),
+    attn_implementation: Optional[str] = _opt("attn_implementation"),
+    seed: Optional[int] = _opt("seed"),
+    runs_dir: Optional[str] = _opt("runs_dir"),
 ):
     """Stage 1: baseline lm-eval evaluation with the causal mask."""
     _eval_command("stage1_baseline_eval", dict(locals()))
@@ -114,21 +124,21 @@ def stage1(
 
 @app.command(epilog=EVAL_EPILOG_2)
 def stage2(
-    mask: Optional[str] = typer.Option(None, help="mask over the prompt: prefill_bidir (default), full_bidir, causal"),
-    model: Optional[str] = typer.Option(None, help="hub model id or local path"),
-    tasks: Optional[str] = typer.Option(None, help=TASKS_HELP),
-    include_path: Optional[str] = typer.Option(None, help="extra folder of lm-eval task YAMLs"),
-    task_data: Optional[List[str]] = typer.Option(None, help="TASK=FILE: read a task's rows from a local file"),
-    limit: Optional[float] = typer.Option(None, help="documents per task (int) or fraction (<1)"),
-    num_fewshot: Optional[int] = typer.Option(None, help="few-shot examples (task default when unset)"),
-    batch_size: Optional[str] = typer.Option(None, help="batch size or 'auto'"),
-    max_length: Optional[int] = typer.Option(None, help="context window (model's own when unset)"),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N or auto"),
-    dtype: Optional[str] = typer.Option(None, help="auto, float32, bfloat16, float16"),
-    attn_implementation: Optional[str] = typer.Option(None, help="sdpa, eager or flex_attention"),
-    seed: Optional[int] = typer.Option(None, help="random seed"),
-    runs_dir: Optional[str] = typer.Option(None, help="where run directories are created"),
-    baseline: Optional[str] = typer.Option(None, help="stage 1 run to compare with (default: latest matching)"),
+    mask: Optional[str] = _opt("mask", "mask over the prompt: prefill_bidir (default), full_bidir, causal"),
+    model: Optional[str] = _opt("model"),
+    tasks: Optional[str] = _opt("tasks", "comma-separated lm-eval task names"),
+    include_path: Optional[str] = _opt("include_path"),
+    task_data: Optional[List[str]] = _opt("task_data"),
+    limit: Optional[float] = _opt("limit"),
+    num_fewshot: Optional[int] = _opt("num_fewshot"),
+    batch_size: Optional[str] = _opt("batch_size"),
+    max_length: Optional[int] = _opt("max_length"),
+    device: Optional[str] = _opt("device"),
+    dtype: Optional[str] = _opt("dtype"),
+    attn_implementation: Optional[str] = _opt("attn_implementation"),
+    seed: Optional[int] = _opt("seed"),
+    runs_dir: Optional[str] = _opt("runs_dir"),
+    baseline: Optional[str] = _opt("baseline"),
 ):
     """Stage 2: the same evaluation with the prompt read through an ablated mask, compared with stage 1."""
     _eval_command("stage2_ablation_eval", dict(locals()))

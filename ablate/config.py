@@ -15,7 +15,6 @@ from pathlib import Path
 import yaml
 
 from ablate.errors import BadInput
-from ablate.masks import MASKS, check_attention_backend
 
 STAGES_DIR = Path(__file__).resolve().parent.parent / "stages"
 STAGE1, STAGE2 = "stage1_baseline_eval", "stage2_ablation_eval"
@@ -44,6 +43,8 @@ class EvalConfig:
     baseline: str | None = field(default=None, metadata={"help": "stage 2: the stage 1 run to compare against"})
 
     def __post_init__(self):
+        from ablate.masks import MASKS, check_attention_backend  # torch: imported only when a stage runs
+
         if not self.model:
             raise BadInput("no model given: pass --model (a hub id or a local path)")
         if not self.tasks:

@@ -186,3 +186,24 @@ def test_masks_command_lists_the_registry():
 def test_tiny_model_refuses_to_overwrite(tmp_path):
     result = ablate("tiny-model", "--out", tmp_path)
     assert result.exit_code == 2 and "already exists" in result.stderr
+
+
+def test_include_path_adds_a_custom_task(tiny_llama, tmp_path):
+    tasks = tmp_path / "my_tasks"
+    tasks.mkdir()
+    (tasks / "colors.yaml").write_text(
+        "task: my_colors\ndataset_path: json\noutput_type: multiple_choice\ntest_split: test\n"
+        "doc_to_text: \"{{q}}\\nAnswer:\"\ndoc_to_target: label\ndoc_to_choice: opts\n"
+        "metric_list:\n  - metric: acc\n"
+    )
+    data = tmp_path / "colors.jsonl"
+    data.write_text("".join(json.dumps({"q": f"The sky in picture {i} is blue. Its color?", "opts": ["blue", "red", "green"],
+                                        "label": 0}) + "\n" for i in range(5)))
+    result = ablate("stage1", "--model", tiny_llama, "--tasks", "my_colors", "--include-path", tasks,
+                    "--task-data", f"my_colors={data}", "--device", "cpu", "--runs-dir", tmp_path / "runs")
+    assert result.exit_code == 0, result.output
+    (run,) = run_dirs(tmp_path / "runs")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["tasks"]["my_colors"]["n"] == 5
+    assert metrics["tasks"]["my_colors"]["chance"] == pytest.approx(1 / 3)
+    assert "acc_norm" not in metrics["tasks"]["my_colors"]
