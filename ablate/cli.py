@@ -144,6 +144,102 @@ def stage2(
     _eval_command("stage2_ablation_eval", dict(locals()))
 
 
+def _ft_opt(name: str, help: str | None = None):
+    from dataclasses import fields
+
+    from ablate.config import FinetuneConfig
+
+    text = help or next(f.metadata["help"] for f in fields(FinetuneConfig) if f.name == name)
+    return typer.Option(None, help=text)
+
+
+STAGE3_EPILOG = """Example (offline, CPU):\n
+  ablate tiny-model --out /tmp/tiny\n
+  ablate stage3 --mask prefill_bidir --model /tmp/tiny --data tests/data/sft.jsonl --max-steps 20 --device cpu\n
+Study settings:\n
+  ablate stage3 --mask prefill_bidir --model mistralai/Ministral-3-3B-Base-2512 --data <dataset> --max-steps 2000\n
+  ablate stage3 --mask causal --model mistralai/Ministral-3-3B-Base-2512 --data <dataset> --max-steps 2000\n
+Continue a killed run from its latest checkpoint:\n
+  ablate stage3 --mask prefill_bidir --resume"""
+
+
+@app.command(epilog=STAGE3_EPILOG)
+def stage3(
+    mask: Optional[str] = _ft_opt("mask"),
+    model: Optional[str] = _ft_opt("model"),
+    data: Optional[str] = _ft_opt("data"),
+    prompt_field: Optional[str] = _ft_opt("prompt_field"),
+    response_field: Optional[str] = _ft_opt("response_field"),
+    text_field: Optional[str] = _ft_opt("text_field"),
+    split_range: Optional[str] = _ft_opt("split_range"),
+    eval_data: Optional[str] = _ft_opt("eval_data"),
+    eval_fraction: Optional[float] = _ft_opt("eval_fraction"),
+    max_length: Optional[int] = _ft_opt("max_length"),
+    truncate_prompts: Optional[bool] = typer.Option(None, "--truncate-prompts", help="drop the first tokens of "
+                                                    "prompts that do not fit (default: refuse)"),
+    max_steps: Optional[int] = _ft_opt("max_steps"),
+    learning_rate: Optional[float] = _ft_opt("learning_rate"),
+    lr_scheduler: Optional[str] = _ft_opt("lr_scheduler"),
+    warmup_steps: Optional[int] = _ft_opt("warmup_steps"),
+    batch_size: Optional[int] = _ft_opt("batch_size"),
+    gradient_accumulation_steps: Optional[int] = _ft_opt("gradient_accumulation_steps"),
+    max_grad_norm: Optional[float] = _ft_opt("max_grad_norm"),
+    logging_steps: Optional[int] = _ft_opt("logging_steps"),
+    save_steps: Optional[int] = _ft_opt("save_steps"),
+    eval_steps: Optional[int] = _ft_opt("eval_steps"),
+    save_total_limit: Optional[int] = _ft_opt("save_total_limit"),
+    spike_factor: Optional[float] = _ft_opt("spike_factor"),
+    probe_samples: Optional[int] = _ft_opt("probe_samples"),
+    allow_label_leakage: Optional[bool] = typer.Option(None, "--allow-label-leakage", help="diagnosis only: "
+                                                       "train even when the mask leaks labels (marked leaky)"),
+    device: Optional[str] = _ft_opt("device"),
+    dtype: Optional[str] = _ft_opt("dtype"),
+    attn_implementation: Optional[str] = _ft_opt("attn_implementation"),
+    seed: Optional[int] = _ft_opt("seed"),
+    runs_dir: Optional[str] = _ft_opt("runs_dir"),
+    resume: bool = typer.Option(False, "--resume", help="continue the latest unfinished run of this mask "
+                                "from its latest checkpoint, with its saved config"),
+    run_dir: Optional[Path] = typer.Option(None, help="with --resume: the run directory to continue"),
+):
+    """Stage 3: finetune with the causal or prompt-bidirectional mask, loss on the response only."""
+    from ablate.config import FinetuneConfig, load_finetune_config
+
+    _quiet_libraries()
+    flags = dict(locals())
+    for key in ("resume", "run_dir", "FinetuneConfig", "load_finetune_config"):
+        flags.pop(key, None)
+    try:
+        from ablate.finetune import find_resumable, run_stage3
+
+        if resume:
+            stage = "stage3_finetune_" + (mask or "prefill_bidir")
+            target = run_dir or find_resumable(Path(runs_dir or "runs"), stage)
+            saved = target / "config.json"
+            if not saved.is_file():
+                raise BadInput(f"nothing to resume: {target} has no config.json")
+            config = FinetuneConfig(**{**json.loads(saved.read_text()), "runs_dir": str(target.parent.parent)})
+            typer.echo(f"resuming {target} with its saved config")
+            out = run_stage3(config, resume=target)
+        else:
+            if run_dir:
+                raise BadInput("--run-dir only goes with --resume")
+            out = run_stage3(load_finetune_config(flags))
+    except BadInput as exc:
+        _fail(str(exc))
+    summary = json.loads((out / "summary.json").read_text())
+    if summary["leaky"]:
+        typer.echo("LEAKY: this run trained with a mask that lets supervised positions see their labels")
+    for key in ("status", "train_loss", "eval_loss", "train_steps_per_second", "global_step"):
+        typer.echo(f"{key:<24}{summary[key]}")
+    typer.echo(f"{'grad_norm last/max':<24}{summary['grad_norm']['last']} / {summary['grad_norm']['max']}")
+    for when in ("before", "after"):
+        p = summary["probe"][when]
+        typer.echo(f"probe {when:<18}loss[{summary['mask']}]={p['loss_mask']:.4f}  loss[causal]={p['loss_causal']:.4f}")
+    if summary["save"]:
+        typer.echo(f"{'saved as':<24}{summary['save']['format']} in {summary['save']['path']}")
+    typer.echo(f"run directory: {out}")
+
+
 @app.command(epilog="Example:\n\n  ablate masks")
 def masks():
     """List the registered attention masks."""

@@ -74,12 +74,12 @@ class EvalConfig:
         return dataclasses.asdict(self)
 
 
-def stage_defaults(stage: str) -> dict:
+def stage_defaults(stage: str, cls=None) -> dict:
     path = STAGES_DIR / f"{stage}.yaml"
     if not path.is_file():
         return {}
     data = yaml.safe_load(path.read_text()) or {}
-    known = {f.name for f in dataclasses.fields(EvalConfig)}
+    known = {f.name for f in dataclasses.fields(cls or EvalConfig)}
     unknown = set(data) - known
     if unknown:
         raise BadInput(f"{path}: unknown fields {', '.join(sorted(unknown))}")
@@ -99,3 +99,93 @@ def load_eval_config(stage: str, flags: dict) -> EvalConfig:
     if "batch_size" in values:
         values["batch_size"] = str(values["batch_size"])
     return EvalConfig(stage=stage, **values)
+
+
+STAGE3_PREFIX = "stage3_finetune_"
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Stage 3: finetune under a mask, loss on response tokens only."""
+
+    model: str = field(default="", metadata={"help": "hub model id or local path"})
+    data: str = field(default="", metadata={"help": "JSONL/JSON/Parquet/CSV file or Hugging Face dataset id"})
+    mask: str = field(default="prefill_bidir", metadata={"help": "training mask: prefill_bidir or causal"})
+    prompt_field: str = field(default="prompt", metadata={"help": "field holding the prompt"})
+    response_field: str = field(default="response", metadata={"help": "field holding the response"})
+    text_field: str | None = field(default=None, metadata={
+        "help": "plain-text field, split at a random point into prompt and response (prefix-LM objective)"})
+    split_range: tuple[float, float] = field(default=(0.25, 0.75), metadata={
+        "help": "where plain text is split, as fractions of its tokens: LO,HI"})
+    eval_data: str | None = field(default=None, metadata={"help": "held-out file (default: a slice of --data)"})
+    eval_fraction: float = field(default=0.05, metadata={"help": "share of --data held out when no --eval-data"})
+    max_length: int = field(default=1024, metadata={"help": "tokens per example, prompt and response"})
+    truncate_prompts: bool = field(default=False, metadata={
+        "help": "drop the first tokens of prompts that do not fit (default: refuse)"})
+    max_steps: int = field(default=2000, metadata={"help": "optimizer steps"})
+    learning_rate: float = field(default=2e-5, metadata={"help": "peak learning rate"})
+    lr_scheduler: str = field(default="cosine", metadata={"help": "transformers scheduler name (cosine, linear, constant)"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
+    batch_size: int = field(default=4, metadata={"help": "examples per device per step"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
+    logging_steps: int = field(default=10, metadata={"help": "log loss and grad norm every N steps"})
+    save_steps: int = field(default=200, metadata={"help": "checkpoint every N steps"})
+    eval_steps: int | None = field(default=None, metadata={"help": "eval_loss every N steps (default: at the end)"})
+    save_total_limit: int = field(default=3, metadata={"help": "checkpoints kept"})
+    spike_factor: float = field(default=10.0, metadata={
+        "help": "stop as diverged when grad norm exceeds this times its recent median"})
+    spike_window: int = field(default=20, metadata={"help": "logged steps in the grad-norm median"})
+    probe_samples: int = field(default=8, metadata={"help": "held-out samples in the leakage probe"})
+    allow_label_leakage: bool = field(default=False, metadata={
+        "help": "diagnosis only: train even when the mask leaks labels (marked leaky)"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16"})
+    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, eager or flex_attention"})
+    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "default: on with CUDA"})
+    seed: int = field(default=1234, metadata={"help": "seeds data order, split and initialisation"})
+    runs_dir: str = field(default="runs", metadata={"help": "where run directories are created"})
+
+    def __post_init__(self):
+        from ablate.masks import MASKS, check_attention_backend
+
+        if not self.model:
+            raise BadInput("no model given: pass --model (a hub id or a local path)")
+        if not self.data:
+            raise BadInput("no training data given: pass --data FILE or a dataset id")
+        if self.mask not in MASKS:
+            raise BadInput(f"unknown mask '{self.mask}'; known masks: {', '.join(MASKS)}")
+        check_attention_backend(self.mask, self.attn_implementation)
+        lo, hi = self.split_range
+        if not 0 < lo <= hi < 1:
+            raise BadInput(f"--split-range must satisfy 0 < LO <= HI < 1, got {lo},{hi}")
+        if not 0 < self.eval_fraction < 1:
+            raise BadInput(f"--eval-fraction must be in (0, 1), got {self.eval_fraction}")
+        for name in ("max_length", "max_steps", "batch_size", "gradient_accumulation_steps", "logging_steps",
+                     "save_steps", "save_total_limit", "spike_window", "probe_samples"):
+            if getattr(self, name) < 1:
+                raise BadInput(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0 or self.max_grad_norm <= 0 or self.spike_factor <= 1:
+            raise BadInput("--learning-rate and --max-grad-norm must be > 0 and --spike-factor > 1")
+
+    @property
+    def stage(self) -> str:
+        return STAGE3_PREFIX + self.mask
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_finetune_config(flags: dict) -> FinetuneConfig:
+    values = {**stage_defaults("stage3_finetune", FinetuneConfig),
+              **{k: v for k, v in flags.items() if v is not None}}
+    if isinstance(values.get("split_range"), str):
+        try:
+            values["split_range"] = tuple(float(x) for x in values["split_range"].split(","))
+        except ValueError:
+            raise BadInput(f"--split-range expects LO,HI, got '{values['split_range']}'") from None
+    if "split_range" in values:
+        values["split_range"] = tuple(values["split_range"])
+        if len(values["split_range"]) != 2:
+            raise BadInput("--split-range expects two numbers LO,HI")
+    return FinetuneConfig(**values)

@@ -14,7 +14,6 @@ import hashlib
 import logging
 import math
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from ablate import rundir
@@ -67,7 +66,7 @@ def run_eval(config: EvalConfig) -> Path:
     run_dir = rundir.new_run_dir(Path(config.runs_dir), config.stage)
     rundir.write_json(run_dir / "config.json", config.to_dict())
     rundir.write_json(run_dir / "env.json", rundir.environment(device))
-    with _run_log(run_dir / "run.log"), _failure_status(run_dir):
+    with rundir.run_log(run_dir / "run.log"), rundir.failure_status(run_dir):
         log.info("run %s: %s on %s with mask %s", run_dir, config.model, ",".join(config.tasks), config.mask)
         lm = PrefillMaskLM(
             pretrained=model, tokenizer=tokenizer, mask=config.mask, device=device,
@@ -199,31 +198,3 @@ def compare(metrics: dict, baseline: dict) -> dict:
         "tasks": {name: delta(t["acc"], run.metrics["tasks"][name]["acc"]) for name, t in metrics["tasks"].items()},
         "macro": delta(metrics["macro"]["acc"], run.metrics["macro"]["acc"]),
     }
-
-
-@contextmanager
-def _run_log(path: Path):
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    loggers = [logging.getLogger(n) for n in ("ablate", "lm_eval", "transformers")]
-    previous = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.addHandler(handler)
-        lg.setLevel(min(lg.level or logging.INFO, logging.INFO))
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, previous):
-            lg.removeHandler(handler)
-            lg.setLevel(level)
-        handler.close()
-
-
-@contextmanager
-def _failure_status(run_dir: Path):
-    try:
-        yield
-    except BaseException as exc:
-        reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
-        rundir.set_status(run_dir, rundir.FAILED, reason)
-        raise

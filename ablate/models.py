@@ -69,26 +69,44 @@ def load_model(
     dtype: str,
     attn_implementation: str = "sdpa",
 ):
-    """Returns ``(model, tokenizer)`` with the model in eval mode on ``device``."""
+    """Returns ``(model, tokenizer)`` with the model in eval mode on ``device``.
+
+    A stage 3 ``final/`` folder loads here whichever way it was saved (ablate.checkpoints).
+    """
+    from ablate.checkpoints import RAW, checkpoint_format, load_raw
+
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     path = str(Path(model).expanduser()) if _looks_local(model) else model
     config = load_config(model)
     kwargs = dict(dtype=torch_dtype, attn_implementation=attn_implementation)
     try:
-        if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
+        if _looks_local(model) and checkpoint_format(path) == RAW:
+            lm = load_raw(path, torch_dtype, attn_implementation)
+        elif type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
             lm = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
         elif getattr(config, "text_config", None) is not None and type(config.text_config) in MODEL_FOR_CAUSAL_LM_MAPPING:
             lm = _load_text_only(path, config, kwargs)
         else:
             raise BadInput(f"model '{model}' ({config.model_type}) is not a decoder LM that ablate can load")
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ImportError) as exc:
+    except (OSError, ImportError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0]
         raise BadInput(f"cannot load model '{model}': {first}") from None
+    return lm.to(device).eval(), load_tokenizer(model)
+
+
+def load_tokenizer(model: str):
+    """The model's tokenizer, with a pad token (the EOS token when it has none)."""
+    load_config(model)  # one clear error for a missing path or an unreachable hub id
+    path = str(Path(model).expanduser()) if _looks_local(model) else model
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise BadInput(f"cannot load the tokenizer of '{model}': {first}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return lm.to(device).eval(), tokenizer
+    return tokenizer
 
 
 def _load_text_only(path: str, config, kwargs):

@@ -9,12 +9,14 @@ failed | ...); readers trust it over the presence of other files.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -80,6 +82,17 @@ def read_status(run_dir: Path) -> tuple[str, str]:
     return (lines[0].strip() if lines else "unknown"), "\n".join(lines[1:]).strip()
 
 
+@contextmanager
+def failure_status(run_dir: Path, enabled: bool = True):
+    """Mark the run failed, with the exception as the reason, if the block raises."""
+    try:
+        yield
+    except BaseException as exc:
+        if enabled:
+            set_status(run_dir, FAILED, f"{type(exc).__name__}: {exc}".splitlines()[0])
+        raise
+
+
 def _git(*args: str) -> str | None:
     try:
         out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
@@ -138,3 +151,23 @@ def find_runs(runs_dir: Path, stage: str) -> list[Run]:
             metrics = None
         runs.append(Run(path, status, metrics))
     return runs
+
+
+@contextmanager
+def run_log(path: Path):
+    """Copy ablate's and lm-eval's log records (INFO and up) and transformers' (at its own level) into the run's log."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    loggers = [logging.getLogger(n) for n in ("ablate", "lm_eval", "transformers")]
+    previous = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+    for lg in loggers[:2]:  # transformers' INFO would also reach its own console handler
+        lg.setLevel(min(lg.level or logging.INFO, logging.INFO))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, previous):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+        handler.close()
