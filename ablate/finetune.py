@@ -200,7 +200,8 @@ def _train(config, model, tokenizer, train, held, collate, leak, probe_batch, ru
         save_total_limit=config.save_total_limit,
         eval_strategy="steps" if config.eval_steps else "no",
         eval_steps=config.eval_steps,
-        bf16=next(model.parameters()).dtype == torch.bfloat16 and on_gpu,
+        # bf16 autocast on GPU: over bf16 weights by default, over fp32 master weights with --dtype float32.
+        bf16=on_gpu and torch.cuda.is_bf16_supported(),
         activation_checkpointing=gradient_checkpointing,
         remove_unused_columns=False,
         seed=config.seed,
