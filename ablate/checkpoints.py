@@ -32,8 +32,9 @@ HF, RAW = "hf_save_pretrained", "raw_state_dict"
 def save_final(model, tokenizer, out: Path) -> dict:
     """Save ``model`` to ``out``; returns what happened (``format``, and ``save_error`` on fallback)."""
     out = Path(out)
+    adapter = hasattr(model, "peft_config")
     try:
-        model.save_pretrained(out, safe_serialization=True)
+        model.save_pretrained(out, safe_serialization=True)  # a peft model saves its adapter only
         tokenizer.save_pretrained(out)
         info = {"format": HF}
     except Exception as exc:  # any failure of the HF path: keep the weights another way
@@ -42,10 +43,20 @@ def save_final(model, tokenizer, out: Path) -> dict:
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)
-        save_raw(model, out / RAW_WEIGHTS)
-        model.config.save_pretrained(out)
+        if adapter:
+            from peft import get_peft_model_state_dict
+            from safetensors.torch import save_file
+
+            # The adapter's own state dict in peft's file layout, so PeftModel.from_pretrained reads it.
+            save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(model).items()},
+                      str(out / "adapter_model.safetensors"))
+            model.peft_config["default"].save_pretrained(out)
+        else:
+            save_raw(model, out / RAW_WEIGHTS)
+            model.config.save_pretrained(out)
         tokenizer.save_pretrained(out)
         info = {"format": RAW, "save_error": error}
+    info["adapter"] = adapter
     info.update(
         model_class=type(model).__name__,
         dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
@@ -57,6 +68,17 @@ def save_final(model, tokenizer, out: Path) -> dict:
 def save_raw(model, file: Path) -> None:
     # save_model drops the duplicate names of tied weights, which save_file refuses.
     save_safetensors_model(model, str(file))
+
+
+def load_adapter(path: Path, device: str, dtype: str, attn_implementation: str):
+    """A LoRA adapter folder: its base model with the adapter merged in, for evaluation."""
+    from peft import PeftConfig, PeftModel
+
+    from ablate.models import load_model
+
+    base_id = PeftConfig.from_pretrained(str(path)).base_model_name_or_path
+    base, _ = load_model(base_id, device, dtype, attn_implementation)
+    return PeftModel.from_pretrained(base, str(path)).merge_and_unload().eval()
 
 
 def checkpoint_format(path: Path) -> str | None:

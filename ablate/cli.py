@@ -190,6 +190,10 @@ def stage3(
     save_total_limit: Optional[int] = _ft_opt("save_total_limit"),
     spike_factor: Optional[float] = _ft_opt("spike_factor"),
     probe_samples: Optional[int] = _ft_opt("probe_samples"),
+    lora_r: Optional[int] = _ft_opt("lora_r"),
+    lora_alpha: Optional[int] = _ft_opt("lora_alpha"),
+    lora_dropout: Optional[float] = _ft_opt("lora_dropout"),
+    lora_target_modules: Optional[str] = _ft_opt("lora_target_modules"),
     allow_label_leakage: Optional[bool] = typer.Option(None, "--allow-label-leakage", help="diagnosis only: "
                                                        "train even when the mask leaks labels (marked leaky)"),
     device: Optional[str] = _ft_opt("device"),

@@ -137,6 +137,10 @@ class FinetuneConfig:
         "help": "stop as diverged when grad norm exceeds this times its recent median"})
     spike_window: int = field(default=20, metadata={"help": "logged steps in the grad-norm median"})
     probe_samples: int = field(default=8, metadata={"help": "held-out samples in the leakage probe"})
+    lora_r: int | None = field(default=None, metadata={"help": "LoRA rank (peft); unset = full finetune"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
+    lora_target_modules: str = field(default="all-linear", metadata={"help": "peft target_modules"})
     allow_label_leakage: bool = field(default=False, metadata={
         "help": "diagnosis only: train even when the mask leaks labels (marked leaky)"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
@@ -165,6 +169,8 @@ class FinetuneConfig:
                      "save_steps", "save_total_limit", "spike_window", "probe_samples"):
             if getattr(self, name) < 1:
                 raise BadInput(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.lora_r is not None and self.lora_r < 1:
+            raise BadInput(f"--lora-r must be >= 1, got {self.lora_r}")
         if self.learning_rate <= 0 or self.max_grad_norm <= 0 or self.spike_factor <= 1:
             raise BadInput("--learning-rate and --max-grad-norm must be > 0 and --spike-factor > 1")
 

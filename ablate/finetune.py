@@ -182,6 +182,12 @@ def run_stage3(config: FinetuneConfig, resume: Path | None = None) -> Path:
 def _train(config, model, tokenizer, train, held, collate, leak, probe_batch, run_dir, resume, started, is_main):
     on_gpu = next(model.parameters()).is_cuda
     model.config.use_cache = False
+    if config.lora_r:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(
+            r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+            target_modules=config.lora_target_modules, task_type="CAUSAL_LM"))
     probe_before = probe(model, probe_batch, config.mask)
     gradient_checkpointing = on_gpu if config.gradient_checkpointing is None else config.gradient_checkpointing
     args = TrainingArguments(
@@ -243,6 +249,8 @@ def _train(config, model, tokenizer, train, held, collate, leak, probe_batch, ru
         "n_train": len(train),
         "n_eval": len(held),
         "global_step": trainer.state.global_step,
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "lora": {"r": config.lora_r, "alpha": config.lora_alpha} if config.lora_r else None,
         "train_loss": result.training_loss,
         "eval_loss": eval_loss,
         "train_runtime": result.metrics.get("train_runtime"),

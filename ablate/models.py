@@ -53,11 +53,16 @@ def _looks_local(model: str) -> bool:
     return model.startswith((".", "/", "~")) or Path(model).expanduser().exists()
 
 
+def _path(model: str) -> str:
+    # Absolute for local models, so name_or_path (which a LoRA adapter records as its base) works from any cwd.
+    return str(Path(model).expanduser().resolve()) if _looks_local(model) else model
+
+
 def load_config(model: str):
     if _looks_local(model) and not Path(model).expanduser().is_dir():
         raise BadInput(f"model path '{model}' does not exist or is not a directory")
     try:
-        return AutoConfig.from_pretrained(str(Path(model).expanduser()) if _looks_local(model) else model)
+        return AutoConfig.from_pretrained(_path(model))
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BadInput(f"cannot load model '{model}': {first}") from None
@@ -73,11 +78,13 @@ def load_model(
 
     A stage 3 ``final/`` folder loads here whichever way it was saved (ablate.checkpoints).
     """
-    from ablate.checkpoints import RAW, checkpoint_format, load_raw
+    from ablate.checkpoints import RAW, checkpoint_format, load_adapter, load_raw
 
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    path = str(Path(model).expanduser()) if _looks_local(model) else model
+    path = _path(model)
+    if _looks_local(model) and (Path(path) / "adapter_config.json").is_file():
+        return load_adapter(Path(path), device, dtype, attn_implementation), load_tokenizer(model)
     config = load_config(model)
     kwargs = dict(dtype=torch_dtype, attn_implementation=attn_implementation)
     try:
@@ -97,8 +104,9 @@ def load_model(
 
 def load_tokenizer(model: str):
     """The model's tokenizer, with a pad token (the EOS token when it has none)."""
-    load_config(model)  # one clear error for a missing path or an unreachable hub id
-    path = str(Path(model).expanduser()) if _looks_local(model) else model
+    path = _path(model)
+    if not (_looks_local(model) and (Path(path) / "adapter_config.json").is_file()):
+        load_config(model)  # one clear error for a missing path or an unreachable hub id
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:

@@ -190,3 +190,41 @@ def test_accelerate_launch_with_two_cpu_processes(tiny_llama, tmp_path):
     summary = summary_of(run)
     assert summary["status"] == "completed" and summary["global_step"] == 3
     assert (run / "final" / "model.safetensors").is_file()
+
+
+def test_lora_trains_the_adapter_only_and_loads_merged(tiny_llama, tmp_path):
+    from peft import PeftModel
+
+    run = run_stage3(config(tiny_llama, tmp_path, lora_r=4, max_steps=3))
+    summary = summary_of(run)
+    assert summary["status"] == "completed" and summary["lora"] == {"r": 4, "alpha": 16}
+    final = run / "final"
+    assert (final / "adapter_model.safetensors").is_file() and not (final / "model.safetensors").exists()
+    adapter = load_file(str(final / "adapter_model.safetensors"))
+    assert adapter and all("lora_" in name for name in adapter)
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)  # B starts at zero
+    merged, _ = load_model(str(final), "cpu", "float32")
+    base, _ = load_model(str(tiny_llama), "cpu", "float32")
+    reference = PeftModel.from_pretrained(base, str(final)).eval()
+    ids = torch.tensor([[1, 5, 9, 33, 2, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, reference(input_ids=ids).logits,
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_lora_save_fallback_is_still_a_loadable_adapter(tiny_llama, tmp_path, monkeypatch):
+    from peft import PeftModel
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("adapter save failed")
+
+    monkeypatch.setattr(PeftModel, "save_pretrained", broken)
+    run = run_stage3(config(tiny_llama, tmp_path, lora_r=4, max_steps=2, save_steps=10))
+    save = summary_of(run)["save"]
+    assert save["format"] == "raw_state_dict" and save["adapter"] is True
+    monkeypatch.undo()
+    merged, _ = load_model(str(run / "final"), "cpu", "float32")
+    base, _ = load_model(str(tiny_llama), "cpu", "float32")
+    ids = torch.tensor([[1, 5, 9, 33, 2, 7]])
+    with torch.no_grad():
+        assert not torch.allclose(merged(input_ids=ids).logits, base(input_ids=ids).logits)
