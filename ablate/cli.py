@@ -244,6 +244,63 @@ def stage3(
     typer.echo(f"run directory: {out}")
 
 
+STAGE4_EPILOG = """Examples:\n
+  ablate stage4                      # the latest completed stage 3 run of each mask\n
+  ablate stage4 --checkpoint runs/stage3_finetune_prefill_bidir/20260214-201019 --also-causal"""
+
+
+@app.command(epilog=STAGE4_EPILOG)
+def stage4(
+    checkpoint: Optional[List[str]] = typer.Option(None, help="stage 3 run directory (repeatable; default: the "
+                                                   "latest completed run of each mask)"),
+    mask: str = typer.Option("prefill_bidir", help="mask to evaluate the finetuned models with"),
+    also_causal: bool = typer.Option(False, "--also-causal", help="also evaluate each model with the causal mask"),
+    stage1_run: Optional[str] = typer.Option(None, help="stage 1 run to compare with (default: latest matching)"),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto"),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16, float16"),
+    attn_implementation: str = typer.Option("sdpa", help="sdpa, eager or flex_attention"),
+    batch_size: Optional[str] = typer.Option(None, help="batch size (default: stage 1's)"),
+    runs_dir: str = typer.Option("runs", help="where runs are read and written"),
+):
+    """Stage 4: evaluate the finetuned models with the ablated mask; recovery against stages 1 and 2."""
+    from ablate.post_finetune import Stage4Config, run_stage4
+
+    _quiet_libraries()
+    try:
+        out = run_stage4(Stage4Config(
+            checkpoints=tuple(checkpoint or ()), mask=mask, also_causal=also_causal, stage1_run=stage1_run,
+            device=device, dtype=dtype, attn_implementation=attn_implementation, batch_size=batch_size,
+            runs_dir=runs_dir))
+    except BadInput as exc:
+        _fail(str(exc))
+    metrics = json.loads((out / "metrics.json").read_text())
+    typer.echo(recovery_table(metrics))
+    typer.echo(f"run directory: {out}")
+
+
+def _num(x, digits=3):
+    return f"{x:.{digits}f}" if isinstance(x, (int, float)) else "n/a"
+
+
+def _ci(pair):
+    return f"[{pair[0]:.2f}, {pair[1]:.2f}]" if pair else ""
+
+
+def recovery_table(metrics: dict) -> str:
+    lines = [f"stage 4 under {metrics['mask']}; stage 1: {metrics['stage1_run']}; "
+             f"stage 2: {metrics['stage2_run'] or 'none (' + str(metrics['stage2_reason']) + ')'}"]
+    for entry in metrics["checkpoints"]:
+        lines.append(f"\n{entry['label']}{'  [LEAKY]' if entry['leaky'] else ''}")
+        lines.append(f"{'task':<16}{'s1':>7}{'s2':>7}{'s4':>7}  {'retention':<22}{'gap_closed':<22}p(s4 vs s2)")
+        rec = entry["recovery"]
+        for name, r in [*rec["tasks"].items(), ("macro", rec["macro"])]:
+            p = r["vs_stage2"]["p_value"] if r.get("vs_stage2") else None
+            lines.append(f"{name:<16}{_num(r['acc_stage1']):>7}{_num(r['acc_stage2']):>7}{_num(r['acc_stage4']):>7}  "
+                         f"{(_num(r['retention']) + ' ' + _ci(r['retention_ci95'])):<22}"
+                         f"{(_num(r['gap_closed']) + ' ' + _ci(r['gap_closed_ci95'])):<22}{_num(p)}")
+    return "\n".join(lines)
+
+
 @app.command(epilog="Example:\n\n  ablate masks")
 def masks():
     """List the registered attention masks."""

@@ -46,19 +46,58 @@ def comparison_key(config: EvalConfig, task_data: dict[str, Path]) -> dict:
     }
 
 
-def run_eval(config: EvalConfig) -> Path:
-    from lm_eval import simple_evaluate
-
-    from ablate.harness import PrefillMaskLM
-    from ablate.models import load_model, resolve_device
+def check_inputs(config: EvalConfig):
+    """Validate tasks and task data; returns ``(manager, task_data, built tasks)``. Raises BadInput."""
     from ablate.tasks import check_task_names, load_tasks, parse_task_data, task_manager
 
-    started = time.time()
-    device = resolve_device(config.device)
     manager = task_manager(config.include_path, list(config.tasks))
     check_task_names(manager, list(config.tasks))
     task_data = parse_task_data(list(config.task_data))
-    tasks = load_tasks(manager, list(config.tasks), task_data)
+    return manager, task_data, load_tasks(manager, list(config.tasks), task_data)
+
+
+def evaluate(config: EvalConfig, model, tokenizer, device: str, mask: str, tasks) -> dict:
+    """One lm-eval pass: ``{"tasks", "macro", "timing", "rows"}`` (rows: per-task sample rows)."""
+    from lm_eval import simple_evaluate
+
+    from ablate.harness import PrefillMaskLM
+
+    lm = PrefillMaskLM(pretrained=model, tokenizer=tokenizer, mask=mask, device=device,
+                       batch_size=config.batch_size, max_length=config.max_length)
+    started = time.time()
+    results = simple_evaluate(
+        model=lm, tasks=list(tasks.values()), num_fewshot=config.num_fewshot,
+        limit=config.lm_eval_limit, log_samples=True, bootstrap_iters=1000,
+        random_seed=config.seed, numpy_random_seed=config.seed, torch_random_seed=config.seed,
+        fewshot_random_seed=config.seed,
+    )
+    seconds = time.time() - started
+    rows = {name: [sample_row(s) for s in sorted(results["samples"][name], key=lambda s: s["doc_id"])]
+            for name in tasks}
+    per_task = {name: task_metrics(results["results"][name], rows[name]) for name in tasks}
+    return {
+        "tasks": per_task,
+        "macro": macro(per_task),
+        "timing": {
+            "eval_seconds": round(seconds, 3),
+            "tokens": lm.tokens_processed,
+            "tokens_per_second": round(lm.tokens_processed / seconds, 1) if seconds else None,
+        },
+        "rows": rows,
+    }
+
+
+def write_samples(run_dir: Path, rows: dict, prefix: str = "") -> None:
+    for name, task_rows in rows.items():
+        rundir.write_jsonl(run_dir / f"samples_{prefix}{name}.jsonl", task_rows)
+
+
+def run_eval(config: EvalConfig) -> Path:
+    from ablate.models import load_model, resolve_device
+
+    started = time.time()
+    device = resolve_device(config.device)
+    _, task_data, tasks = check_inputs(config)
     model, tokenizer = load_model(config.model, device, config.dtype, config.attn_implementation)
     key = comparison_key(config, task_data)
     baseline = find_baseline(config, key) if config.stage == STAGE2 else None
@@ -68,24 +107,8 @@ def run_eval(config: EvalConfig) -> Path:
     rundir.write_json(run_dir / "env.json", rundir.environment(device))
     with rundir.run_log(run_dir / "run.log"), rundir.failure_status(run_dir):
         log.info("run %s: %s on %s with mask %s", run_dir, config.model, ",".join(config.tasks), config.mask)
-        lm = PrefillMaskLM(
-            pretrained=model, tokenizer=tokenizer, mask=config.mask, device=device,
-            batch_size=config.batch_size, max_length=config.max_length,
-        )
-        eval_started = time.time()
-        results = simple_evaluate(
-            model=lm, tasks=list(tasks.values()), num_fewshot=config.num_fewshot,
-            limit=config.lm_eval_limit, log_samples=True, bootstrap_iters=1000,
-            random_seed=config.seed, numpy_random_seed=config.seed, torch_random_seed=config.seed,
-            fewshot_random_seed=config.seed,
-        )
-        eval_seconds = time.time() - eval_started
-        per_task = {}
-        for name in tasks:
-            samples = sorted(results["samples"][name], key=lambda s: s["doc_id"])
-            rows = [sample_row(s) for s in samples]
-            rundir.write_jsonl(run_dir / f"samples_{name}.jsonl", rows)
-            per_task[name] = task_metrics(results["results"][name], rows)
+        result = evaluate(config, model, tokenizer, device, config.mask, tasks)
+        write_samples(run_dir, result.pop("rows"))
         metrics = {
             "stage": config.stage,
             "run_id": run_dir.name,
@@ -94,15 +117,9 @@ def run_eval(config: EvalConfig) -> Path:
             "mask": config.mask,
             "seed": config.seed,
             "comparison": key,
-            "tasks": per_task,
-            "macro": macro(per_task),
-            "timing": {
-                "wall_seconds": round(time.time() - started, 3),
-                "eval_seconds": round(eval_seconds, 3),
-                "tokens": lm.tokens_processed,
-                "tokens_per_second": round(lm.tokens_processed / eval_seconds, 1) if eval_seconds else None,
-            },
+            **result,
         }
+        metrics["timing"]["wall_seconds"] = round(time.time() - started, 3)
         if config.stage == STAGE2:
             metrics["baseline"] = compare(metrics, baseline)
         rundir.write_json(run_dir / "metrics.json", metrics)
@@ -156,14 +173,10 @@ def macro(per_task: dict) -> dict:
 def find_baseline(config: EvalConfig, key: dict) -> dict:
     """The latest completed stage 1 run with the same comparison key, or why there is none."""
     if config.baseline:
-        path = Path(config.baseline)
-        status, _ = rundir.read_status(path)
-        if not (path / "metrics.json").is_file():
-            raise BadInput(f"--baseline {path} is not a run directory with a metrics.json")
-        runs = [r for r in rundir.find_runs(path.parent.parent, STAGE1) if r.path.resolve() == path.resolve()]
-        if not runs or status != rundir.COMPLETED or runs[0].metrics is None:
-            raise BadInput(f"--baseline {path} is not a completed stage 1 run (status: {status})")
-        candidates = runs
+        run = rundir.load_run(Path(config.baseline))
+        if run is None or run.status != rundir.COMPLETED or run.metrics is None:
+            raise BadInput(f"--baseline {config.baseline} is not a completed stage 1 run with a readable metrics.json")
+        candidates = [run]
     else:
         candidates = [r for r in rundir.find_runs(Path(config.runs_dir), STAGE1)
                       if r.status == rundir.COMPLETED and r.metrics is not None]

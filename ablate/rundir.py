@@ -130,27 +130,49 @@ def environment(device: str) -> dict:
 class Run:
     path: Path
     status: str
+    reason: str
     metrics: dict | None
+    summary: dict | None
+    error: str | None  # a metrics.json / summary.json that exists but cannot be read, by path
 
     @property
     def run_id(self) -> str:
         return self.path.name
 
+    @property
+    def stage(self) -> str:
+        return self.path.parent.name
+
+
+def _read_json(path: Path) -> tuple[dict | None, str | None]:
+    if not path.is_file():
+        return None, None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return None, f"{path}: unreadable ({exc})"
+    if not isinstance(data, dict):
+        return None, f"{path}: not a JSON object"
+    return data, None
+
+
+def load_run(path: Path) -> Run | None:
+    """One run directory with its status and results; None when ``path`` is not a directory."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    status, reason = read_status(path)
+    metrics, error_m = _read_json(path / "metrics.json")
+    summary, error_s = _read_json(path / "summary.json")
+    return Run(path, status, reason, metrics, summary, error_m or error_s)
+
 
 def find_runs(runs_dir: Path, stage: str) -> list[Run]:
-    """All runs of a stage, oldest first, with their status and metrics (None when unreadable)."""
+    """All runs of a stage, oldest first; a corrupted results file is reported in ``Run.error``."""
     base = Path(runs_dir) / stage
     if not base.is_dir():
         return []
-    runs = []
-    for path in sorted(p for p in base.iterdir() if p.is_dir()):
-        status, _ = read_status(path)
-        try:
-            metrics = json.loads((path / "metrics.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            metrics = None
-        runs.append(Run(path, status, metrics))
-    return runs
+    return [load_run(p) for p in sorted(base.iterdir()) if p.is_dir()]
 
 
 @contextmanager

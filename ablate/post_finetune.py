@@ -1,0 +1,199 @@
+"""Stage 4: evaluate the stage 3 models with the ablated mask and measure recovery against stage 1.
+
+    ablate stage4                          # latest completed stage 3 run of each mask
+    ablate stage4 --checkpoint runs/stage3_finetune_prefill_bidir/<run> --also-causal
+
+The evaluation reuses stage 1's tasks and settings (its ``config.json``), so
+every document scored in stage 4 was scored in stage 1 (and stage 2, when a
+matching stage 2 run exists) and recovery is computed document by document.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from ablate import rundir
+from ablate.config import STAGE1, STAGE2, STAGE3_PREFIX, EvalConfig
+from ablate.errors import BadInput
+from ablate.evaluation import check_inputs, comparison_key, evaluate, write_samples
+from ablate.recovery import macro_recovery, task_recovery
+
+log = logging.getLogger(__name__)
+STAGE4 = "stage4_post_ft_eval"
+
+
+@dataclass(frozen=True)
+class Stage4Config:
+    """Stage 4: the finetuned models under the ablated mask, compared with stages 1 and 2."""
+
+    checkpoints: tuple[str, ...] = field(default=(), metadata={
+        "help": "stage 3 run directories (default: the latest completed run of each mask)"})
+    mask: str = field(default="prefill_bidir", metadata={"help": "mask to evaluate with"})
+    also_causal: bool = field(default=False, metadata={"help": "also evaluate each model with the causal mask"})
+    stage1_run: str | None = field(default=None, metadata={"help": "the stage 1 run to compare with"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
+    dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16, float16"})
+    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, eager or flex_attention"})
+    batch_size: str | None = field(default=None, metadata={"help": "batch size (default: stage 1's)"})
+    runs_dir: str = field(default="runs", metadata={"help": "where runs are read and written"})
+
+    def __post_init__(self):
+        from ablate.masks import MASKS
+
+        if self.mask not in MASKS:
+            raise BadInput(f"unknown mask '{self.mask}'; known masks: {', '.join(MASKS)}")
+
+
+def _resolve_model(model: str) -> str:
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
+
+
+def stage3_runs(config: Stage4Config) -> list[rundir.Run]:
+    runs_dir = Path(config.runs_dir)
+    if config.checkpoints:
+        chosen = []
+        for item in config.checkpoints:
+            path = Path(item)
+            run = rundir.load_run(path)
+            if run is None or not path.parent.name.startswith(STAGE3_PREFIX):
+                raise BadInput(f"--checkpoint {item} is not a stage 3 run directory")
+            chosen.append(run)
+    else:
+        chosen = []
+        for stage in sorted(p.name for p in runs_dir.glob(STAGE3_PREFIX + "*") if p.is_dir()):
+            done = [r for r in rundir.find_runs(runs_dir, stage) if r.status == rundir.COMPLETED]
+            if done:
+                chosen.append(done[-1])
+        if not chosen:
+            raise BadInput(f"no completed stage 3 run in {runs_dir}; run `ablate stage3` first")
+    for run in chosen:
+        if run.status != rundir.COMPLETED:
+            raise BadInput(f"stage 3 run {run.path} is {run.status}, not completed")
+        if not (run.path / "final").is_dir():
+            raise BadInput(f"stage 3 run {run.path} has no final/ model")
+    return chosen
+
+
+def find_stage1(config: Stage4Config, base_model: str) -> rundir.Run:
+    if config.stage1_run:
+        run = rundir.load_run(Path(config.stage1_run))
+        if run is None or run.status != rundir.COMPLETED or run.metrics is None:
+            raise BadInput(f"--stage1-run {config.stage1_run} is not a completed stage 1 run")
+        return run
+    runs = [r for r in rundir.find_runs(Path(config.runs_dir), STAGE1)
+            if r.status == rundir.COMPLETED and r.metrics
+            and r.metrics.get("comparison", {}).get("model") == _resolve_model(base_model)]
+    if not runs:
+        raise BadInput(f"stage 4 needs a completed stage 1 run of {base_model} in "
+                       f"{Path(config.runs_dir) / STAGE1}; run `ablate stage1 --model {base_model}` first")
+    return runs[-1]
+
+
+def find_stage2(config: Stage4Config, stage1: rundir.Run) -> tuple[rundir.Run | None, str | None]:
+    key = stage1.metrics["comparison"]
+    runs = [r for r in rundir.find_runs(Path(config.runs_dir), STAGE2)
+            if r.status == rundir.COMPLETED and r.metrics and r.metrics.get("comparison") == key
+            and r.metrics.get("mask") == config.mask]
+    if runs:
+        return runs[-1], None
+    return None, f"no completed stage 2 run with mask {config.mask} matches stage 1 run {stage1.run_id}"
+
+
+def _correct(run_dir: Path, prefix: str, task: str) -> dict[int, bool]:
+    path = run_dir / f"samples_{prefix}{task}.jsonl"
+    return {r["doc_id"]: bool(r["correct"]) for r in map(json.loads, path.read_text().splitlines())}
+
+
+def recovery_block(rows: dict, stage1: rundir.Run, stage2: rundir.Run | None, chance: dict) -> dict:
+    per_task, arrays = {}, {}
+    for task, task_rows in rows.items():
+        c4 = {r["doc_id"]: r["correct"] for r in task_rows}
+        c1 = _correct(stage1.path, "", task)
+        c2 = _correct(stage2.path, "", task) if stage2 else None
+        if set(c1) != set(c4) or (c2 is not None and set(c2) != set(c4)):
+            raise BadInput(f"task {task}: stage 4 scored other documents than stages 1/2; rerun them together")
+        docs = sorted(c4)
+        a1, a4 = np.array([c1[d] for d in docs]), np.array([c4[d] for d in docs])
+        a2 = np.array([c2[d] for d in docs]) if c2 is not None else None
+        per_task[task] = task_recovery(a1, a2, a4, chance[task])
+        arrays[task] = (a1, a2, a4)
+    return {"tasks": per_task, "macro": macro_recovery(per_task, arrays)}
+
+
+def run_stage4(config: Stage4Config) -> Path:
+    from ablate.models import load_model, resolve_device
+
+    started = time.time()
+    device = resolve_device(config.device)
+    runs = stage3_runs(config)
+    base_models = {_resolve_model(json.loads((r.path / "config.json").read_text())["model"]) for r in runs}
+    if len(base_models) != 1:
+        raise BadInput(f"the stage 3 runs start from different models ({', '.join(sorted(base_models))}); "
+                       "run stage 4 once per base model with --checkpoint")
+    stage1 = find_stage1(config, base_models.pop())
+    stage2, stage2_reason = find_stage2(config, stage1)
+    settings = json.loads((stage1.path / "config.json").read_text())
+    settings.update(tasks=tuple(settings["tasks"]), task_data=tuple(settings["task_data"]))
+    eval_config = EvalConfig(**{**settings, "stage": STAGE4, "mask": config.mask, "device": config.device,
+                                "dtype": config.dtype, "attn_implementation": config.attn_implementation,
+                                "batch_size": config.batch_size or settings["batch_size"],
+                                "runs_dir": config.runs_dir, "baseline": None})
+    _, task_data, tasks = check_inputs(eval_config)
+    key = comparison_key(replace(eval_config, model=settings["model"]), task_data)
+    if key != stage1.metrics["comparison"]:
+        raise BadInput(f"stage 1 run {stage1.path} was made on other task data or settings than its "
+                       "config.json now gives (a --task-data file changed?)")
+
+    run_dir = rundir.new_run_dir(Path(config.runs_dir), STAGE4)
+    rundir.write_json(run_dir / "config.json", {**config.__dict__, "evaluation": eval_config.to_dict()})
+    rundir.write_json(run_dir / "env.json", rundir.environment(device))
+    results = []
+    with rundir.run_log(run_dir / "run.log"), rundir.failure_status(run_dir):
+        for run in runs:
+            summary = json.loads((run.path / "summary.json").read_text())
+            label = f"{summary['mask']}-{run.run_id}"
+            log.info("stage 4: %s (trained with %s) under %s", run.path, summary["mask"], config.mask)
+            model, tokenizer = load_model(str(run.path / "final"), device, config.dtype, config.attn_implementation)
+            ablated = evaluate(eval_config, model, tokenizer, device, config.mask, tasks)
+            write_samples(run_dir, ablated["rows"], prefix=f"{label}_")
+            chance = {t: m["chance"] for t, m in ablated["tasks"].items()}
+            entry = {
+                "label": label,
+                "checkpoint": str(run.path),
+                "train_mask": summary["mask"],
+                "leaky": summary.get("leaky", False),
+                "save_format": (summary.get("save") or {}).get("format"),
+                "tasks": ablated["tasks"],
+                "macro": ablated["macro"],
+                "timing": ablated["timing"],
+                "recovery": recovery_block(ablated["rows"], stage1, stage2, chance),
+                "causal": None,
+            }
+            if config.also_causal:
+                causal = evaluate(eval_config, model, tokenizer, device, "causal", tasks)
+                write_samples(run_dir, causal["rows"], prefix=f"{label}_causal_")
+                entry["causal"] = {"tasks": causal["tasks"], "macro": causal["macro"], "timing": causal["timing"]}
+            results.append(entry)
+            del model
+        metrics = {
+            "stage": STAGE4,
+            "run_id": run_dir.name,
+            "status": rundir.COMPLETED,
+            "mask": config.mask,
+            "stage1_run": str(stage1.path),
+            "stage2_run": str(stage2.path) if stage2 else None,
+            "stage2_reason": stage2_reason,
+            "comparison": key,
+            "checkpoints": results,
+            "timing": {"wall_seconds": round(time.time() - started, 3)},
+        }
+        rundir.write_json(run_dir / "metrics.json", metrics)
+        rundir.set_status(run_dir, rundir.COMPLETED)
+    return run_dir
