@@ -47,7 +47,10 @@ def comparison_key(config: EvalConfig, task_data: dict[str, Path]) -> dict:
 
 
 def check_inputs(config: EvalConfig):
-    """Validate tasks and task data; returns ``(manager, task_data, built tasks)``. Raises BadInput."""
+    """Validate tasks and task data; returns ``(manager, task_data, built tasks)``. Raises BadInput.
+
+    Pass the manager on to ``evaluate``: without one, lm-eval indexes all its ~15k task YAMLs (~20 s).
+    """
     from ablate.tasks import check_task_names, load_tasks, parse_task_data, task_manager
 
     manager = task_manager(config.include_path, list(config.tasks))
@@ -56,7 +59,7 @@ def check_inputs(config: EvalConfig):
     return manager, task_data, load_tasks(manager, list(config.tasks), task_data)
 
 
-def evaluate(config: EvalConfig, model, tokenizer, device: str, mask: str, tasks) -> dict:
+def evaluate(config: EvalConfig, model, tokenizer, device: str, mask: str, tasks, manager) -> dict:
     """One lm-eval pass: ``{"tasks", "macro", "timing", "rows"}`` (rows: per-task sample rows)."""
     from lm_eval import simple_evaluate
 
@@ -69,7 +72,7 @@ def evaluate(config: EvalConfig, model, tokenizer, device: str, mask: str, tasks
         model=lm, tasks=list(tasks.values()), num_fewshot=config.num_fewshot,
         limit=config.lm_eval_limit, log_samples=True, bootstrap_iters=1000,
         random_seed=config.seed, numpy_random_seed=config.seed, torch_random_seed=config.seed,
-        fewshot_random_seed=config.seed,
+        fewshot_random_seed=config.seed, task_manager=manager,
     )
     seconds = time.time() - started
     rows = {name: [sample_row(s) for s in sorted(results["samples"][name], key=lambda s: s["doc_id"])]
@@ -97,7 +100,7 @@ def run_eval(config: EvalConfig) -> Path:
 
     started = time.time()
     device = resolve_device(config.device)
-    _, task_data, tasks = check_inputs(config)
+    manager, task_data, tasks = check_inputs(config)
     model, tokenizer = load_model(config.model, device, config.dtype, config.attn_implementation)
     key = comparison_key(config, task_data)
     baseline = find_baseline(config, key) if config.stage == STAGE2 else None
@@ -107,7 +110,7 @@ def run_eval(config: EvalConfig) -> Path:
     rundir.write_json(run_dir / "env.json", rundir.environment(device))
     with rundir.run_log(run_dir / "run.log"), rundir.failure_status(run_dir):
         log.info("run %s: %s on %s with mask %s", run_dir, config.model, ",".join(config.tasks), config.mask)
-        result = evaluate(config, model, tokenizer, device, config.mask, tasks)
+        result = evaluate(config, model, tokenizer, device, config.mask, tasks, manager)
         write_samples(run_dir, result.pop("rows"))
         metrics = {
             "stage": config.stage,

@@ -145,7 +145,7 @@ def run_stage4(config: Stage4Config) -> Path:
                                 "dtype": config.dtype, "attn_implementation": config.attn_implementation,
                                 "batch_size": config.batch_size or settings["batch_size"],
                                 "runs_dir": config.runs_dir, "baseline": None})
-    _, task_data, tasks = check_inputs(eval_config)
+    manager, task_data, tasks = check_inputs(eval_config)
     key = comparison_key(replace(eval_config, model=settings["model"]), task_data)
     if key != stage1.metrics["comparison"]:
         raise BadInput(f"stage 1 run {stage1.path} was made on other task data or settings than its "
@@ -161,7 +161,7 @@ def run_stage4(config: Stage4Config) -> Path:
             label = f"{summary['mask']}-{run.run_id}"
             log.info("stage 4: %s (trained with %s) under %s", run.path, summary["mask"], config.mask)
             model, tokenizer = load_model(str(run.path / "final"), device, config.dtype, config.attn_implementation)
-            ablated = evaluate(eval_config, model, tokenizer, device, config.mask, tasks)
+            ablated = evaluate(eval_config, model, tokenizer, device, config.mask, tasks, manager)
             write_samples(run_dir, ablated["rows"], prefix=f"{label}_")
             chance = {t: m["chance"] for t, m in ablated["tasks"].items()}
             entry = {
@@ -177,7 +177,7 @@ def run_stage4(config: Stage4Config) -> Path:
                 "causal": None,
             }
             if config.also_causal:
-                causal = evaluate(eval_config, model, tokenizer, device, "causal", tasks)
+                causal = evaluate(eval_config, model, tokenizer, device, "causal", tasks, manager)
                 write_samples(run_dir, causal["rows"], prefix=f"{label}_causal_")
                 entry["causal"] = {"tasks": causal["tasks"], "macro": causal["macro"], "timing": causal["timing"]}
             results.append(entry)

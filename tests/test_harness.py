@@ -25,7 +25,8 @@ def llama(tiny_models):
 def evaluate(lm):
     manager = task_manager(None, TASKS)
     tasks = load_tasks(manager, TASKS, dict(FIXTURE_DATA))
-    return simple_evaluate(model=lm, tasks=list(tasks.values()), log_samples=True, bootstrap_iters=0)
+    return simple_evaluate(model=lm, tasks=list(tasks.values()), log_samples=True, bootstrap_iters=0,
+                           task_manager=manager)
 
 
 def loglikelihoods(results, task):

@@ -1,0 +1,101 @@
+"""Stage 4 end to end on a tiny model's stage 3 output: python -m pytest tests/test_stage4.py -q"""
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from ablate.cli import app
+from ablate.config import STAGE1, STAGE2, load_eval_config, load_finetune_config
+from ablate.evaluation import run_eval
+from ablate.finetune import run_stage3
+from ablate.post_finetune import Stage4Config, run_stage4
+from ablate.tasks import FIXTURE_DATA
+
+DATA = Path(__file__).parent / "data" / "sft.jsonl"
+runner = CliRunner()
+
+
+def eval_flags(model, runs):
+    return dict(model=str(model), tasks="ablate_tiny,piqa", task_data=[f"piqa={FIXTURE_DATA['piqa']}"],
+                device="cpu", runs_dir=str(runs), batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def study(tiny_models, tmp_path_factory):
+    """stage 1, stage 2, and stage 3 for both masks, one of them saved through the raw fallback."""
+    from transformers import PreTrainedModel
+
+    runs = tmp_path_factory.mktemp("runs")
+    model = tiny_models("llama")
+    s1 = run_eval(load_eval_config(STAGE1, eval_flags(model, runs)))
+    s2 = run_eval(load_eval_config(STAGE2, {**eval_flags(model, runs), "mask": "prefill_bidir"}))
+    ft = dict(model=str(model), data=str(DATA), device="cpu", runs_dir=str(runs), max_steps=6, learning_rate=3e-3,
+              lr_scheduler="constant", warmup_steps=0, save_steps=100, logging_steps=2)
+    s3_causal = run_stage3(load_finetune_config({**ft, "mask": "causal"}))
+    original = PreTrainedModel.save_pretrained
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("HF save conversion error")
+
+    PreTrainedModel.save_pretrained = broken
+    try:
+        s3_bidir = run_stage3(load_finetune_config({**ft, "mask": "prefill_bidir"}))
+    finally:
+        PreTrainedModel.save_pretrained = original
+    return runs, s1, s2, s3_causal, s3_bidir
+
+
+def test_stage4_on_both_save_formats(study):
+    runs, s1, s2, s3_causal, s3_bidir = study
+    assert json.loads((s3_bidir / "summary.json").read_text())["save"]["format"] == "raw_state_dict"
+    out = run_stage4(Stage4Config(device="cpu", runs_dir=str(runs), also_causal=True))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["stage"] == "stage4_post_ft_eval" and metrics["status"] == "completed"
+    assert metrics["stage1_run"] == str(s1) and metrics["stage2_run"] == str(s2)
+    entries = {e["train_mask"]: e for e in metrics["checkpoints"]}
+    assert set(entries) == {"causal", "prefill_bidir"}
+    assert entries["prefill_bidir"]["save_format"] == "raw_state_dict"
+    m1 = json.loads((s1 / "metrics.json").read_text())
+    m2 = json.loads((s2 / "metrics.json").read_text())
+    for entry in entries.values():
+        assert set(entry["tasks"]) == {"ablate_tiny", "piqa"} and entry["tasks"]["piqa"]["n"] == 8
+        for task, r in entry["recovery"]["tasks"].items():
+            s1_acc, s2_acc, s4_acc = m1["tasks"][task]["acc"], m2["tasks"][task]["acc"], entry["tasks"][task]["acc"]
+            assert (r["acc_stage1"], r["acc_stage2"], r["acc_stage4"]) == pytest.approx((s1_acc, s2_acc, s4_acc))
+            if s1_acc >= 0.01:
+                assert r["retention"] == pytest.approx(s4_acc / s1_acc)
+            if abs(s1_acc - s2_acc) < 0.01:
+                assert r["gap_closed"] is None
+            assert r["vs_stage2"]["p_value"] <= 1
+        assert entry["causal"]["macro"]["acc"] is not None
+        label = entry["label"]
+        assert (out / f"samples_{label}_piqa.jsonl").is_file()
+        assert (out / f"samples_{label}_causal_piqa.jsonl").is_file()
+
+
+def test_finetuned_weights_are_what_stage4_scored(study):
+    runs, _, _, s3_causal, _ = study
+    out = run_stage4(Stage4Config(checkpoints=(str(s3_causal),), mask="causal", device="cpu", runs_dir=str(runs)))
+    metrics = json.loads((out / "metrics.json").read_text())
+    (entry,) = metrics["checkpoints"]
+    rows = [json.loads(x) for x in (out / f"samples_{entry['label']}_piqa.jsonl").read_text().splitlines()]
+    base = [json.loads(x) for x in (Path(metrics["stage1_run"]) / "samples_piqa.jsonl").read_text().splitlines()]
+    assert [r["logprobs"] for r in rows] != [r["logprobs"] for r in base]  # the finetuned model, not the base
+    assert metrics["stage2_run"] is None and "no completed stage 2 run with mask causal" in metrics["stage2_reason"]
+
+
+def test_stage4_refuses_without_stage1(study, tmp_path):
+    _, _, _, s3_causal, _ = study
+    result = runner.invoke(app, ["stage4", "--checkpoint", str(s3_causal), "--runs-dir", str(tmp_path),
+                                 "--device", "cpu"])
+    assert result.exit_code == 2 and "stage 4 needs a completed stage 1 run of" in result.stderr
+    assert not (tmp_path / "stage4_post_ft_eval").exists()
+
+
+def test_stage4_refuses_what_is_not_a_stage3_run(tmp_path):
+    result = runner.invoke(app, ["stage4", "--checkpoint", str(tmp_path), "--runs-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "is not a stage 3 run directory" in result.stderr
+    result = runner.invoke(app, ["stage4", "--runs-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "no completed stage 3 run" in result.stderr
