@@ -53,6 +53,18 @@ def _quiet_libraries() -> None:
     datasets.disable_progress_bars()  # per-split bars for small local files are noise; lm-eval keeps its own
 
 
+def _refresh_status(runs_dir: str | None) -> None:
+    """Regenerate STATUS.md beside the runs folder; a stage's result never depends on this succeeding."""
+    from ablate.status import write_status
+
+    runs = Path(runs_dir or "runs")
+    if runs.is_dir():
+        try:
+            write_status(runs)
+        except Exception as exc:  # noqa: BLE001 - report, never mask the stage's own outcome
+            typer.echo(f"ablate: warning: could not refresh STATUS.md: {exc}", err=True)
+
+
 def _eval_command(stage: str, flags: dict) -> None:
     from ablate.config import load_eval_config
     from ablate.evaluation import run_stage1, run_stage2
@@ -63,6 +75,8 @@ def _eval_command(stage: str, flags: dict) -> None:
         run_dir = (run_stage1 if stage.startswith("stage1") else run_stage2)(config)
     except BadInput as exc:
         _fail(str(exc))
+    finally:
+        _refresh_status(flags.get("runs_dir"))
     metrics = json.loads((run_dir / "metrics.json").read_text())
     typer.echo(summary_table(metrics))
     typer.echo(f"run directory: {run_dir}")
@@ -230,6 +244,8 @@ def stage3(
             out = run_stage3(load_finetune_config(flags))
     except BadInput as exc:
         _fail(str(exc))
+    finally:
+        _refresh_status(runs_dir)
     summary = json.loads((out / "summary.json").read_text())
     if summary["leaky"]:
         typer.echo("LEAKY: this run trained with a mask that lets supervised positions see their labels")
@@ -273,6 +289,8 @@ def stage4(
             runs_dir=runs_dir))
     except BadInput as exc:
         _fail(str(exc))
+    finally:
+        _refresh_status(runs_dir)
     metrics = json.loads((out / "metrics.json").read_text())
     typer.echo(recovery_table(metrics))
     typer.echo(f"run directory: {out}")
@@ -299,6 +317,32 @@ def recovery_table(metrics: dict) -> str:
                          f"{(_num(r['retention']) + ' ' + _ci(r['retention_ci95'])):<22}"
                          f"{(_num(r['gap_closed']) + ' ' + _ci(r['gap_closed_ci95'])):<22}{_num(p)}")
     return "\n".join(lines)
+
+
+@app.command(epilog="Example:\n\n  ablate status --runs-dir runs")
+def status(
+    runs_dir: str = typer.Option("runs", help="the runs folder to read"),
+    out: Optional[Path] = typer.Option(None, help="where to write (default: STATUS.md beside the runs folder)"),
+):
+    """Regenerate STATUS.md from the run directories."""
+    from ablate.status import write_status
+
+    if not Path(runs_dir).is_dir():
+        _fail(f"runs folder '{runs_dir}' does not exist")
+    typer.echo(f"wrote {write_status(Path(runs_dir), out)}")
+
+
+@app.command(epilog="Example:\n\n  ablate report --runs-dir runs --out docs/RESULTS.md")
+def report(
+    runs_dir: str = typer.Option("runs", help="the runs folder to read"),
+    out: Path = typer.Option(Path("docs/RESULTS.md"), help="the report to write; the plot goes beside it"),
+):
+    """Write the recovery report (markdown and a PNG plot) from the run directories."""
+    from ablate.report import write_report
+
+    if not Path(runs_dir).is_dir():
+        _fail(f"runs folder '{runs_dir}' does not exist")
+    typer.echo(f"wrote {write_report(Path(runs_dir), out)}")
 
 
 @app.command(epilog="Example:\n\n  ablate masks")

@@ -18,6 +18,7 @@ from ablate.errors import BadInput
 
 STAGES_DIR = Path(__file__).resolve().parent.parent / "stages"
 STAGE1, STAGE2 = "stage1_baseline_eval", "stage2_ablation_eval"
+STAGE4 = "stage4_post_ft_eval"
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 
 

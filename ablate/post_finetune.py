@@ -19,13 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from ablate import rundir
-from ablate.config import STAGE1, STAGE2, STAGE3_PREFIX, EvalConfig
+from ablate.config import STAGE1, STAGE2, STAGE3_PREFIX, STAGE4, EvalConfig
 from ablate.errors import BadInput
 from ablate.evaluation import check_inputs, comparison_key, evaluate, write_samples
 from ablate.recovery import macro_recovery, task_recovery
 
 log = logging.getLogger(__name__)
-STAGE4 = "stage4_post_ft_eval"
 
 
 @dataclass(frozen=True)
