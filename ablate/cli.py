@@ -79,6 +79,8 @@ def _eval_command(stage: str, flags: dict) -> None:
         _refresh_status(flags.get("runs_dir"))
     metrics = json.loads((run_dir / "metrics.json").read_text())
     typer.echo(summary_table(metrics))
+    if metrics["status"] == "gated":
+        typer.echo(f"GATED: {(run_dir / 'status.txt').read_text().splitlines()[1]}")
     typer.echo(f"run directory: {run_dir}")
 
 
@@ -153,6 +155,7 @@ def stage2(
     seed: Optional[int] = _opt("seed"),
     runs_dir: Optional[str] = _opt("runs_dir"),
     baseline: Optional[str] = _opt("baseline"),
+    ignore_gate: Optional[bool] = typer.Option(None, "--ignore-gate", help="compare with a gated stage 1 run anyway"),
 ):
     """Stage 2: the same evaluation with the prompt read through an ablated mask, compared with stage 1."""
     _eval_command("stage2_ablation_eval", dict(locals()))
@@ -277,6 +280,7 @@ def stage4(
     attn_implementation: str = typer.Option("sdpa", help="sdpa, eager or flex_attention"),
     batch_size: Optional[str] = typer.Option(None, help="batch size (default: stage 1's)"),
     runs_dir: str = typer.Option("runs", help="where runs are read and written"),
+    ignore_gate: bool = typer.Option(False, "--ignore-gate", help="start from gated stage 1 or stage 3 runs anyway"),
 ):
     """Stage 4: evaluate the finetuned models with the ablated mask; recovery against stages 1 and 2."""
     from ablate.post_finetune import Stage4Config, run_stage4
@@ -286,7 +290,7 @@ def stage4(
         out = run_stage4(Stage4Config(
             checkpoints=tuple(checkpoint or ()), mask=mask, also_causal=also_causal, stage1_run=stage1_run,
             device=device, dtype=dtype, attn_implementation=attn_implementation, batch_size=batch_size,
-            runs_dir=runs_dir))
+            runs_dir=runs_dir, ignore_gate=ignore_gate))
     except BadInput as exc:
         _fail(str(exc))
     finally:

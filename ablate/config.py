@@ -42,6 +42,9 @@ class EvalConfig:
     seed: int = field(default=1234, metadata={"help": "seeds python, numpy, torch and few-shot sampling"})
     runs_dir: str = field(default="runs", metadata={"help": "where run directories are created"})
     baseline: str | None = field(default=None, metadata={"help": "stage 2: the stage 1 run to compare against"})
+    gate: dict | None = field(default=None, metadata={
+        "help": "probe gate, e.g. {metric: macro.acc, min: 0.40}: a result past it marks the run gated"})
+    ignore_gate: bool = field(default=False, metadata={"help": "stage 2: compare with a gated stage 1 run anyway"})
 
     def __post_init__(self):
         from ablate.masks import MASKS, check_attention_backend  # torch: imported only when a stage runs
@@ -62,6 +65,7 @@ class EvalConfig:
             raise BadInput(f"--limit must be positive, got {self.limit}")
         if self.num_fewshot is not None and self.num_fewshot < 0:
             raise BadInput(f"--num-fewshot must be >= 0, got {self.num_fewshot}")
+        _check_gate(self.gate)
         if self.batch_size != "auto" and not (str(self.batch_size).isdigit() and int(self.batch_size) > 0):
             raise BadInput(f"--batch-size must be a positive integer or 'auto', got '{self.batch_size}'")
 
@@ -73,6 +77,14 @@ class EvalConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _check_gate(gate) -> None:
+    if gate is None:
+        return
+    if not isinstance(gate, dict) or not isinstance(gate.get("metric"), str) or not (set(gate) & {"min", "max"}) \
+            or set(gate) - {"metric", "min", "max"}:
+        raise BadInput(f"gate must look like {{metric: macro.acc, min: 0.40}} (or max:), got {gate!r}")
 
 
 def stage_defaults(stage: str, cls=None) -> dict:
@@ -150,10 +162,13 @@ class FinetuneConfig:
     gradient_checkpointing: bool | None = field(default=None, metadata={"help": "default: on with CUDA"})
     seed: int = field(default=1234, metadata={"help": "seeds data order, split and initialisation"})
     runs_dir: str = field(default="runs", metadata={"help": "where run directories are created"})
+    gate: dict | None = field(default=None, metadata={
+        "help": "probe gate on summary.json, e.g. {metric: eval_loss, max: 3.0}: a result past it marks the run gated"})
 
     def __post_init__(self):
         from ablate.masks import MASKS, check_attention_backend
 
+        _check_gate(self.gate)
         if not self.model:
             raise BadInput("no model given: pass --model (a hub id or a local path)")
         if not self.data:

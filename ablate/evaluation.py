@@ -125,8 +125,12 @@ def run_eval(config: EvalConfig) -> Path:
         metrics["timing"]["wall_seconds"] = round(time.time() - started, 3)
         if config.stage == STAGE2:
             metrics["baseline"] = compare(metrics, baseline)
+        gated = rundir.check_gate(config.gate, metrics)
+        if gated:
+            metrics["status"] = rundir.GATED
+            log.warning("run %s is gated: %s", run_dir, gated)
         rundir.write_json(run_dir / "metrics.json", metrics)
-        rundir.set_status(run_dir, rundir.COMPLETED)
+        rundir.set_status(run_dir, metrics["status"], gated or "")
     return run_dir
 
 
@@ -174,18 +178,22 @@ def macro(per_task: dict) -> dict:
 
 
 def find_baseline(config: EvalConfig, key: dict) -> dict:
-    """The latest completed stage 1 run with the same comparison key, or why there is none."""
+    """The latest completed (or gated) stage 1 run with the same comparison key and seed, or why there is none."""
+    usable = (rundir.COMPLETED, rundir.GATED)
     if config.baseline:
         run = rundir.load_run(Path(config.baseline))
-        if run is None or run.status != rundir.COMPLETED or run.metrics is None:
+        if run is None or run.status not in usable or run.metrics is None:
             raise BadInput(f"--baseline {config.baseline} is not a completed stage 1 run with a readable metrics.json")
         candidates = [run]
     else:
         candidates = [r for r in rundir.find_runs(Path(config.runs_dir), STAGE1)
-                      if r.status == rundir.COMPLETED and r.metrics is not None]
+                      if r.status in usable and r.metrics is not None]
     matching = [r for r in candidates if r.metrics.get("comparison") == key]
+    same_seed = [r for r in matching if r.metrics.get("seed") == config.seed]
     if matching:
-        return {"run": matching[-1]}
+        run = (same_seed or matching)[-1]
+        rundir.refuse_gated(run, config.ignore_gate)
+        return {"run": run}
     where = Path(config.runs_dir) / STAGE1
     if not candidates:
         return {"reason": f"no completed stage 1 run in {where}"}

@@ -265,8 +265,11 @@ def _train(config, model, tokenizer, train, held, collate, leak, probe_batch, ru
         "save": save,
         "resumed_from": str(checkpoint) if checkpoint else None,
     }
+    gated = rundir.check_gate(config.gate, summary) if status == rundir.COMPLETED else None
+    if gated:
+        summary["status"] = status = rundir.GATED
     if is_main:
         rundir.write_json(run_dir / "summary.json", summary)
-        reason = train_log.diverged or ("trained with a label-leaking mask" if leak else "")
+        reason = train_log.diverged or gated or ("trained with a label-leaking mask" if leak else "")
         rundir.set_status(run_dir, status, reason)
     return run_dir

@@ -41,6 +41,7 @@ class Stage4Config:
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, eager or flex_attention"})
     batch_size: str | None = field(default=None, metadata={"help": "batch size (default: stage 1's)"})
     runs_dir: str = field(default="runs", metadata={"help": "where runs are read and written"})
+    ignore_gate: bool = field(default=False, metadata={"help": "start from gated stage 1 or stage 3 runs anyway"})
 
     def __post_init__(self):
         from ablate.masks import MASKS
@@ -73,7 +74,8 @@ def stage3_runs(config: Stage4Config) -> list[rundir.Run]:
         if not chosen:
             raise BadInput(f"no completed stage 3 run in {runs_dir}; run `ablate stage3` first")
     for run in chosen:
-        if run.status != rundir.COMPLETED:
+        rundir.refuse_gated(run, config.ignore_gate)
+        if run.status not in (rundir.COMPLETED, rundir.GATED):
             raise BadInput(f"stage 3 run {run.path} is {run.status}, not completed")
         if not (run.path / "final").is_dir():
             raise BadInput(f"stage 3 run {run.path} has no final/ model")
@@ -83,16 +85,18 @@ def stage3_runs(config: Stage4Config) -> list[rundir.Run]:
 def find_stage1(config: Stage4Config, base_model: str) -> rundir.Run:
     if config.stage1_run:
         run = rundir.load_run(Path(config.stage1_run))
-        if run is None or run.status != rundir.COMPLETED or run.metrics is None:
+        if run is None or run.status not in (rundir.COMPLETED, rundir.GATED) or run.metrics is None:
             raise BadInput(f"--stage1-run {config.stage1_run} is not a completed stage 1 run")
-        return run
-    runs = [r for r in rundir.find_runs(Path(config.runs_dir), STAGE1)
-            if r.status == rundir.COMPLETED and r.metrics
-            and r.metrics.get("comparison", {}).get("model") == _resolve_model(base_model)]
-    if not runs:
-        raise BadInput(f"stage 4 needs a completed stage 1 run of {base_model} in "
-                       f"{Path(config.runs_dir) / STAGE1}; run `ablate stage1 --model {base_model}` first")
-    return runs[-1]
+    else:
+        runs = [r for r in rundir.find_runs(Path(config.runs_dir), STAGE1)
+                if r.status in (rundir.COMPLETED, rundir.GATED) and r.metrics
+                and r.metrics.get("comparison", {}).get("model") == _resolve_model(base_model)]
+        if not runs:
+            raise BadInput(f"stage 4 needs a completed stage 1 run of {base_model} in "
+                           f"{Path(config.runs_dir) / STAGE1}; run `ablate stage1 --model {base_model}` first")
+        run = runs[-1]
+    rundir.refuse_gated(run, config.ignore_gate)
+    return run
 
 
 def find_stage2(config: Stage4Config, stage1: rundir.Run) -> tuple[rundir.Run | None, str | None]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-RUNNING, COMPLETED, FAILED = "running", "completed", "failed"
+RUNNING, COMPLETED, FAILED, GATED = "running", "completed", "failed", "gated"
 PACKAGES = ("ablate", "torch", "transformers", "lm_eval", "datasets", "accelerate", "safetensors", "tokenizers")
 
 
@@ -91,6 +91,30 @@ def failure_status(run_dir: Path, enabled: bool = True):
         if enabled:
             set_status(run_dir, FAILED, f"{type(exc).__name__}: {exc}".splitlines()[0])
         raise
+
+
+def check_gate(gate: dict | None, results: dict) -> str | None:
+    """The reason a result fails its stage's probe gate (``{metric: macro.acc, min: 0.4}``), or None."""
+    if not gate:
+        return None
+    value = results
+    for part in gate["metric"].split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    if not isinstance(value, (int, float)):
+        return f"gate metric {gate['metric']} is missing from the results"
+    if "min" in gate and value < gate["min"]:
+        return f"{gate['metric']} = {value:.4g} is under the gate minimum {gate['min']}"
+    if "max" in gate and value > gate["max"]:
+        return f"{gate['metric']} = {value:.4g} is over the gate maximum {gate['max']}"
+    return None
+
+
+def refuse_gated(run: "Run", ignore_gate: bool) -> None:
+    """Later stages do not start from a gated run unless told to."""
+    from ablate.errors import BadInput
+
+    if run.status == GATED and not ignore_gate:
+        raise BadInput(f"{run.path} is gated ({run.reason}); pass --ignore-gate to use it anyway")
 
 
 def _git(*args: str) -> str | None:

@@ -207,3 +207,31 @@ def test_include_path_adds_a_custom_task(tiny_llama, tmp_path):
     assert metrics["tasks"]["my_colors"]["n"] == 5
     assert metrics["tasks"]["my_colors"]["chance"] == pytest.approx(1 / 3)
     assert "acc_norm" not in metrics["tasks"]["my_colors"]
+
+
+def test_gate_marks_the_run_and_stage2_refuses_it(tiny_llama, tmp_path, monkeypatch):
+    import ablate.config as config_module
+
+    stages = tmp_path / "stages"
+    stages.mkdir()
+    (stages / "stage1_baseline_eval.yaml").write_text("gate: {metric: macro.acc, min: 0.99}\n")
+    monkeypatch.setattr(config_module, "STAGES_DIR", stages)
+    common = ["--model", tiny_llama, "--tasks", "ablate_tiny", "--device", "cpu", "--runs-dir", tmp_path / "runs",
+              "--limit", "4"]
+    result = ablate("stage1", *common)
+    assert result.exit_code == 0 and "GATED: macro.acc" in result.output
+    (run,) = run_dirs(tmp_path / "runs", "stage1_baseline_eval")
+    assert (run / "status.txt").read_text().startswith("gated")
+    assert json.loads((run / "metrics.json").read_text())["status"] == "gated"
+    refused = ablate("stage2", *common)
+    assert refused.exit_code == 2 and "is gated (macro.acc" in refused.stderr and "--ignore-gate" in refused.stderr
+    assert ablate("stage2", *common, "--ignore-gate").exit_code == 0
+
+
+def test_malformed_gate_is_bad_input(tmp_path, monkeypatch):
+    import ablate.config as config_module
+
+    (tmp_path / "stage1_baseline_eval.yaml").write_text("gate: {metric: macro.acc, floor: 0.4}\n")
+    monkeypatch.setattr(config_module, "STAGES_DIR", tmp_path)
+    result = ablate("stage1", "--model", "m", "--tasks", "piqa")
+    assert result.exit_code == 2 and "gate must look like" in result.stderr

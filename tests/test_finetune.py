@@ -228,3 +228,16 @@ def test_lora_save_fallback_is_still_a_loadable_adapter(tiny_llama, tmp_path, mo
     ids = torch.tensor([[1, 5, 9, 33, 2, 7]])
     with torch.no_grad():
         assert not torch.allclose(merged(input_ids=ids).logits, base(input_ids=ids).logits)
+
+
+def test_stage3_gate_marks_the_run_gated(tiny_llama, tmp_path):
+    from ablate.errors import BadInput
+    from ablate.post_finetune import Stage4Config, stage3_runs
+
+    run = run_stage3(config(tiny_llama, tmp_path, max_steps=1, gate={"metric": "eval_loss", "max": 0.1}))
+    summary = summary_of(run)
+    assert summary["status"] == "gated" and (run / "status.txt").read_text().startswith("gated")
+    assert "eval_loss" in (run / "status.txt").read_text()
+    with pytest.raises(BadInput, match="is gated"):
+        stage3_runs(Stage4Config(checkpoints=(str(run),), runs_dir=str(tmp_path)))
+    assert stage3_runs(Stage4Config(checkpoints=(str(run),), runs_dir=str(tmp_path), ignore_gate=True))
