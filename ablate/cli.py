@@ -349,6 +349,24 @@ def report(
     typer.echo(f"wrote {write_report(Path(runs_dir), out)}")
 
 
+@app.command(epilog="Example:\n\n  ablate aggregate --runs-dir runs --out runs/aggregate.json")
+def aggregate(
+    runs_dir: str = typer.Option("runs", help="the runs folder to read"),
+    out: Optional[Path] = typer.Option(None, help="also write the aggregate as JSON here"),
+):
+    """Mean, standard deviation and n across seeds, per task and macro, for every stage."""
+    from ablate.aggregate import aggregate as collect, render
+    from ablate.rundir import write_json
+
+    if not Path(runs_dir).is_dir():
+        _fail(f"runs folder '{runs_dir}' does not exist")
+    rows = collect(Path(runs_dir))
+    typer.echo(render(rows))
+    if out:
+        write_json(out, rows)
+        typer.echo(f"wrote {out}")
+
+
 @app.command(epilog="Example:\n\n  ablate masks")
 def masks():
     """List the registered attention masks."""

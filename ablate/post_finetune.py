@@ -68,7 +68,7 @@ def stage3_runs(config: Stage4Config) -> list[rundir.Run]:
     else:
         chosen = []
         for stage in sorted(p.name for p in runs_dir.glob(STAGE3_PREFIX + "*") if p.is_dir()):
-            done = [r for r in rundir.find_runs(runs_dir, stage) if r.status == rundir.COMPLETED]
+            done = [r for r in rundir.find_runs(runs_dir, stage) if r.status in (rundir.COMPLETED, rundir.GATED)]
             if done:
                 chosen.append(done[-1])
         if not chosen:

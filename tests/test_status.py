@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from ablate.cli import app
@@ -95,3 +96,23 @@ def test_report_is_reproducible_and_names_its_runs(tmp_path):
     assert "20260214-145148" in text and "20260214-145456" in text
     assert "| prefill_bidir |" in text and "diverged" in text
     assert "No stage 4 run yet." in text and "![per-task accuracy](RESULTS_accuracy.png)" in text
+
+
+def test_aggregate_across_seeds(tmp_path):
+    from ablate.aggregate import aggregate
+
+    for i, (seed, piqa, arc) in enumerate([(1, 0.70, 0.80), (2, 0.74, 0.84), (3, 0.72, 0.82)]):
+        m = stage_metrics(piqa, arc)
+        m.update(seed=seed, comparison={"tasks": ["arc_easy", "piqa"]})
+        make_run(tmp_path, "stage1_baseline_eval", f"2026010{i}-000000", "completed", metrics=m)
+    make_run(tmp_path, "stage1_baseline_eval", "20260109-000000", "failed", metrics=stage_metrics(0.1, 0.1))
+    (row,) = aggregate(tmp_path)
+    assert row["seeds"] == [1, 2, 3]
+    assert row["tasks"]["piqa"]["mean"] == pytest.approx(0.72) and row["tasks"]["piqa"]["n"] == 3
+    assert row["tasks"]["piqa"]["std"] == pytest.approx(0.02)
+    assert row["macro"]["mean"] == pytest.approx(0.77) and row["macro"]["std"] == pytest.approx(0.02)
+    text = write_report(tmp_path, tmp_path / "out" / "RESULTS.md").read_text()
+    assert "## Across seeds" in text and "0.72 ± 0.02 (3)" in text
+    result = runner.invoke(app, ["aggregate", "--runs-dir", str(tmp_path), "--out", str(tmp_path / "agg.json")])
+    assert result.exit_code == 0 and "piqa" in result.output and "n 3" in result.output
+    assert json.loads((tmp_path / "agg.json").read_text())[0]["seeds"] == [1, 2, 3]
