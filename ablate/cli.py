@@ -54,9 +54,14 @@ def _quiet_libraries() -> None:
 
 
 def _refresh_status(runs_dir: str | None) -> None:
-    """Regenerate STATUS.md beside the runs folder; a stage's result never depends on this succeeding."""
+    """Regenerate STATUS.md beside the runs folder; a stage's result never depends on this succeeding.
+
+    Called when a stage ends, completed or not; not after bad input, which writes nothing.
+    """
     from ablate.status import write_status
 
+    if isinstance(sys.exc_info()[1], (BadInput, typer.Exit)):
+        return
     runs = Path(runs_dir or "runs")
     if runs.is_dir():
         try:
