@@ -82,7 +82,8 @@ def stage3_runs(config: Stage4Config) -> list[rundir.Run]:
     return chosen
 
 
-def find_stage1(config: Stage4Config, base_model: str) -> rundir.Run:
+def find_stage1(config: Stage4Config, base_model: str, seed: int | None = None) -> rundir.Run:
+    """The stage 1 run of the base model: ``--stage1-run``, else the newest, preferring the stage 3 seed."""
     if config.stage1_run:
         run = rundir.load_run(Path(config.stage1_run))
         if run is None or run.status not in (rundir.COMPLETED, rundir.GATED) or run.metrics is None:
@@ -94,7 +95,8 @@ def find_stage1(config: Stage4Config, base_model: str) -> rundir.Run:
         if not runs:
             raise BadInput(f"stage 4 needs a completed stage 1 run of {base_model} in "
                            f"{Path(config.runs_dir) / STAGE1}; run `ablate stage1 --model {base_model}` first")
-        run = runs[-1]
+        same_seed = [r for r in runs if r.metrics.get("seed") == seed]
+        run = (same_seed or runs)[-1]
     rundir.refuse_gated(run, config.ignore_gate)
     return run
 
@@ -104,8 +106,9 @@ def find_stage2(config: Stage4Config, stage1: rundir.Run) -> tuple[rundir.Run | 
     runs = [r for r in rundir.find_runs(Path(config.runs_dir), STAGE2)
             if r.status == rundir.COMPLETED and r.metrics and r.metrics.get("comparison") == key
             and r.metrics.get("mask") == config.mask]
+    same_seed = [r for r in runs if r.metrics.get("seed") == stage1.metrics.get("seed")]
     if runs:
-        return runs[-1], None
+        return (same_seed or runs)[-1], None
     return None, f"no completed stage 2 run with mask {config.mask} matches stage 1 run {stage1.run_id}"
 
 
@@ -136,11 +139,13 @@ def run_stage4(config: Stage4Config) -> Path:
     started = time.time()
     device = resolve_device(config.device)
     runs = stage3_runs(config)
-    base_models = {_resolve_model(json.loads((r.path / "config.json").read_text())["model"]) for r in runs}
+    configs = [json.loads((r.path / "config.json").read_text()) for r in runs]
+    base_models = {_resolve_model(c["model"]) for c in configs}
     if len(base_models) != 1:
         raise BadInput(f"the stage 3 runs start from different models ({', '.join(sorted(base_models))}); "
                        "run stage 4 once per base model with --checkpoint")
-    stage1 = find_stage1(config, base_models.pop())
+    seeds = {c.get("seed") for c in configs}
+    stage1 = find_stage1(config, base_models.pop(), seeds.pop() if len(seeds) == 1 else None)
     stage2, stage2_reason = find_stage2(config, stage1)
     settings = json.loads((stage1.path / "config.json").read_text())
     settings.update(tasks=tuple(settings["tasks"]), task_data=tuple(settings["task_data"]))
