@@ -1,0 +1,288 @@
+"""Remote runs against a real OpenSSH server and tmux on 127.0.0.1: python -m pytest tests/test_remote.py -q
+
+The fixture starts sshd with a temporary host key and authorized key (root, as
+in CI and on Vast boxes). `.ci/run` installs openssh-server, tmux and rsync.
+"""
+
+import getpass
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from ablate.cli import app
+from ablate.remote import Box, Connection
+from ablate.sync import sync
+
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+pytestmark = pytest.mark.skipif(not (Path(SSHD).exists() and shutil.which("tmux") and os.geteuid() == 0),
+                                reason="needs OpenSSH server, tmux and root (installed by .ci/run)")
+runner = CliRunner()
+PY = sys.executable
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, root: Path):
+        self.root, self.port = root, _free_port()
+        for name in ("host_key", "client_key", "other_key"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / name)], check=True)
+        shutil.copy(root / "client_key.pub", root / "authorized_keys")
+        (root / "sshd_config").write_text("\n".join([
+            f"Port {self.port}", "ListenAddress 127.0.0.1", f"HostKey {root / 'host_key'}",
+            f"PidFile {root / 'sshd.pid'}", f"AuthorizedKeysFile {root / 'authorized_keys'}", "StrictModes no",
+            "UsePAM no", "PasswordAuthentication no", "KbdInteractiveAuthentication no", "PermitRootLogin yes",
+            "Subsystem sftp internal-sftp", "LogLevel ERROR", ""]))
+        host_pub = (root / "host_key.pub").read_text().split()
+        other_pub = (root / "other_key.pub").read_text().split()
+        (root / "known_hosts").write_text(f"[127.0.0.1]:{self.port} {host_pub[0]} {host_pub[1]}\n")
+        (root / "wrong_known_hosts").write_text(f"[127.0.0.1]:{self.port} {other_pub[0]} {other_pub[1]}\n")
+        Path("/run/sshd").mkdir(parents=True, exist_ok=True)
+        self.proc = None
+        self.start()
+
+    def start(self):
+        log = open(self.root / "sshd.log", "a")  # the readiness probe makes sshd complain; keep it out of the output
+        self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(self.root / "sshd_config")], start_new_session=True,
+                                     stderr=log, stdout=log)
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("sshd did not start")
+
+    def stop(self):
+        """The box is lost: the listener and every connection it forked (tmux daemonized away from them)."""
+        import psutil
+
+        children = psutil.Process(self.proc.pid).children(recursive=True)
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        for child in children:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = Server(tmp_path_factory.mktemp("sshd"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def box(server, tmp_path):
+    return Box(host="127.0.0.1", port=server.port, user=getpass.getuser(), key=str(server.root / "client_key"),
+               workdir=str(tmp_path / "box work"), known_hosts=str(server.root / "known_hosts"), timeout=5)
+
+
+@pytest.fixture
+def project(tmp_path):
+    root = tmp_path / "project"
+    (root / "ablate").mkdir(parents=True)
+    (root / "ablate" / "code.py").write_text("print('hello')\n")
+    (root / "runs" / "old").mkdir(parents=True)
+    (root / "runs" / "old" / "metrics.json").write_text("{}")
+    (root / ".venv").mkdir()
+    (root / ".venv" / "big").write_text("x")
+    return root
+
+
+def flags(box, *extra):
+    return ["--host", box.host, "--port", str(box.port), "--user", box.user, "--key", box.key,
+            "--workdir", box.workdir, "--timeout", "5", "--known-hosts", box.known_hosts, *extra]
+
+
+def cli(*args, cwd=None, env=None):
+    old = Path.cwd()
+    os.chdir(cwd or old)
+    try:
+        return runner.invoke(app, [str(a) for a in args], env=env)
+    finally:
+        os.chdir(old)
+
+
+def writer(path: str, content: dict) -> str:
+    return (f"import json, pathlib; p = pathlib.Path({path!r}); p.parent.mkdir(parents=True, exist_ok=True); "
+            f"p.write_text(json.dumps({content!r}))")
+
+
+def test_completed_run_is_synced_byte_for_byte(box, project, tmp_path):
+    script = writer("runs/stage1_baseline_eval/r1/metrics.json", {"macro": {"acc": 0.695057}})
+    result = cli("remote", "launch", *flags(box, "--session", "ok1", "--heartbeat-seconds", "1"), "--",
+                 PY, "-c", script, cwd=project)
+    assert result.exit_code == 0, result.output
+    remote = Path(box.workdir)
+    assert (remote / "ablate" / "code.py").is_file()
+    assert not (remote / "runs" / "old").exists() and not (remote / ".venv").exists()
+    local_runs = tmp_path / "local_runs"
+    watched = cli("remote", "watch", *flags(box, "--session", "ok1", "--poll-seconds", "0.3",
+                                            "--runs-dir", local_runs))
+    assert watched.exit_code == 0, watched.output
+    assert "ok1: completed" in watched.output and "synced 1 file(s)" in watched.output
+    got = (local_runs / "stage1_baseline_eval" / "r1" / "metrics.json").read_bytes()
+    assert got == (remote / "runs" / "stage1_baseline_eval" / "r1" / "metrics.json").read_bytes()
+    assert (remote / "runs" / ".complete-ok1").is_file()
+    again = cli("remote", "sync", *flags(box, "--runs-dir", local_runs))
+    assert again.exit_code == 0 and "synced 0 file(s)" in again.output and "1 unchanged" in again.output
+
+
+def test_non_zero_exit_is_a_crash_with_its_code_and_log(box, project):
+    result = cli("remote", "launch", *flags(box, "--session", "bad1"), "--",
+                 "sh", "-c", "echo boom-from-the-box; exit 3", cwd=project)
+    assert result.exit_code == 0, result.output
+    watched = cli("remote", "watch", *flags(box, "--session", "bad1", "--poll-seconds", "0.3", "--no-sync"))
+    assert watched.exit_code == 1
+    assert "exited with code 3" in watched.output and "boom-from-the-box" in watched.output
+
+
+def test_session_killed_mid_run(box, project):
+    result = cli("remote", "launch", *flags(box, "--session", "kill1", "--no-copy"), "--",
+                 "sh", "-c", "echo started-working; sleep 60", cwd=project)
+    assert result.exit_code == 0, result.output
+
+    def kill():
+        time.sleep(1.0)
+        subprocess.run(["tmux", "kill-session", "-t", "=kill1"], check=True)
+
+    threading.Thread(target=kill).start()
+    watched = cli("remote", "watch", *flags(box, "--session", "kill1", "--poll-seconds", "0.3", "--no-sync"))
+    assert watched.exit_code == 1, watched.output
+    assert "kill1: running" in watched.output  # it was watched while alive
+    assert "tmux session is gone and there is no completion file" in watched.output
+    assert "started-working" in watched.output
+
+
+def test_ssh_server_restart_mid_watch(server, box, project, tmp_path):
+    script = "import time; time.sleep(3); " + writer("runs/s/r/summary.json", {"status": "completed"})
+    result = cli("remote", "launch", *flags(box, "--session", "restart1", "--no-copy"), "--", PY, "-c", script,
+                 cwd=project)
+    assert result.exit_code == 0, result.output
+
+    def bounce():
+        time.sleep(0.5)
+        server.stop()
+        time.sleep(1.5)
+        server.start()
+
+    thread = threading.Thread(target=bounce)
+    thread.start()
+    watched = cli("remote", "watch", *flags(box, "--session", "restart1", "--poll-seconds", "0.3",
+                                            "--grace-seconds", "60", "--runs-dir", tmp_path / "runs"))
+    thread.join()
+    assert watched.exit_code == 0, watched.output
+    assert "unreachable" in watched.output and "reconnected" in watched.output
+    assert json.loads((tmp_path / "runs" / "s" / "r" / "summary.json").read_text()) == {"status": "completed"}
+
+
+def test_unreachable_past_the_grace_window_exits_3(server, box):
+    server.stop()
+    try:
+        watched = cli("remote", "watch", *flags(box, "--session", "gone1", "--poll-seconds", "0.2",
+                                                "--grace-seconds", "1", "--no-sync"))
+    finally:
+        server.start()
+    assert watched.exit_code == 3 and "unreachable for" in watched.output
+
+
+def test_host_key_mismatch_is_refused(server, box, project):
+    wrong = Box(**{**box.__dict__, "known_hosts": str(server.root / "wrong_known_hosts")})
+    for tofu in ([], ["--trust-on-first-use"]):
+        result = cli("remote", "launch", *flags(wrong, "--session", "hk1", *tofu), "--", "true", cwd=project)
+        watched = cli("remote", "watch", *flags(wrong, "--session", "hk1", *tofu))
+        assert result.exit_code == 2 and "does not match known_hosts" in result.stderr
+        assert watched.exit_code == 2 and "does not match known_hosts" in watched.output
+
+
+def test_unknown_host_needs_trust_on_first_use(server, box, tmp_path):
+    pinned = tmp_path / "pinned_known_hosts"
+    new = Box(**{**box.__dict__, "known_hosts": str(pinned)})
+    refused = cli("remote", "sync", *flags(new, "--runs-dir", tmp_path / "r"))
+    assert refused.exit_code == 2 and "not in known_hosts" in refused.stderr
+    pinned_ok = cli("remote", "sync", *flags(new, "--runs-dir", tmp_path / "r", "--trust-on-first-use"))
+    assert pinned_ok.exit_code == 0, pinned_ok.output
+    assert f"[127.0.0.1]:{server.port}" in pinned.read_text()
+
+
+def test_a_file_being_written_is_never_stored_half(box, tmp_path):
+    target = Path(box.workdir) / "runs" / "s" / "r" / "metrics.json"
+    target.parent.mkdir(parents=True)
+    slow = (f"import time; f = open({str(target)!r}, 'w'); f.write('{{\"acc\": '); f.flush(); "
+            "time.sleep(3); f.write('0.5}'); f.close()")
+    proc = subprocess.Popen([PY, "-c", slow])
+    time.sleep(0.5)
+    conn = Connection(box).connect()
+    try:
+        first = sync(conn, tmp_path / "runs")
+        assert "s/r/metrics.json" in first.skipped and not (tmp_path / "runs" / "s" / "r" / "metrics.json").exists()
+        proc.wait()
+        second = sync(conn, tmp_path / "runs")
+    finally:
+        conn.close()
+    assert second.copied == ["s/r/metrics.json"]
+    assert (tmp_path / "runs" / "s" / "r" / "metrics.json").read_bytes() == target.read_bytes()
+    assert not list((tmp_path / "runs" / "s" / "r").glob(".*"))  # no temporary leftovers
+
+
+def test_hostile_names_do_no_harm(box, project, tmp_path):
+    marker = tmp_path / "pwned"
+    hostile = f"x; touch {marker}"
+    result = cli("remote", "launch", *flags(box, "--session", hostile), "--", "true", cwd=project)
+    assert result.exit_code == 2 and "session name" in result.stderr
+    # metacharacters in paths are quoted, not run
+    workdir = str(tmp_path / f"w $(touch {marker}) 'q' ;`touch {marker}`")
+    complete = f"runs/.done $(touch {marker})"
+    hostile_box = flags(Box(**{**box.__dict__, "workdir": workdir}), "--session", "safe1",
+                        "--complete-file", complete, "--env", f"NOTE=$(touch {marker})")
+    result = cli("remote", "launch", *hostile_box, "--", "sh", "-c", 'echo "$NOTE"', cwd=project)
+    assert result.exit_code == 0, result.output
+    watched = cli("remote", "watch", *flags(Box(**{**box.__dict__, "workdir": workdir}), "--session", "safe1",
+                                            "--complete-file", complete, "--poll-seconds", "0.3", "--no-sync"))
+    assert watched.exit_code == 0, watched.output
+    assert not marker.exists()
+    assert (Path(workdir) / complete).is_file()
+    assert f"$(touch {marker})" in (Path(workdir) / ".ablate-remote" / "safe1" / "log").read_text()
+
+
+def test_wait_or_crash_wrapper(box, project):
+    result = cli("remote", "launch", *flags(box, "--session", "wrap1", "--no-copy"), "--", "true", cwd=project)
+    assert result.exit_code == 0, result.output
+    script = Path(__file__).resolve().parent.parent / "scripts" / "local" / "wait_or_crash.sh"
+    env = {**os.environ, "VAST_HOST": box.host, "VAST_PORT": str(box.port), "REMOTE_SESSION": "wrap1",
+           "COMPLETE_FILE": "runs/.complete-wrap1", "SSH_KEY": box.key, "POLL_SECONDS": "0.3"}
+    env["ABLATE_KNOWN_HOSTS"] = box.known_hosts
+    proc = subprocess.run(["bash", str(script), "--workdir", box.workdir, "--no-sync"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "wrap1: completed" in proc.stdout
+    missing = subprocess.run(["bash", str(script)], env={k: v for k, v in env.items() if k != "VAST_HOST"},
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "VAST_HOST is not set" in missing.stderr
+
+
+def test_hand_started_session_as_in_the_study(box, tmp_path):
+    """A session the user started by hand (no wrapper): completion file and session state only."""
+    Path(box.workdir).mkdir(parents=True)
+    subprocess.run(["tmux", "new-session", "-d", "-s", "byhand1",
+                    f"sleep 1; mkdir -p '{box.workdir}/runs'; touch '{box.workdir}/runs/.complete-byhand1'"],
+                   check=True)
+    watched = cli("remote", "watch", *flags(box, "--session", "byhand1", "--poll-seconds", "0.3", "--no-sync"))
+    assert watched.exit_code == 0, watched.output
