@@ -515,6 +515,32 @@ def remote_sync(
     _refresh_status(runs_dir)
 
 
+@app.command(epilog="Examples:\n\n  ablate demo\n\n  ablate demo --preset smoke --workdir /tmp/ablate-demo")
+def demo(
+    workdir: Path = typer.Option(Path("demo"), help="folder for the world, the model, runs/, the report and STATUS.md"),
+    preset: str = typer.Option("full", help="full (the documented demo) or smoke (the test suite's small one)"),
+    seed: int = typer.Option(0, help="seeds the world, the pretraining and every stage"),
+):
+    """Offline demo on CPU: a synthetic world, a tiny LM trained from scratch, all four stages, the report."""
+    from ablate.demo import PRESETS, run_demo
+
+    if preset not in PRESETS:
+        _fail(f"unknown preset '{preset}'; choose from {', '.join(PRESETS)}")
+    _quiet_libraries()
+    try:
+        out = run_demo(workdir, preset, seed, echo=typer.echo)
+    except BadInput as exc:
+        _fail(str(exc))
+    for stage in ("stage1", "stage2", "stage4"):
+        typer.echo("")
+        metrics = json.loads((out[stage] / "metrics.json").read_text())
+        typer.echo(summary_table(metrics) if stage != "stage4" else recovery_table(metrics))
+    typer.echo("")
+    for key in ("stage1", "stage2", "stage3_causal", "stage3_prefill_bidir", "stage4", "report", "plot", "status"):
+        typer.echo(f"{key:<22}{out[key]}")
+    typer.echo(f"demo finished in {out['seconds']:.0f} s")
+
+
 @app.command(epilog="Example:\n\n  ablate masks")
 def masks():
     """List the registered attention masks."""

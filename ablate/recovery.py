@@ -9,10 +9,13 @@ after finetuning) on the same documents:
     gap_closed             = (s4 - s2) / (s1 - s2)
     above_chance_retention = (s4 - chance) / (s1 - chance)
 
-A denominator under ``MIN_DENOMINATOR`` makes the ratio undefined (None, with
-the reason), never a huge number. Intervals are paired percentile bootstraps
-over documents (the same resampled documents for every stage); the paired test
-of stage 4 against stage 2 is an exact McNemar test on per-document correctness.
+A ratio is undefined (None, with the reason in ``undefined``), never a huge
+number, when its denominator is under ``MIN_DENOMINATOR`` or is not
+established: its own 95% bootstrap interval includes zero (a stage 1 vs stage 2
+gap of one document is noise, and noise divided by noise is any number).
+Intervals are paired percentile bootstraps over documents (the same resampled
+documents for every stage); the paired test of stage 4 against stage 2 is an
+exact McNemar test on per-document correctness.
 """
 
 from __future__ import annotations
@@ -60,6 +63,33 @@ def _interval(values: np.ndarray) -> list[float] | None:
     return [float(lo), float(hi)]
 
 
+def _denominators(s1, s2, chance) -> dict:
+    return {"retention": s1, "gap_closed": (s1 - s2) if s2 is not None else None,
+            "above_chance_retention": s1 - chance}
+
+
+def _why_undefined(point: float | None, boot: np.ndarray | None) -> str | None:
+    if point is None or boot is None:
+        return "no stage 2 run to compare with"
+    if abs(point) < MIN_DENOMINATOR:
+        return f"denominator {point:.4f} is under {MIN_DENOMINATOR}"
+    lo, hi = np.quantile(boot, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
+    if lo <= 0 <= hi:
+        return f"denominator {point:.4f} is not established (its 95% interval [{lo:.4f}, {hi:.4f}] includes 0)"
+    return None
+
+
+def _fill(out: dict, point: dict, boot: dict, den_point: dict, den_boot: dict) -> None:
+    out["undefined"] = {}
+    for key, value in point.items():
+        why = _why_undefined(den_point[key], den_boot[key])
+        if why:
+            out["undefined"][key] = why
+            value = None
+        out[key] = value
+        out[f"{key}_ci95"] = _interval(boot[key]) if value is not None else None
+
+
 def _boot_ratios(s1: np.ndarray, s2: np.ndarray | None, s4: np.ndarray, chance) -> dict:
     """Vectorised ratios over bootstrap replicates (NaN where undefined)."""
     def safe(num, den):
@@ -84,11 +114,10 @@ def task_recovery(c1: np.ndarray, c2: np.ndarray | None, c4: np.ndarray, chance:
     s2 = float(c2.mean()) if c2 is not None else None
     point = ratios(s1, s2, s4, chance)
     idx = np.random.default_rng(seed).integers(0, n, size=(BOOTSTRAP, n))
-    boot = _boot_ratios(c1[idx].mean(1), c2[idx].mean(1) if c2 is not None else None, c4[idx].mean(1), chance)
+    b1, b4 = c1[idx].mean(1), c4[idx].mean(1)
+    b2 = c2[idx].mean(1) if c2 is not None else None
     out = {"n": n, "acc_stage1": s1, "acc_stage2": s2, "acc_stage4": s4, "chance": chance}
-    for key, value in point.items():
-        out[key] = value
-        out[f"{key}_ci95"] = _interval(boot[key]) if boot[key] is not None and value is not None else None
+    _fill(out, point, _boot_ratios(b1, b2, b4, chance), _denominators(s1, s2, chance), _denominators(b1, b2, chance))
     out["vs_stage2"] = mcnemar(c2, c4) if c2 is not None else None
     return out
 
@@ -110,11 +139,10 @@ def macro_recovery(per_task: dict[str, dict], correct: dict[str, tuple], seed: i
         boots[4] += c4.astype(bool)[idx].mean(1) / len(names)
         if has_s2:
             boots[2] += c2.astype(bool)[idx].mean(1) / len(names)
-    boot = _boot_ratios(boots[1], boots[2] if has_s2 else None, boots[4], chance)
+    b2 = boots[2] if has_s2 else None
+    boot = _boot_ratios(boots[1], b2, boots[4], chance)
     out = {"acc_stage1": s[1], "acc_stage2": s[2], "acc_stage4": s[4], "chance": chance, "n_tasks": len(names)}
-    for key, value in point.items():
-        out[key] = value
-        out[f"{key}_ci95"] = _interval(boot[key]) if boot[key] is not None and value is not None else None
+    _fill(out, point, boot, _denominators(s[1], s[2], chance), _denominators(boots[1], b2, chance))
     if has_s2:
         pooled_before = np.concatenate([correct[t][1].astype(bool) for t in names])
         pooled_after = np.concatenate([correct[t][2].astype(bool) for t in names])

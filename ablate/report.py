@@ -67,8 +67,9 @@ def stage4_section(s4: rundir.Run | None) -> list[str]:
     m = s4.metrics
     out += [f"Evaluated with `{m['mask']}` in `{s4.path}`; stage 1 `{m['stage1_run']}`; stage 2 "
             f"`{m['stage2_run'] or 'none: ' + str(m['stage2_reason'])}`. Intervals: 95% paired bootstrap over "
-            "documents; p: exact McNemar test of stage 4 vs stage 2 on the same documents. A ratio whose "
-            "denominator is under 0.01 is undefined (n/a).", ""]
+            "documents; p: exact McNemar test of stage 4 vs stage 2 on the same documents. A ratio is "
+            "undefined (n/a) when its denominator is under 0.01 or its own 95% interval includes 0 "
+            "(metrics.json says which, under `undefined`).", ""]
     for entry in m["checkpoints"]:
         out += [f"### Finetuned with `{entry['train_mask']}`" + (" (LEAKY)" if entry.get("leaky") else ""), "",
                 f"Checkpoint `{entry['checkpoint']}` (saved as `{entry.get('save_format')}`).", ""]

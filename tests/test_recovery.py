@@ -38,7 +38,8 @@ def test_task_recovery_point_values_and_intervals():
     assert r["acc_stage1"] == 0.8 and r["acc_stage2"] == 0.4 and r["acc_stage4"] == 0.7
     assert r["retention"] == pytest.approx(0.875)
     assert r["gap_closed"] == pytest.approx(0.75)
-    assert r["above_chance_retention"] == pytest.approx(0.2 / 0.3)
+    # 0.8 on 10 two-choice documents does not establish being above chance (0.5): undefined, not 0.667
+    assert r["above_chance_retention"] is None and "not established" in r["undefined"]["above_chance_retention"]
     lo, hi = r["retention_ci95"]
     assert lo < 0.875 < hi
     assert r["vs_stage2"]["gained"] == 3 and r["vs_stage2"]["lost"] == 0
@@ -62,3 +63,16 @@ def test_macro_recovery_averages_tasks():
     assert m["gap_closed"] == pytest.approx(0.5) and m["retention"] == pytest.approx(2 / 3)
     assert m["chance"] == pytest.approx(0.375)
     assert m["vs_stage2"] == {"lost": 1, "gained": 3, "p_value": pytest.approx(0.625)}
+
+
+def test_a_one_document_gap_is_noise_not_a_ratio():
+    # the demo's case: 60 documents, stage 2 lost one of stage 1's correct answers, stage 4 gained four
+    c1 = np.array([1] * 13 + [0] * 47)
+    c2 = np.array([1] * 12 + [0] * 48)
+    c4 = np.array([1] * 17 + [0] * 43)
+    r = task_recovery(c1, c2, c4, chance=0.25)
+    assert ratios(13 / 60, 12 / 60, 17 / 60, 0.25)["gap_closed"] == pytest.approx(5.0)  # what naive arithmetic says
+    assert r["gap_closed"] is None and r["gap_closed_ci95"] is None
+    assert "not established" in r["undefined"]["gap_closed"]
+    assert r["retention"] == pytest.approx(17 / 13) and r["retention_ci95"] is not None
+    assert "above_chance_retention" in r["undefined"]  # 13/60 - 0.25 < 0: nothing above chance to retain
