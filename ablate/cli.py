@@ -113,13 +113,13 @@ def summary_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def _opt(name: str, help: str | None = None):
+def _opt(name: str, help: str | None = None, cls_name: str = "EvalConfig"):
     """A stage option whose help text is the config field's own (ablate/config.py)."""
     from dataclasses import fields
 
-    from ablate.config import EvalConfig
+    import ablate.config
 
-    text = help or next(f.metadata["help"] for f in fields(EvalConfig) if f.name == name)
+    text = help or next(f.metadata["help"] for f in fields(getattr(ablate.config, cls_name)) if f.name == name)
     return typer.Option(None, help=text)
 
 
@@ -167,12 +167,7 @@ def stage2(
 
 
 def _ft_opt(name: str, help: str | None = None):
-    from dataclasses import fields
-
-    from ablate.config import FinetuneConfig
-
-    text = help or next(f.metadata["help"] for f in fields(FinetuneConfig) if f.name == name)
-    return typer.Option(None, help=text)
+    return _opt(name, help, "FinetuneConfig")
 
 
 STAGE3_EPILOG = """Example (offline, CPU):\n

@@ -26,13 +26,17 @@ PACKAGES = ("ablate", "torch", "transformers", "lm_eval", "datasets", "accelerat
 
 
 def write_json(path: Path, data) -> None:
-    """Write JSON atomically: temporary file in the same folder, fsync, rename."""
+    write_text(path, json.dumps(data, indent=2, allow_nan=False, default=str) + "\n")
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write atomically: temporary file in the same folder, fsync, rename. Readers never see half a file."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=False, allow_nan=False, default=str)
-            fh.write("\n")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -42,12 +46,7 @@ def write_json(path: Path, data) -> None:
 
 
 def write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_bytes(path, text.encode())
 
 
 def write_jsonl(path: Path, rows) -> None:

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shlex
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ablate.remote import Connection
+from ablate.rundir import write_bytes
 
 SMALL = ("metrics.json", "summary.json", "config.json", "env.json", "status.txt", "train_log.jsonl", "*.log",
          "samples_*.jsonl", "checkpoint_meta.json")
@@ -58,20 +57,6 @@ def _valid(path: str, data: bytes) -> bool:
     return True
 
 
-def _store(local: Path, data: bytes) -> None:
-    local.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=local.parent, prefix=f".{local.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, local)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def sync(conn: Connection, local_runs: Path, remote_runs: str = "runs", with_checkpoints: bool = False) -> SyncResult:
     box = conn.box
     remote_root = box.path(remote_runs)
@@ -99,7 +84,7 @@ def sync(conn: Connection, local_runs: Path, remote_runs: str = "runs", with_che
             if not _valid(rel, data):
                 result.skipped[rel] = "not valid JSON yet (still being written)"
                 continue
-            _store(local, data)
+            write_bytes(local, data)
             result.copied.append(rel)
     finally:
         sftp.close()
