@@ -110,6 +110,10 @@ def run_demo(workdir: Path, preset_name: str = "full", seed: int = 0, echo=print
                  device="cpu", dtype="float32", batch_size="32", runs_dir=str(runs), seed=seed)
     out = {"stage1": run_eval(load_eval_config(STAGE1, evals))}
     echo(f"stage 1: {out['stage1']}")
+    macro = json.loads((out["stage1"] / "metrics.json").read_text())["macro"]
+    margin = macro["acc"] - macro["chance"]
+    echo(f"stage 1 macro accuracy {macro['acc']:.4f} vs chance {macro['chance']:.4f} (+{margin:.4f}): "
+         + ("the floor of +0.3 holds" if margin >= 0.3 else "UNDER the +0.3 floor: too little for an ablation to remove"))
     out["stage2"] = run_eval(load_eval_config(STAGE2, {**evals, "mask": "prefill_bidir"}))
     echo(f"stage 2: {out['stage2']}")
     finetune = dict(model=str(model), data=str(world["finetune"]), device="cpu", dtype="float32", runs_dir=str(runs),
