@@ -9,6 +9,7 @@ The resolved config is written to each run directory as ``config.json``.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,20 +48,13 @@ class EvalConfig:
     ignore_gate: bool = field(default=False, metadata={"help": "stage 2: compare with a gated stage 1 run anyway"})
 
     def __post_init__(self):
-        from ablate.masks import MASKS, check_attention_backend  # torch: imported only when a stage runs
-
         if not self.model:
             raise BadInput("no model given: pass --model (a hub id or a local path)")
         if not self.tasks:
             raise BadInput("no tasks given: pass --tasks a,b,c")
-        if self.mask not in MASKS:
-            raise BadInput(f"unknown mask '{self.mask}'; known masks: {', '.join(MASKS)}")
+        check_runtime(self.mask, self.device, self.dtype, self.attn_implementation)
         if self.stage == STAGE1 and self.mask != "causal":
             raise BadInput("stage 1 is the causal baseline; use `ablate stage2 --mask ...` for other masks")
-        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
-            raise BadInput(f"unknown attention implementation '{self.attn_implementation}'; "
-                           f"use one of {', '.join(ATTN_IMPLEMENTATIONS)}")
-        check_attention_backend(self.mask, self.attn_implementation)
         if self.limit is not None and self.limit <= 0:
             raise BadInput(f"--limit must be positive, got {self.limit}")
         if self.num_fewshot is not None and self.num_fewshot < 0:
@@ -77,6 +71,26 @@ class EvalConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def check_runtime(mask: str, device: str, dtype: str, attn_implementation: str) -> None:
+    """Checks every stage shares: mask, device, dtype, attention backend (before anything is loaded)."""
+    from ablate.masks import MASKS, check_attention_backend  # torch: imported only when a stage runs
+    from ablate.models import DTYPES
+
+    if mask not in MASKS:
+        raise BadInput(f"unknown mask '{mask}'; known masks: {', '.join(MASKS)}")
+    if not DEVICE.match(device):
+        raise BadInput(f"unknown device '{device}'; use auto, cpu, cuda, cuda:N or mps")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise BadInput(f"unknown dtype '{dtype}'; use one of auto, {', '.join(DTYPES)}")
+    if attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise BadInput(f"unknown attention implementation '{attn_implementation}'; "
+                       f"use one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+    check_attention_backend(mask, attn_implementation)
 
 
 def _check_gate(gate) -> None:
@@ -166,16 +180,17 @@ class FinetuneConfig:
         "help": "probe gate on summary.json, e.g. {metric: eval_loss, max: 3.0}: a result past it marks the run gated"})
 
     def __post_init__(self):
-        from ablate.masks import MASKS, check_attention_backend
+        from transformers import SchedulerType
 
         _check_gate(self.gate)
         if not self.model:
             raise BadInput("no model given: pass --model (a hub id or a local path)")
         if not self.data:
             raise BadInput("no training data given: pass --data FILE or a dataset id")
-        if self.mask not in MASKS:
-            raise BadInput(f"unknown mask '{self.mask}'; known masks: {', '.join(MASKS)}")
-        check_attention_backend(self.mask, self.attn_implementation)
+        check_runtime(self.mask, self.device, self.dtype, self.attn_implementation)
+        schedulers = [t.value for t in SchedulerType]
+        if self.lr_scheduler not in schedulers:
+            raise BadInput(f"unknown --lr-scheduler '{self.lr_scheduler}'; use one of {', '.join(schedulers)}")
         lo, hi = self.split_range
         if not 0 < lo <= hi < 1:
             raise BadInput(f"--split-range must satisfy 0 < LO <= HI < 1, got {lo},{hi}")

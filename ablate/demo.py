@@ -100,9 +100,13 @@ def run_demo(workdir: Path, preset_name: str = "full", seed: int = 0, echo=print
     from ablate.report import write_report
     from ablate.status import write_status
 
+    from ablate.errors import BadInput
+
     preset = PRESETS[preset_name]
     started = time.time()
     workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise BadInput(f"--workdir {workdir} exists and is not a folder")
     world = write_world(workdir / "world", seed=seed, n_eval=preset.n_eval, n_corpus=preset.n_corpus,
                         n_finetune=preset.n_finetune)
     echo(f"world written to {workdir / 'world'} (tasks, corpus, finetuning set)")

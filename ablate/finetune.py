@@ -159,8 +159,9 @@ def run_stage3(config: FinetuneConfig, resume: Path | None = None) -> Path:
     state = PartialState()
     device = resolve_device(config.device)
     # Data and mask are checked before the (slow) model load.
-    train, held, collate, leak = prepare(config, load_tokenizer(config.model))
-    model, tokenizer = load_model(config.model, device, config.dtype, config.attn_implementation)
+    tokenizer = load_tokenizer(config.model)
+    train, held, collate, leak = prepare(config, tokenizer)
+    model, tokenizer = load_model(config.model, device, config.dtype, config.attn_implementation, tokenizer)
     probe_batch = collate([asdict(e) for e in held[: config.probe_samples]])
 
     if resume is not None:

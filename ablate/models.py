@@ -73,6 +73,7 @@ def load_model(
     device: str,
     dtype: str,
     attn_implementation: str = "sdpa",
+    tokenizer=None,
 ):
     """Returns ``(model, tokenizer)`` with the model in eval mode on ``device``.
 
@@ -84,7 +85,7 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, device)
     path = _path(model)
     if _looks_local(model) and (Path(path) / "adapter_config.json").is_file():
-        return load_adapter(Path(path), device, dtype, attn_implementation), load_tokenizer(model)
+        return load_adapter(Path(path), device, dtype, attn_implementation), tokenizer or load_tokenizer(model)
     config = load_config(model)
     kwargs = dict(dtype=torch_dtype, attn_implementation=attn_implementation)
     try:
@@ -99,7 +100,7 @@ def load_model(
     except (OSError, ImportError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0]
         raise BadInput(f"cannot load model '{model}': {first}") from None
-    return lm.to(device).eval(), load_tokenizer(model)
+    return lm.to(device).eval(), tokenizer or load_tokenizer(model)
 
 
 def load_tokenizer(model: str):

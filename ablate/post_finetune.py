@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ablate import rundir
-from ablate.config import STAGE1, STAGE2, STAGE3_PREFIX, STAGE4, EvalConfig
+from ablate.config import STAGE1, STAGE2, STAGE3_PREFIX, STAGE4, EvalConfig, check_runtime
 from ablate.errors import BadInput
 from ablate.evaluation import check_inputs, comparison_key, evaluate, write_samples
 from ablate.recovery import macro_recovery, task_recovery
@@ -44,10 +44,7 @@ class Stage4Config:
     ignore_gate: bool = field(default=False, metadata={"help": "start from gated stage 1 or stage 3 runs anyway"})
 
     def __post_init__(self):
-        from ablate.masks import MASKS
-
-        if self.mask not in MASKS:
-            raise BadInput(f"unknown mask '{self.mask}'; known masks: {', '.join(MASKS)}")
+        check_runtime(self.mask, self.device, self.dtype, self.attn_implementation)
 
 
 def _resolve_model(model: str) -> str:

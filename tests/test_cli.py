@@ -123,6 +123,8 @@ BAD = {
     "missing model": (["--model", "./no/such/model"], "does not exist"),
     "flash with prefix mask": (["--attn-implementation", "flash_attention_2"], "FlashAttention only supports causal"),
     "bad batch size": (["--batch-size", "0"], "--batch-size must be"),
+    "unknown device": (["--device", "gpu"], "unknown device 'gpu'"),
+    "unknown dtype": (["--dtype", "fp8"], "unknown dtype 'fp8'"),
     "task data for another task": (["--task-data", PIQA], "names tasks not in --tasks"),
 }
 

@@ -46,6 +46,10 @@ def test_demo_smoke_preset_runs_every_stage_and_caches_the_model(tmp_path):
 def test_unknown_preset_is_bad_input(tmp_path):
     result = runner.invoke(app, ["demo", "--preset", "huge", "--workdir", str(tmp_path)])
     assert result.exit_code == 2 and "unknown preset 'huge'" in result.stderr
+    (tmp_path / "file").write_text("keep me")
+    result = runner.invoke(app, ["demo", "--preset", "smoke", "--workdir", str(tmp_path / "file")])
+    assert result.exit_code == 2 and "is not a folder" in result.stderr
+    assert (tmp_path / "file").read_text() == "keep me"
 
 
 def test_same_seed_same_pretrained_model(tmp_path):

@@ -175,9 +175,16 @@ def test_truncate_prompts_keeps_their_end(tiny_llama, tmp_path):
     assert summary_of(run)["status"] == "completed"
 
 
-def test_unknown_mask_for_stage3(tiny_llama, tmp_path):
-    result = runner.invoke(app, ["stage3", "--mask", "bidir", "--model", str(tiny_llama), "--data", str(DATA)])
-    assert result.exit_code == 2 and "unknown mask 'bidir'" in result.stderr
+@pytest.mark.parametrize("flag,value,message", [
+    ("--mask", "bidir", "unknown mask 'bidir'"),
+    ("--lr-scheduler", "bogus", "unknown --lr-scheduler 'bogus'"),
+    ("--device", "gpu", "unknown device 'gpu'"),
+])
+def test_stage3_bad_flags(tiny_llama, tmp_path, flag, value, message):
+    result = runner.invoke(app, ["stage3", flag, value, "--model", str(tiny_llama), "--data", str(DATA),
+                                 "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 2 and message in result.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 def test_accelerate_launch_with_two_cpu_processes(tiny_llama, tmp_path):
