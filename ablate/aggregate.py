@@ -31,6 +31,11 @@ def _summarise(label: dict, by_seed: dict[int, tuple[dict, dict]]) -> dict:
             "macro": _stats([m["acc"] for _, m in by_seed.values()])}
 
 
+def _across_seeds(metrics: dict) -> dict:
+    """The comparison record without the seed: runs that differ only by seed belong to one group."""
+    return {k: v for k, v in (metrics.get("comparison") or {}).items() if k != "seed"}
+
+
 def aggregate(runs_dir: Path) -> list[dict]:
     groups: dict[str, tuple[dict, dict]] = {}
     for stage in (STAGE1, STAGE2):
@@ -38,7 +43,7 @@ def aggregate(runs_dir: Path) -> list[dict]:
             m = run.metrics
             if run.status != rundir.COMPLETED or not m:
                 continue
-            label = {"stage": stage, "model": m["model"], "mask": m["mask"], "comparison": m.get("comparison")}
+            label = {"stage": stage, "model": m["model"], "mask": m["mask"], "comparison": _across_seeds(m)}
             key = json.dumps(label, sort_keys=True)
             groups.setdefault(key, (label, {}))[1][m.get("seed")] = (m["tasks"], m["macro"])
     for run in rundir.find_runs(runs_dir, STAGE4):
@@ -46,9 +51,13 @@ def aggregate(runs_dir: Path) -> list[dict]:
         if run.status != rundir.COMPLETED or not m:
             continue
         for entry in m.get("checkpoints", []):
-            seed = json.loads((Path(entry["checkpoint"]) / "config.json").read_text()).get("seed")
+            seed = entry.get("train_seed")
+            if seed is None:  # older stage 4 runs: the stage 3 run by its folder name, wherever runs/ now is
+                checkpoint = Path(entry["checkpoint"])
+                run = rundir.load_run(Path(runs_dir) / checkpoint.parent.name / checkpoint.name)
+                seed = (run.config or {}).get("seed") if run else None
             label = {"stage": STAGE4, "train_mask": entry["train_mask"], "mask": m["mask"],
-                     "comparison": m.get("comparison")}
+                     "comparison": _across_seeds(m)}
             key = json.dumps(label, sort_keys=True)
             groups.setdefault(key, (label, {}))[1][seed] = (entry["tasks"], entry["macro"])
     return [_summarise(label, by_seed) for label, by_seed in groups.values()]

@@ -9,7 +9,10 @@ The resolved config is written to each run directory as ``config.json``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,10 +58,15 @@ class EvalConfig:
         check_runtime(self.mask, self.device, self.dtype, self.attn_implementation)
         if self.stage == STAGE1 and self.mask != "causal":
             raise BadInput("stage 1 is the causal baseline; use `ablate stage2 --mask ...` for other masks")
-        if self.limit is not None and self.limit <= 0:
-            raise BadInput(f"--limit must be positive, got {self.limit}")
+        check_types(self)
+        if self.limit is not None and not (math.isfinite(self.limit) and self.limit > 0
+                                           and (self.limit < 1 or self.limit == int(self.limit))):
+            raise BadInput(f"--limit must be a whole number of documents or a fraction in (0, 1), got {self.limit}")
         if self.num_fewshot is not None and self.num_fewshot < 0:
             raise BadInput(f"--num-fewshot must be >= 0, got {self.num_fewshot}")
+        if self.max_length is not None and self.max_length < 2:
+            raise BadInput(f"--max-length must be at least 2 tokens, got {self.max_length}")
+        check_seed(self.seed)
         _check_gate(self.gate)
         if self.batch_size != "auto" and not (str(self.batch_size).isdigit() and int(self.batch_size) > 0):
             raise BadInput(f"--batch-size must be a positive integer or 'auto', got '{self.batch_size}'")
@@ -97,15 +105,75 @@ def _check_gate(gate) -> None:
     if gate is None:
         return
     if not isinstance(gate, dict) or not isinstance(gate.get("metric"), str) or not (set(gate) & {"min", "max"}) \
-            or set(gate) - {"metric", "min", "max"}:
-        raise BadInput(f"gate must look like {{metric: macro.acc, min: 0.40}} (or max:), got {gate!r}")
+            or set(gate) - {"metric", "min", "max"} \
+            or not all(_is_number(gate[k]) for k in ("min", "max") if k in gate):
+        raise BadInput(f"gate must look like {{metric: macro.acc, min: 0.40}} (or max:) with numbers, got {gate!r}")
+
+
+def check_seed(seed: int) -> None:
+    if not 0 <= seed < 2**32:  # numpy's seed range; lm-eval seeds numpy with it
+        raise BadInput(f"--seed must be in 0..{2**32 - 1}, got {seed}")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _fits(value, hint) -> bool:
+    """Whether a value has the field's declared type (bool is not an int; floats are finite)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return _is_number(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is tuple:
+        if not isinstance(value, (tuple, list)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
+    if hint is dict or origin is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def check_types(config) -> None:
+    """Every field holds its declared type: a YAML ``limit: "10"`` or ``lr: .nan`` is refused, not half-used."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if not _fits(value, hints[f.name]):
+            raise BadInput(f"--{f.name.replace('_', '-')} must be {_describe(hints[f.name])}, got {value!r}")
+
+
+def _describe(hint) -> str:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if typing.get_origin(hint) is tuple:
+        return "a list"
+    names = {bool: "true or false", int: "a whole number", float: "a finite number", str: "a string", dict: "a mapping"}
+    return names.get(hint, str(hint))
 
 
 def stage_defaults(stage: str, cls=None) -> dict:
     path = STAGES_DIR / f"{stage}.yaml"
     if not path.is_file():
         return {}
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise BadInput(f"{path}: not readable YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise BadInput(f"{path}: expected field: value pairs, got {type(data).__name__}")
     known = {f.name for f in dataclasses.fields(cls or EvalConfig)}
     unknown = set(data) - known
     if unknown:
@@ -182,6 +250,8 @@ class FinetuneConfig:
     def __post_init__(self):
         from transformers import SchedulerType
 
+        check_types(self)
+        check_seed(self.seed)
         _check_gate(self.gate)
         if not self.model:
             raise BadInput("no model given: pass --model (a hub id or a local path)")
@@ -202,8 +272,16 @@ class FinetuneConfig:
                 raise BadInput(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.lora_r is not None and self.lora_r < 1:
             raise BadInput(f"--lora-r must be >= 1, got {self.lora_r}")
+        if self.lora_alpha < 1:
+            raise BadInput(f"--lora-alpha must be >= 1, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise BadInput(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         if self.learning_rate <= 0 or self.max_grad_norm <= 0 or self.spike_factor <= 1:
             raise BadInput("--learning-rate and --max-grad-norm must be > 0 and --spike-factor > 1")
+        if not 0 <= self.warmup_steps <= self.max_steps:
+            raise BadInput(f"--warmup-steps must be in 0..--max-steps ({self.max_steps}), got {self.warmup_steps}")
+        if self.eval_steps is not None and self.eval_steps < 1:
+            raise BadInput(f"--eval-steps must be >= 1, got {self.eval_steps}")
 
     @property
     def stage(self) -> str:

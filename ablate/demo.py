@@ -107,9 +107,11 @@ def run_demo(workdir: Path, preset_name: str = "full", seed: int = 0, echo=print
     workdir = Path(workdir)
     if workdir.exists() and not workdir.is_dir():
         raise BadInput(f"--workdir {workdir} exists and is not a folder")
-    world = write_world(workdir / "world", seed=seed, n_eval=preset.n_eval, n_corpus=preset.n_corpus,
+    # One world per preset and seed: another seed's runs keep the task data they were scored on.
+    world_dir = workdir / f"world-{preset_name}-seed{seed}"
+    world = write_world(world_dir, seed=seed, n_eval=preset.n_eval, n_corpus=preset.n_corpus,
                         n_finetune=preset.n_finetune)
-    echo(f"world written to {workdir / 'world'} (tasks, corpus, finetuning set)")
+    echo(f"world written to {world_dir} (tasks, corpus, finetuning set)")
     model = pretrain(world, workdir / f"model-{preset_name}-seed{seed}", preset, seed, echo)
     runs = workdir / "runs"
     evals = dict(model=str(model), tasks=",".join(FAMILIES), include_path=str(world["tasks_dir"]),

@@ -10,7 +10,6 @@ before a run directory exists, so bad input leaves nothing behind.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
@@ -31,18 +30,20 @@ def run_stage2(config: EvalConfig) -> Path:
     return run_eval(config)
 
 
-def comparison_key(config: EvalConfig, task_data: dict[str, Path]) -> dict:
-    """The settings that must agree for two evaluation runs to be compared document by document."""
-    model = config.model
-    if Path(model).expanduser().exists():
-        model = str(Path(model).expanduser().resolve())
+def comparison_key(config: EvalConfig, task_data: dict[str, Path], model_identity: dict) -> dict:
+    """What must agree for two evaluation runs to be compared document by document: identities, not paths."""
+    from ablate.identity import task_data_digests
+    from ablate.tasks import BUNDLED_DATA
+
+    data = {name: BUNDLED_DATA[name] for name in config.tasks if name in BUNDLED_DATA and name not in task_data}
     return {
-        "model": model,
+        "model": model_identity,
         "tasks": sorted(config.tasks),
         "limit": config.limit,
         "num_fewshot": config.num_fewshot,
-        "task_data_sha256": {name: hashlib.sha256(path.read_bytes()).hexdigest()
-                             for name, path in sorted(task_data.items())},
+        "max_length": config.max_length,
+        "seed": config.seed,
+        "task_data_sha256": task_data_digests({**data, **task_data}),
     }
 
 
@@ -96,19 +97,21 @@ def write_samples(run_dir: Path, rows: dict, prefix: str = "") -> None:
 
 
 def run_eval(config: EvalConfig) -> Path:
+    from ablate.identity import model_identity
     from ablate.models import load_model, resolve_device
 
     started = time.time()
     device = resolve_device(config.device)
     manager, task_data, tasks = check_inputs(config)
-    model, tokenizer = load_model(config.model, device, config.dtype, config.attn_implementation)
-    key = comparison_key(config, task_data)
+    key = comparison_key(config, task_data, model_identity(config.model))
     baseline = find_baseline(config, key) if config.stage == STAGE2 else None
+    rundir.check_writable(Path(config.runs_dir), config.stage)
+    model, tokenizer = load_model(config.model, device, config.dtype, config.attn_implementation)
 
     run_dir = rundir.new_run_dir(Path(config.runs_dir), config.stage)
-    rundir.write_json(run_dir / "config.json", config.to_dict())
-    rundir.write_json(run_dir / "env.json", rundir.environment(device))
-    with rundir.run_log(run_dir / "run.log"), rundir.failure_status(run_dir):
+    with rundir.active(run_dir):
+        rundir.write_json(run_dir / "config.json", config.to_dict())
+        rundir.write_json(run_dir / "env.json", rundir.environment(device))
         log.info("run %s: %s on %s with mask %s", run_dir, config.model, ",".join(config.tasks), config.mask)
         result = evaluate(config, model, tokenizer, device, config.mask, tasks, manager)
         write_samples(run_dir, result.pop("rows"))
@@ -178,29 +181,32 @@ def macro(per_task: dict) -> dict:
 
 
 def find_baseline(config: EvalConfig, key: dict) -> dict:
-    """The latest completed (or gated) stage 1 run with the same comparison key and seed, or why there is none."""
-    usable = (rundir.COMPLETED, rundir.GATED)
+    """The stage 1 run to compare with: ``--baseline`` (refused unless it matches), else the latest matching one."""
+    from ablate.identity import describe, mismatch
+
     if config.baseline:
-        run = rundir.load_run(Path(config.baseline))
-        if run is None or run.status not in usable or run.metrics is None:
-            raise BadInput(f"--baseline {config.baseline} is not a completed stage 1 run with a readable metrics.json")
-        candidates = [run]
-    else:
-        candidates = [r for r in rundir.find_runs(Path(config.runs_dir), STAGE1)
-                      if r.status in usable and r.metrics is not None]
-    matching = [r for r in candidates if r.metrics.get("comparison") == key]
-    same_seed = [r for r in matching if r.metrics.get("seed") == config.seed]
-    if matching:
-        run = (same_seed or matching)[-1]
+        run = rundir.explicit_run(config.baseline, STAGE1, "--baseline")
+        differs = mismatch(key, run.metrics.get("comparison"))
+        if differs:
+            found = run.metrics.get("comparison") or {}
+            detail = (f" (it evaluated {describe(found.get('model'))}, this run {describe(key['model'])})"
+                      if "model" in differs else "")
+            raise BadInput(f"--baseline {config.baseline} differs from this run in {', '.join(differs)}{detail}; "
+                           "a comparison needs the same model, tasks, data and settings")
+        rundir.refuse_gated(run, config.ignore_gate)
+        return {"run": run}
+    run = rundir.latest(Path(config.runs_dir), STAGE1, statuses=rundir.USABLE,
+                        where=lambda r: r.metrics.get("comparison") == key)
+    if run:
         rundir.refuse_gated(run, config.ignore_gate)
         return {"run": run}
     where = Path(config.runs_dir) / STAGE1
-    if not candidates:
+    newest = rundir.latest(Path(config.runs_dir), STAGE1, statuses=rundir.USABLE)
+    if newest is None:
         return {"reason": f"no completed stage 1 run in {where}"}
-    latest = candidates[-1]
-    differs = sorted(k for k in key if latest.metrics.get("comparison", {}).get(k) != key[k])
+    differs = mismatch(key, newest.metrics.get("comparison"))
     return {"reason": f"no completed stage 1 run in {where} matches this run; the latest "
-                      f"({latest.run_id}) differs in {', '.join(differs) or 'its comparison record'}"}
+                      f"({newest.run_id}) differs in {', '.join(differs)}"}
 
 
 def compare(metrics: dict, baseline: dict) -> dict:

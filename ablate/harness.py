@@ -13,14 +13,30 @@ one difference that each row's prefix length reaches the mask. Everything else
 
 from __future__ import annotations
 
+import subprocess
+
 import torch
 import torch.nn.functional as F
+from lm_eval import evaluator as lm_eval_evaluator
 from lm_eval.api.registry import register_model
 from lm_eval.models import huggingface as lm_eval_hf
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
 from ablate.masks import check_attention_backend, get_mask, model_attention_mask
+
+
+def _quiet_git_hash() -> str | None:
+    """lm-eval 0.4.13's ``get_git_commit_hash`` lets git print "fatal: not a git repository" outside a checkout."""
+    try:
+        out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+# simple_evaluate records the git hash of the working directory; ablate's env.json has its own.
+lm_eval_evaluator.get_git_commit_hash = _quiet_git_hash
 
 
 @register_model("ablate-hf")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ import numpy as np
 from ablate import rundir
 from ablate.config import STAGE1, STAGE2, STAGE3_PREFIX, STAGE4, EvalConfig, check_runtime
 from ablate.errors import BadInput
+from ablate.identity import describe, mismatch
 from ablate.evaluation import check_inputs, comparison_key, evaluate, write_samples
 from ablate.recovery import macro_recovery, task_recovery
 
@@ -45,67 +46,58 @@ class Stage4Config:
 
     def __post_init__(self):
         check_runtime(self.mask, self.device, self.dtype, self.attn_implementation)
-
-
-def _resolve_model(model: str) -> str:
-    path = Path(model).expanduser()
-    return str(path.resolve()) if path.exists() else model
+        if self.batch_size is not None and self.batch_size != "auto" and not (
+                self.batch_size.isdigit() and int(self.batch_size) > 0):
+            raise BadInput(f"--batch-size must be a positive integer or 'auto', got '{self.batch_size}'")
 
 
 def stage3_runs(config: Stage4Config) -> list[rundir.Run]:
     runs_dir = Path(config.runs_dir)
     if config.checkpoints:
-        chosen = []
-        for item in config.checkpoints:
-            path = Path(item)
-            run = rundir.load_run(path)
-            if run is None or not path.parent.name.startswith(STAGE3_PREFIX):
-                raise BadInput(f"--checkpoint {item} is not a stage 3 run directory")
-            chosen.append(run)
+        chosen = [rundir.explicit_run(item, STAGE3_PREFIX, "--checkpoint") for item in config.checkpoints]
     else:
-        chosen = []
-        for stage in sorted(p.name for p in runs_dir.glob(STAGE3_PREFIX + "*") if p.is_dir()):
-            done = [r for r in rundir.find_runs(runs_dir, stage) if r.status in (rundir.COMPLETED, rundir.GATED)]
-            if done:
-                chosen.append(done[-1])
+        chosen = [run for stage in rundir.stages_with_prefix(runs_dir, STAGE3_PREFIX)
+                  if (run := rundir.latest(runs_dir, stage, statuses=rundir.USABLE)) is not None]
         if not chosen:
             raise BadInput(f"no completed stage 3 run in {runs_dir}; run `ablate stage3` first")
     for run in chosen:
         rundir.refuse_gated(run, config.ignore_gate)
-        if run.status not in (rundir.COMPLETED, rundir.GATED):
-            raise BadInput(f"stage 3 run {run.path} is {run.status}, not completed")
         if not (run.path / "final").is_dir():
             raise BadInput(f"stage 3 run {run.path} has no final/ model")
+        if not (run.summary or {}).get("model_identity"):
+            raise BadInput(f"stage 3 run {run.path} does not record the identity of its base model "
+                           "(made by an older ablate); rerun stage 3")
     return chosen
 
 
-def find_stage1(config: Stage4Config, base_model: str, seed: int | None = None) -> rundir.Run:
-    """The stage 1 run of the base model: ``--stage1-run``, else the newest, preferring the stage 3 seed."""
+def find_stage1(config: Stage4Config, base: dict, seed: int | None = None) -> rundir.Run:
+    """The stage 1 run of the base model: ``--stage1-run`` (refused unless it is), else the newest, same seed first."""
     if config.stage1_run:
-        run = rundir.load_run(Path(config.stage1_run))
-        if run is None or run.status not in (rundir.COMPLETED, rundir.GATED) or run.metrics is None:
-            raise BadInput(f"--stage1-run {config.stage1_run} is not a completed stage 1 run")
+        run = rundir.explicit_run(config.stage1_run, STAGE1, "--stage1-run")
+        found = (run.metrics.get("comparison") or {}).get("model")
+        if found != base:
+            raise BadInput(f"--stage1-run {config.stage1_run} evaluated {describe(found)}, but the stage 3 runs "
+                           f"finetuned {describe(base)}; recovery needs the baseline of the same model")
     else:
-        runs = [r for r in rundir.find_runs(Path(config.runs_dir), STAGE1)
-                if r.status in (rundir.COMPLETED, rundir.GATED) and r.metrics
-                and r.metrics.get("comparison", {}).get("model") == _resolve_model(base_model)]
-        if not runs:
-            raise BadInput(f"stage 4 needs a completed stage 1 run of {base_model} in "
-                           f"{Path(config.runs_dir) / STAGE1}; run `ablate stage1 --model {base_model}` first")
-        same_seed = [r for r in runs if r.metrics.get("seed") == seed]
-        run = (same_seed or runs)[-1]
+        def of_base(r):
+            return (r.metrics.get("comparison") or {}).get("model") == base
+
+        run = (rundir.latest(Path(config.runs_dir), STAGE1, statuses=rundir.USABLE,
+                             where=lambda r: of_base(r) and r.metrics.get("seed") == seed)
+               or rundir.latest(Path(config.runs_dir), STAGE1, statuses=rundir.USABLE, where=of_base))
+        if run is None:
+            raise BadInput(f"stage 4 needs a completed stage 1 run of the stage 3 base model ({describe(base)}) in "
+                           f"{Path(config.runs_dir) / STAGE1}; run `ablate stage1` on that model first")
     rundir.refuse_gated(run, config.ignore_gate)
     return run
 
 
 def find_stage2(config: Stage4Config, stage1: rundir.Run) -> tuple[rundir.Run | None, str | None]:
     key = stage1.metrics["comparison"]
-    runs = [r for r in rundir.find_runs(Path(config.runs_dir), STAGE2)
-            if r.status == rundir.COMPLETED and r.metrics and r.metrics.get("comparison") == key
-            and r.metrics.get("mask") == config.mask]
-    same_seed = [r for r in runs if r.metrics.get("seed") == stage1.metrics.get("seed")]
-    if runs:
-        return (same_seed or runs)[-1], None
+    run = rundir.latest(Path(config.runs_dir), STAGE2,
+                        where=lambda r: r.metrics.get("comparison") == key and r.metrics.get("mask") == config.mask)
+    if run:
+        return run, None
     return None, f"no completed stage 2 run with mask {config.mask} matches stage 1 run {stage1.run_id}"
 
 
@@ -131,38 +123,42 @@ def recovery_block(rows: dict, stage1: rundir.Run, stage2: rundir.Run | None, ch
 
 
 def run_stage4(config: Stage4Config) -> Path:
+    from ablate.identity import model_identity
     from ablate.models import load_model, resolve_device
 
     started = time.time()
     device = resolve_device(config.device)
     runs = stage3_runs(config)
-    configs = [json.loads((r.path / "config.json").read_text()) for r in runs]
-    base_models = {_resolve_model(c["model"]) for c in configs}
-    if len(base_models) != 1:
-        raise BadInput(f"the stage 3 runs start from different models ({', '.join(sorted(base_models))}); "
-                       "run stage 4 once per base model with --checkpoint")
-    seeds = {c.get("seed") for c in configs}
-    stage1 = find_stage1(config, base_models.pop(), seeds.pop() if len(seeds) == 1 else None)
+    bases = {json.dumps(r.summary["model_identity"], sort_keys=True) for r in runs}
+    if len(bases) != 1:
+        raise BadInput("the stage 3 runs start from different models; run stage 4 once per base model with --checkpoint")
+    seeds = {(r.config or {}).get("seed") for r in runs}
+    stage1 = find_stage1(config, runs[0].summary["model_identity"], seeds.pop() if len(seeds) == 1 else None)
     stage2, stage2_reason = find_stage2(config, stage1)
-    settings = json.loads((stage1.path / "config.json").read_text())
+    settings = dict(stage1.config or {})
+    if not settings:
+        raise BadInput(f"stage 1 run {stage1.path} has no readable config.json")
     settings.update(tasks=tuple(settings["tasks"]), task_data=tuple(settings["task_data"]))
     eval_config = EvalConfig(**{**settings, "stage": STAGE4, "mask": config.mask, "device": config.device,
                                 "dtype": config.dtype, "attn_implementation": config.attn_implementation,
                                 "batch_size": config.batch_size or settings["batch_size"],
                                 "runs_dir": config.runs_dir, "baseline": None})
     manager, task_data, tasks = check_inputs(eval_config)
-    key = comparison_key(replace(eval_config, model=settings["model"]), task_data)
-    if key != stage1.metrics["comparison"]:
-        raise BadInput(f"stage 1 run {stage1.path} was made on other task data or settings than its "
-                       "config.json now gives (a --task-data file changed?)")
+    recorded = stage1.metrics["comparison"]
+    key = comparison_key(eval_config, task_data, recorded["model"])
+    if key != recorded:
+        raise BadInput(f"stage 1 run {stage1.path} was made on other task data or settings than its config.json "
+                       f"now gives ({', '.join(mismatch(key, recorded))} differ; a --task-data file changed?)")
+    identities = {str(run.path): model_identity(str(run.path / "final")) for run in runs}
+    rundir.check_writable(Path(config.runs_dir), STAGE4)
 
     run_dir = rundir.new_run_dir(Path(config.runs_dir), STAGE4)
-    rundir.write_json(run_dir / "config.json", {**config.__dict__, "evaluation": eval_config.to_dict()})
-    rundir.write_json(run_dir / "env.json", rundir.environment(device))
     results = []
-    with rundir.run_log(run_dir / "run.log"), rundir.failure_status(run_dir):
+    with rundir.active(run_dir):
+        rundir.write_json(run_dir / "config.json", {**config.__dict__, "evaluation": eval_config.to_dict()})
+        rundir.write_json(run_dir / "env.json", rundir.environment(device))
         for run in runs:
-            summary = json.loads((run.path / "summary.json").read_text())
+            summary = run.summary
             label = f"{summary['mask']}-{run.run_id}"
             log.info("stage 4: %s (trained with %s) under %s", run.path, summary["mask"], config.mask)
             model, tokenizer = load_model(str(run.path / "final"), device, config.dtype, config.attn_implementation)
@@ -172,7 +168,10 @@ def run_stage4(config: Stage4Config) -> Path:
             entry = {
                 "label": label,
                 "checkpoint": str(run.path),
+                "checkpoint_uid": run.uid,
+                "model_identity": identities[str(run.path)],
                 "train_mask": summary["mask"],
+                "train_seed": (run.config or {}).get("seed"),
                 "leaky": summary.get("leaky", False),
                 "save_format": (summary.get("save") or {}).get("format"),
                 "tasks": ablated["tasks"],
@@ -193,6 +192,7 @@ def run_stage4(config: Stage4Config) -> Path:
             "status": rundir.COMPLETED,
             "mask": config.mask,
             "stage1_run": str(stage1.path),
+            "stage1_uid": stage1.uid,
             "stage2_run": str(stage2.path) if stage2 else None,
             "stage2_reason": stage2_reason,
             "comparison": key,

@@ -1,29 +1,73 @@
-"""Run directories: ``runs/<stage>/<YYYYmmdd-HHMMSS>/``, written atomically, never overwritten.
+"""The run store: ``runs/<stage>/<YYYYmmdd-HHMMSS>/``, one owner for naming, status, locking and lookup.
 
     python -c "from ablate.rundir import find_runs; print(find_runs('runs', 'stage1_baseline_eval'))"
 
-A run carries an explicit status in ``status.txt`` (running -> completed |
-failed | ...); readers trust it over the presence of other files.
+A run carries an explicit status in ``status.txt`` (``running`` -> ``completed``
+| ``failed`` | ``diverged`` | ``gated``); readers trust it over the presence of
+other files. ``process.json`` records who writes the run (host, pid, the
+process's start time, a heartbeat), so a reader shows a ``running`` run whose
+process is gone as ``crashed``. A run directory is written by one process at a
+time (``.lock``), is never overwritten, and callers find runs only through
+``find_runs`` / ``latest`` / ``explicit_run`` (they never glob).
 """
 
 from __future__ import annotations
 
+import enum
+import errno
+import fcntl
 import json
 import logging
 import os
 import platform
+import re
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-RUNNING, COMPLETED, FAILED, GATED = "running", "completed", "failed", "gated"
-PACKAGES = ("ablate", "torch", "transformers", "lm_eval", "datasets", "accelerate", "safetensors", "tokenizers")
+from ablate.errors import BadInput
 
+log = logging.getLogger(__name__)
+
+
+class Status(str, enum.Enum):
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    DIVERGED = "diverged"
+    GATED = "gated"
+    CRASHED = "crashed"  # never written: a reader's verdict on a `running` run whose process is gone
+
+    def __str__(self) -> str:
+        return self.value
+
+
+RUNNING, COMPLETED, FAILED, DIVERGED, GATED, CRASHED = (Status.RUNNING, Status.COMPLETED, Status.FAILED,
+                                                        Status.DIVERGED, Status.GATED, Status.CRASHED)
+USABLE = (COMPLETED, GATED)  # results a later stage may start from (a gated one only with --ignore-gate)
+RUN_NAME = re.compile(r"^\d{8}-\d{6}(-[A-Za-z0-9_.-]+)?$")
+PACKAGES = ("ablate", "torch", "transformers", "lm_eval", "datasets", "accelerate", "safetensors", "tokenizers")
+RUN_FILE, PROCESS_FILE, STATUS_FILE, LOCK_FILE = "run.json", "process.json", "status.txt", ".lock"
+
+
+def heartbeat_seconds() -> float:
+    return max(1.0, float(os.environ.get("ABLATE_HEARTBEAT_SECONDS", "30")))
+
+
+def stale_seconds() -> float:
+    """A run on another host whose heartbeat is older than this is taken for crashed."""
+    return max(120.0, 4 * heartbeat_seconds())
+
+
+# ---------------------------------------------------------------- atomic files
 
 def write_json(path: Path, data) -> None:
     write_text(path, json.dumps(data, indent=2, allow_nan=False, default=str) + "\n")
@@ -53,8 +97,74 @@ def write_jsonl(path: Path, rows) -> None:
     write_text(path, "".join(json.dumps(row, default=str) + "\n" for row in rows))
 
 
+def read_json(path: Path) -> tuple[dict | None, str | None]:
+    """``(object, None)``, ``(None, None)`` when absent, ``(None, why)`` when unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        return None, None
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return None, f"{path}: unreadable ({exc})"
+    if not isinstance(data, dict):
+        return None, f"{path}: not a JSON object"
+    return data, None
+
+
+# ---------------------------------------------------------------- writing a run
+
+def check_writable(runs_dir: Path, stage: str) -> None:
+    """Fail before any model work when the runs folder cannot take a new run (read-only, full, a file)."""
+    base = Path(runs_dir) / stage
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=base, prefix=".write-check-") as fh:
+            fh.write(b"x" * 4096)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise BadInput(f"cannot write runs under {base}: {reason}") from None
+
+
+_LOCKS: dict[str, int] = {}
+
+
+def _lock(run_dir: Path) -> None:
+    """Take the run's write lock for this process; a second writer gets one line and exit 2."""
+    key = str(Path(run_dir).resolve())
+    if key in _LOCKS:
+        return
+    fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            proc, _ = read_json(Path(run_dir) / PROCESS_FILE)
+            who = f" (pid {proc.get('pid')} on {proc.get('host')})" if proc else ""
+            raise BadInput(f"{run_dir} is being written by another ablate process{who}; "
+                           "wait for it to end or stop it first") from None
+        raise
+    _LOCKS[key] = fd
+
+
+def _unlock(run_dir: Path) -> None:
+    fd = _LOCKS.pop(str(Path(run_dir).resolve()), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def _process_record(heartbeat: float | None = None) -> dict:
+    import psutil
+
+    me = psutil.Process()
+    return {"host": platform.node(), "pid": os.getpid(), "started": me.create_time(),
+            "heartbeat": heartbeat or time.time(), "argv": sys.argv[:1] + sys.argv[1:][:40]}
+
+
 def new_run_dir(runs_dir: Path, stage: str) -> Path:
-    """Create a fresh run directory; a second run in the same second gets a suffix."""
+    """Create a fresh run directory, locked by this process; a second run in the same second gets a suffix."""
     base = Path(runs_dir) / stage
     base.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -64,33 +174,98 @@ def new_run_dir(runs_dir: Path, stage: str) -> Path:
             path.mkdir()
         except FileExistsError:
             continue
+        _lock(path)
+        write_json(path / RUN_FILE, {"uid": uuid.uuid4().hex, "stage": stage, "created": time.time(),
+                                     "host": platform.node()})
+        write_json(path / PROCESS_FILE, _process_record())
         set_status(path, RUNNING)
         return path
-    raise RuntimeError(f"could not create a run directory under {base}")
+    raise BadInput(f"could not create a run directory under {base}")
 
 
-def set_status(run_dir: Path, status: str, reason: str = "") -> None:
-    write_text(Path(run_dir) / "status.txt", status + (f"\n{reason}\n" if reason else "\n"))
+def reopen(run_dir: Path) -> None:
+    """Take over an existing run (``--resume``): lock it, record this process, mark it running."""
+    _lock(run_dir)
+    write_json(Path(run_dir) / PROCESS_FILE, _process_record())
+    set_status(run_dir, RUNNING)
+
+
+def set_status(run_dir: Path, status: Status | str, reason: str = "") -> None:
+    write_text(Path(run_dir) / STATUS_FILE, str(status) + (f"\n{reason}\n" if reason else "\n"))
 
 
 def read_status(run_dir: Path) -> tuple[str, str]:
     try:
-        lines = (Path(run_dir) / "status.txt").read_text().splitlines()
-    except FileNotFoundError:
+        lines = (Path(run_dir) / STATUS_FILE).read_text(errors="replace").splitlines()
+    except OSError:
         return "unknown", "no status.txt"
     return (lines[0].strip() if lines else "unknown"), "\n".join(lines[1:]).strip()
 
 
-@contextmanager
-def failure_status(run_dir: Path, enabled: bool = True):
-    """Mark the run failed, with the exception as the reason, if the block raises."""
-    try:
-        yield
-    except BaseException as exc:
-        if enabled:
-            set_status(run_dir, FAILED, f"{type(exc).__name__}: {exc}".splitlines()[0])
-        raise
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP reached a running stage; like KeyboardInterrupt, not an ordinary error."""
 
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"terminated by {signal.Signals(signum).name}")
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(signum)
+
+
+def failure_reason(exc: BaseException) -> str:
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted by SIGINT (Ctrl-C)"
+    if isinstance(exc, Terminated):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
+@contextmanager
+def active(run_dir: Path, is_main: bool = True, log_file: str = "run.log"):
+    """The life of a run in this process: heartbeat, signals, the run log; ``failed`` with the reason if it raises.
+
+    The body sets the terminal status itself; the lock is released when the block ends, however it ends.
+    """
+    run_dir = Path(run_dir)
+    if not is_main:
+        yield
+        return
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(heartbeat_seconds()):
+            try:
+                record, _ = read_json(run_dir / PROCESS_FILE)
+                write_json(run_dir / PROCESS_FILE, {**(record or _process_record()), "heartbeat": time.time()})
+            except OSError as exc:  # a full disk must not kill the run; the reader may call it crashed later
+                log.warning("heartbeat of %s failed: %s", run_dir, exc)
+
+    thread = threading.Thread(target=beat, name="ablate-heartbeat", daemon=True)
+    thread.start()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            previous[sig] = signal.signal(sig, _raise_terminated)
+    try:
+        with run_log(run_dir / log_file):
+            yield
+    except BaseException as exc:
+        if read_status(run_dir)[0] == RUNNING:
+            try:
+                set_status(run_dir, FAILED, failure_reason(exc))
+            except OSError:
+                pass  # the original error says more than a status that cannot be written
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        stop.set()
+        _unlock(run_dir)
+
+
+# ---------------------------------------------------------------- gates
 
 def check_gate(gate: dict | None, results: dict) -> str | None:
     """The reason a result fails its stage's probe gate (``{metric: macro.acc, min: 0.4}``), or None."""
@@ -110,11 +285,11 @@ def check_gate(gate: dict | None, results: dict) -> str | None:
 
 def refuse_gated(run: "Run", ignore_gate: bool) -> None:
     """Later stages do not start from a gated run unless told to."""
-    from ablate.errors import BadInput
-
     if run.status == GATED and not ignore_gate:
         raise BadInput(f"{run.path} is gated ({run.reason}); pass --ignore-gate to use it anyway")
 
+
+# ---------------------------------------------------------------- environment
 
 def _git(*args: str) -> str | None:
     try:
@@ -132,9 +307,10 @@ def environment(device: str) -> dict:
             versions[name] = metadata.version(name.replace("_", "-"))
         except metadata.PackageNotFoundError:
             versions[name] = None
+    sha = _git("rev-parse", "HEAD")
     env = {
-        "git_sha": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "git_sha": sha,
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")) if sha else None,
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "hostname": platform.node(),
@@ -149,14 +325,18 @@ def environment(device: str) -> dict:
     return env
 
 
+# ---------------------------------------------------------------- reading runs
+
 @dataclass(frozen=True)
 class Run:
     path: Path
-    status: str
+    status: Status | str  # the effective status: `running` whose process is gone reads `crashed`
     reason: str
     metrics: dict | None
     summary: dict | None
     error: str | None  # a metrics.json / summary.json that exists but cannot be read, by path
+    uid: str | None = None  # run.json's uid: tells two runs with the same folder name apart
+    config: dict | None = None
 
     @property
     def run_id(self) -> str:
@@ -166,36 +346,89 @@ class Run:
     def stage(self) -> str:
         return self.path.parent.name
 
+    @property
+    def results(self) -> dict | None:
+        return self.metrics if self.metrics is not None else self.summary
 
-def _read_json(path: Path) -> tuple[dict | None, str | None]:
-    if not path.is_file():
-        return None, None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return None, f"{path}: unreadable ({exc})"
-    if not isinstance(data, dict):
-        return None, f"{path}: not a JSON object"
-    return data, None
+
+def _liveness(run_dir: Path) -> str | None:
+    """Why the writer of a ``running`` run is gone, or None while it (probably) lives."""
+    import psutil
+
+    proc, error = read_json(run_dir / PROCESS_FILE)
+    if proc is None:
+        return error or "no process record (process.json) for a running run"
+    age = time.time() - float(proc.get("heartbeat") or 0)
+    if proc.get("host") == platform.node():
+        try:
+            alive = abs(psutil.Process(int(proc["pid"])).create_time() - float(proc["started"])) < 1.0
+        except (psutil.Error, KeyError, TypeError, ValueError):
+            alive = False
+        if alive:
+            return None
+        return f"its process (pid {proc.get('pid')} on {proc.get('host')}) is gone; last heartbeat {age:.0f} s ago"
+    if age > stale_seconds():
+        return f"no heartbeat from {proc.get('host')} for {age:.0f} s (pid {proc.get('pid')} there)"
+    return None
 
 
 def load_run(path: Path) -> Run | None:
-    """One run directory with its status and results; None when ``path`` is not a directory."""
+    """One run directory with its status and results; None when ``path`` is not a run directory."""
     path = Path(path)
-    if not path.is_dir():
+    if not (path.is_dir() and RUN_NAME.match(path.name) and (path / STATUS_FILE).is_file()):
         return None
     status, reason = read_status(path)
-    metrics, error_m = _read_json(path / "metrics.json")
-    summary, error_s = _read_json(path / "summary.json")
-    return Run(path, status, reason, metrics, summary, error_m or error_s)
+    if status in Status._value2member_map_:
+        status = Status(status)
+    if status == RUNNING:
+        gone = _liveness(path)
+        if gone:
+            status, reason = CRASHED, gone
+    metrics, error_m = read_json(path / "metrics.json")
+    summary, error_s = read_json(path / "summary.json")
+    run_info, _ = read_json(path / RUN_FILE)
+    config, _ = read_json(path / "config.json")
+    return Run(path, status, reason, metrics, summary, error_m or error_s, (run_info or {}).get("uid"), config)
 
 
 def find_runs(runs_dir: Path, stage: str) -> list[Run]:
-    """All runs of a stage, oldest first; a corrupted results file is reported in ``Run.error``."""
+    """All runs of a stage, oldest first; folders that are not runs (backups, notebooks' caches) are skipped."""
     base = Path(runs_dir) / stage
     if not base.is_dir():
         return []
-    return [load_run(p) for p in sorted(base.iterdir()) if p.is_dir()]
+    runs = (load_run(p) for p in sorted(base.iterdir(), key=lambda p: p.name))
+    return [r for r in runs if r is not None]
+
+
+def stages_with_prefix(runs_dir: Path, prefix: str) -> list[str]:
+    base = Path(runs_dir)
+    return sorted(p.name for p in base.iterdir() if p.is_dir() and p.name.startswith(prefix)) if base.is_dir() else []
+
+
+def latest(runs_dir: Path, stage: str, where=None, statuses=(COMPLETED,)) -> Run | None:
+    """The latest usable run of ``stage``: status in ``statuses``, results readable, ``where(run)`` true."""
+    for run in reversed(find_runs(runs_dir, stage)):
+        if run.status in statuses and not run.error and run.results is not None and (where is None or where(run)):
+            return run
+    return None
+
+
+def explicit_run(path: str | Path, stage: str, flag: str, statuses=USABLE) -> Run:
+    """A run the user named (``--baseline``, ``--stage1-run``, ...): the right stage and usable, or one line."""
+    run = load_run(Path(path))
+    if run is None:
+        raise BadInput(f"{flag} {path} is not a run directory (runs/<stage>/<YYYYmmdd-HHMMSS>/ with a status.txt)")
+    if not run.stage.startswith(stage):
+        raise BadInput(f"{flag} {path} is a {run.stage} run, not {stage}")
+    recorded = (run.results or {}).get("stage")
+    if recorded and not recorded.startswith(stage):
+        raise BadInput(f"{flag} {path} records stage {recorded}, not {stage}")
+    if run.status not in statuses:
+        raise BadInput(f"{flag} {path} is {run.status}" + (f" ({run.reason})" if run.reason else "")
+                       + f", not {' or '.join(map(str, statuses))}")
+    if run.error or run.results is None:
+        raise BadInput(f"{flag} {path} has no readable results" + (f": {run.error}" if run.error else ""))
+    return run
 
 
 @contextmanager

@@ -23,8 +23,16 @@ def _f(x, digits=6) -> str:
 
 def latest(runs: list[rundir.Run]) -> rundir.Run | None:
     """The newest completed run whose results can be read (a corrupted one is a blocker, not a result)."""
-    done = [r for r in runs if r.status == rundir.COMPLETED and not r.error and (r.metrics or r.summary)]
+    done = [r for r in runs if r.status == rundir.COMPLETED and not r.error and r.results is not None]
     return done[-1] if done else None
+
+
+def what_to_do(run: rundir.Run) -> str:
+    if run.status == rundir.CRASHED and run.stage.startswith(STAGE3_PREFIX):
+        return f"; resume it with `ablate stage3 --resume --run-dir {run.path}`"
+    if run.status == rundir.CRASHED:
+        return "; rerun the stage (its partial results are not used)"
+    return ""
 
 
 def collect(runs_dir: Path) -> dict:
@@ -42,7 +50,8 @@ def blockers(stages: dict) -> list[str]:
             if run.error:
                 out.append(f"`{run.path}`: {run.error}")
             if run.status not in (rundir.COMPLETED, rundir.RUNNING):
-                out.append(f"`{run.path}` is **{run.status}**" + (f": {run.reason}" if run.reason else ""))
+                out.append(f"`{run.path}` is **{run.status}**" + (f": {run.reason}" if run.reason else "")
+                           + what_to_do(run))
             elif run.summary and run.summary.get("leaky"):
                 out.append(f"`{run.path}` is **leaky**: trained with a mask that lets supervised positions see "
                            "their labels; its losses mean nothing")
