@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import List, Optional
 
@@ -18,10 +19,23 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def _check_seconds(**values: float) -> None:
+    """Every interval is a finite number of seconds, at least 1 (0 would poll in a busy loop)."""
+    for name, value in values.items():
+        if not (math.isfinite(value) and value >= 1):
+            _fail(f"--{name.replace('_', '-')} must be at least 1 (seconds), got {value:g}")
+
+
 def _refresh_status(runs_dir):
     from ablate.cli import _refresh_status as refresh
 
     refresh(runs_dir)
+
+
+def _report_relocated(result, host, runs_dir):
+    for remote, local in result.relocated.items():
+        typer.echo(f"run {remote} from {host} is kept in {Path(runs_dir) / local}: "
+                   f"{Path(runs_dir) / remote} here is another run")
 
 
 remote_app = typer.Typer(help="Run stages on a rented GPU box: launch in tmux, watch, sync results back.",
@@ -41,6 +55,9 @@ KNOWN = typer.Option(".ablate/known_hosts", "--known-hosts", envvar="ABLATE_KNOW
 def _box(host, port, user, key, workdir, tofu, timeout, known_hosts, env=()):
     from ablate.remote import Box
 
+    if not 1 <= port <= 65535:
+        _fail(f"--port must be in 1..65535, got {port}")
+    _check_seconds(timeout=timeout)
     pairs = {}
     for item in env:
         name, sep, value = item.partition("=")
@@ -82,6 +99,7 @@ def remote_launch(
     from ablate.remote import Unreachable, launch
 
     box = _box(host, port, user, key, workdir, trust_on_first_use, timeout, known_hosts, env or ())
+    _check_seconds(heartbeat_seconds=heartbeat_seconds)
     conn = _connect(box)
     try:
         info = launch(conn, Path.cwd(), session, list(command or []),
@@ -100,7 +118,8 @@ def remote_launch(
 
 @remote_app.command("watch", epilog="Example:\n\n  ablate remote watch --host ssh4.vast.ai --port 31234 "
                     "--session stage3a --session stage3b\n\nExit codes: 0 completed, 1 crashed, "
-                    "3 unreachable past the grace window, 2 bad usage or configuration.")
+                    "3 unreachable past the grace window, 2 bad usage or configuration, or a session "
+                    "never launched there (no tmux session and no .ablate-remote/SESSION in the work dir).")
 def remote_watch(
     session: List[str] = typer.Option(..., "--session", envvar="REMOTE_SESSION", help="tmux session (repeatable)"),
     complete_file: Optional[str] = typer.Option(None, "--complete-file", envvar="COMPLETE_FILE",
@@ -121,6 +140,9 @@ def remote_watch(
     from ablate.watch import watch
 
     box = _box(host, port, user, key, workdir, trust_on_first_use, timeout, known_hosts)
+    _check_seconds(poll_seconds=poll_seconds, max_poll_seconds=max_poll_seconds, grace_seconds=grace_seconds)
+    if max_poll_seconds < poll_seconds:
+        _fail(f"--max-poll-seconds ({max_poll_seconds:g}) must be at least --poll-seconds ({poll_seconds:g})")
     if complete_file and len(session) > 1:
         _fail("--complete-file names one file; with several sessions each uses runs/.complete-SESSION")
     try:
@@ -130,7 +152,12 @@ def remote_watch(
 
     def on_done(conn, state):
         if sync_results:
-            result = sync(conn, Path(runs_dir))
+            try:
+                result = sync(conn, Path(runs_dir))
+            except BadInput as exc:  # the session's outcome still decides the exit code
+                typer.echo(f"nothing synced: {exc}")
+                return
+            _report_relocated(result, host, runs_dir)
             typer.echo(f"synced {len(result.copied)} file(s) into {runs_dir} ({len(result.unchanged)} unchanged"
                        + (f", {len(result.skipped)} still being written" if result.skipped else "") + ")")
             _refresh_status(runs_dir)
@@ -155,6 +182,8 @@ def remote_sync(
     conn = _connect(_box(host, port, user, key, workdir, trust_on_first_use, timeout, known_hosts))
     try:
         result = sync(conn, Path(runs_dir), remote_runs, with_checkpoints)
+    except BadInput as exc:
+        _fail(str(exc))
     except Unreachable as exc:
         typer.echo(f"ablate: lost {host}:{port} during sync: {exc}", err=True)
         raise typer.Exit(3)
@@ -162,5 +191,6 @@ def remote_sync(
         conn.close()
     for rel, why in result.skipped.items():
         typer.echo(f"skipped {rel}: {why}")
+    _report_relocated(result, host, runs_dir)
     typer.echo(f"synced {len(result.copied)} file(s) into {runs_dir}; {len(result.unchanged)} unchanged")
     _refresh_status(runs_dir)

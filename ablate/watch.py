@@ -6,9 +6,10 @@
 Exit codes: 0 completed (completion file present); 1 crashed (session gone
 without the completion file, or a failure marker); 3 unreachable for longer
 than the grace window; 2 bad usage or configuration (including authentication
-and host-key failures, which are fatal at once). Each poll is one short remote
-command, which doubles as the liveness probe: paramiko's keepalive alone does
-not notice a dead host.
+and host-key failures, which are fatal at once, and a session never launched
+there: no tmux session and no ``.ablate-remote/NAME`` state in the work dir).
+Each poll is one short remote command, which doubles as the liveness probe:
+paramiko's keepalive alone does not notice a dead host.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from ablate.remote import STATE_DIR, Box, Connection, Fatal, Unreachable, check_session
 
 COMPLETED, CRASHED, UNREACHABLE, USAGE = 0, 1, 3, 2
+NEVER_LAUNCHED = USAGE  # a wrong host, work dir or session name, not a crash
 RUNNING = "running"
 
 
@@ -32,6 +34,7 @@ class SessionState:
     detail: str = ""
     heartbeat_age: float | None = None
     last_line: str = ""
+    seen_alive: bool = False  # a session started by hand leaves no state; once seen, its end is a crash
 
 
 def probe_command(box: Box, s: SessionState) -> str:
@@ -43,6 +46,8 @@ def probe_command(box: Box, s: SessionState) -> str:
         f"test -f {q(box.path(s.complete_file))} && echo COMPLETE=1 || echo COMPLETE=0",
         f"echo FAILED=$(cat {q(state + '/failed')} 2>/dev/null)",
         f"echo HEARTBEAT=$(cat {q(state + '/heartbeat')} 2>/dev/null)",
+        " || ".join(f"test -e {q(state + '/' + f)}" for f in ("run.sh", "log", "heartbeat"))
+        + " && echo STATE=1 || echo STATE=0",
         "echo NOW=$(date +%s)",
         f"echo LAST=$(tail -n 1 {q(state + '/log')} 2>/dev/null | tr -d '\\r' | cut -c1-160)",
     ])
@@ -69,10 +74,15 @@ def update(conn: Connection, s: SessionState) -> None:
     hb, now = v.get("HEARTBEAT", ""), v.get("NOW", "")
     s.heartbeat_age = float(now) - float(hb) if hb.isdigit() and now.isdigit() else None
     s.last_line = v.get("LAST", "")
+    s.seen_alive = s.seen_alive or v.get("ALIVE") == "1"
     if v.get("COMPLETE") == "1":
         s.outcome, s.detail = COMPLETED, "completion file present"
     elif v.get("FAILED"):
         s.outcome, s.detail = CRASHED, f"command exited with code {v['FAILED']}"
+    elif not s.seen_alive and v.get("STATE") != "1":
+        box = conn.box
+        s.outcome, s.detail = NEVER_LAUNCHED, (f"no session {s.name} was ever launched in {box.workdir} on "
+                                               f"{box.host}:{box.port} (no tmux session, no {STATE_DIR}/{s.name})")
     elif v.get("ALIVE") != "1":
         s.outcome, s.detail = CRASHED, "tmux session is gone and there is no completion file"
 
@@ -102,7 +112,7 @@ def watch(box: Box, sessions: list[tuple[str, str]], poll: float = 30, max_poll:
                     if s.outcome is not None:
                         if s.outcome == CRASHED:
                             s.detail += "\n--- last lines of the remote log ---\n" + log_tail(conn, s)
-                        if on_done:
+                        if on_done and s.outcome != NEVER_LAUNCHED:
                             on_done(conn, s)
             unreachable_since, backoff = None, 1.0
         except Fatal as exc:
@@ -124,7 +134,8 @@ def watch(box: Box, sessions: list[tuple[str, str]], poll: float = 30, max_poll:
         elapsed = _clock(time.monotonic() - started)
         for s in states:
             hb = f"{s.heartbeat_age:.0f}s ago" if s.heartbeat_age is not None else "none"
-            status = {COMPLETED: "completed", CRASHED: "CRASHED", None: RUNNING}[s.outcome]
+            status = {COMPLETED: "completed", CRASHED: "CRASHED", NEVER_LAUNCHED: "never launched",
+                      None: RUNNING}[s.outcome]
             echo(f"[{elapsed}] {s.name}: {status}, heartbeat {hb}, last log: {s.last_line}")
         if all(s.outcome is not None for s in states):
             for s in states:

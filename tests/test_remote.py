@@ -4,7 +4,9 @@ The fixture starts sshd with a temporary host key and authorized key (root, as
 in CI and on Vast boxes). `.ci/run` installs openssh-server, tmux and rsync.
 """
 
+import fcntl
 import getpass
+import hashlib
 import json
 import os
 import shutil
@@ -21,6 +23,7 @@ from typer.testing import CliRunner
 
 from ablate.cli import app
 from ablate.remote import Box, Connection
+from ablate.rundir import RUN_NAME, load_run
 from ablate.sync import sync
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
@@ -134,7 +137,7 @@ def test_completed_run_is_synced_byte_for_byte(box, project, tmp_path):
     assert (remote / "ablate" / "code.py").is_file()
     assert not (remote / "runs" / "old").exists() and not (remote / ".venv").exists()
     local_runs = tmp_path / "local_runs"
-    watched = cli("remote", "watch", *flags(box, "--session", "ok1", "--poll-seconds", "0.3",
+    watched = cli("remote", "watch", *flags(box, "--session", "ok1", "--poll-seconds", "1",
                                             "--runs-dir", local_runs))
     assert watched.exit_code == 0, watched.output
     assert "ok1: completed" in watched.output and "synced 1 file(s)" in watched.output
@@ -149,7 +152,7 @@ def test_non_zero_exit_is_a_crash_with_its_code_and_log(box, project):
     result = cli("remote", "launch", *flags(box, "--session", "bad1"), "--",
                  "sh", "-c", "echo boom-from-the-box; exit 3", cwd=project)
     assert result.exit_code == 0, result.output
-    watched = cli("remote", "watch", *flags(box, "--session", "bad1", "--poll-seconds", "0.3", "--no-sync"))
+    watched = cli("remote", "watch", *flags(box, "--session", "bad1", "--poll-seconds", "1", "--no-sync"))
     assert watched.exit_code == 1
     assert "exited with code 3" in watched.output and "boom-from-the-box" in watched.output
 
@@ -164,7 +167,7 @@ def test_session_killed_mid_run(box, project):
         subprocess.run(["tmux", "kill-session", "-t", "=kill1"], check=True)
 
     threading.Thread(target=kill).start()
-    watched = cli("remote", "watch", *flags(box, "--session", "kill1", "--poll-seconds", "0.3", "--no-sync"))
+    watched = cli("remote", "watch", *flags(box, "--session", "kill1", "--poll-seconds", "1", "--no-sync"))
     assert watched.exit_code == 1, watched.output
     assert "kill1: running" in watched.output  # it was watched while alive
     assert "tmux session is gone and there is no completion file" in watched.output
@@ -185,7 +188,7 @@ def test_ssh_server_restart_mid_watch(server, box, project, tmp_path):
 
     thread = threading.Thread(target=bounce)
     thread.start()
-    watched = cli("remote", "watch", *flags(box, "--session", "restart1", "--poll-seconds", "0.3",
+    watched = cli("remote", "watch", *flags(box, "--session", "restart1", "--poll-seconds", "1",
                                             "--grace-seconds", "60", "--runs-dir", tmp_path / "runs"))
     thread.join()
     assert watched.exit_code == 0, watched.output
@@ -196,7 +199,7 @@ def test_ssh_server_restart_mid_watch(server, box, project, tmp_path):
 def test_unreachable_past_the_grace_window_exits_3(server, box):
     server.stop()
     try:
-        watched = cli("remote", "watch", *flags(box, "--session", "gone1", "--poll-seconds", "0.2",
+        watched = cli("remote", "watch", *flags(box, "--session", "gone1", "--poll-seconds", "1",
                                                 "--grace-seconds", "1", "--no-sync"))
     finally:
         server.start()
@@ -215,6 +218,7 @@ def test_host_key_mismatch_is_refused(server, box, project):
 def test_unknown_host_needs_trust_on_first_use(server, box, tmp_path):
     pinned = tmp_path / "pinned_known_hosts"
     new = Box(**{**box.__dict__, "known_hosts": str(pinned)})
+    (Path(box.workdir) / "runs").mkdir(parents=True)  # a box without one is an error of its own
     refused = cli("remote", "sync", *flags(new, "--runs-dir", tmp_path / "r"))
     assert refused.exit_code == 2 and "not in known_hosts" in refused.stderr
     pinned_ok = cli("remote", "sync", *flags(new, "--runs-dir", tmp_path / "r", "--trust-on-first-use"))
@@ -255,7 +259,7 @@ def test_hostile_names_do_no_harm(box, project, tmp_path):
     result = cli("remote", "launch", *hostile_box, "--", "sh", "-c", 'echo "$NOTE"', cwd=project)
     assert result.exit_code == 0, result.output
     watched = cli("remote", "watch", *flags(Box(**{**box.__dict__, "workdir": workdir}), "--session", "safe1",
-                                            "--complete-file", complete, "--poll-seconds", "0.3", "--no-sync"))
+                                            "--complete-file", complete, "--poll-seconds", "1", "--no-sync"))
     assert watched.exit_code == 0, watched.output
     assert not marker.exists()
     assert (Path(workdir) / complete).is_file()
@@ -267,7 +271,7 @@ def test_wait_or_crash_wrapper(box, project):
     assert result.exit_code == 0, result.output
     script = Path(__file__).resolve().parent.parent / "scripts" / "local" / "wait_or_crash.sh"
     env = {**os.environ, "VAST_HOST": box.host, "VAST_PORT": str(box.port), "REMOTE_SESSION": "wrap1",
-           "COMPLETE_FILE": "runs/.complete-wrap1", "SSH_KEY": box.key, "POLL_SECONDS": "0.3"}
+           "COMPLETE_FILE": "runs/.complete-wrap1", "SSH_KEY": box.key, "POLL_SECONDS": "1"}
     env["ABLATE_KNOWN_HOSTS"] = box.known_hosts
     proc = subprocess.run(["bash", str(script), "--workdir", box.workdir, "--no-sync"], env=env,
                           capture_output=True, text=True, timeout=120)
@@ -284,5 +288,128 @@ def test_hand_started_session_as_in_the_study(box, tmp_path):
     subprocess.run(["tmux", "new-session", "-d", "-s", "byhand1",
                     f"sleep 1; mkdir -p '{box.workdir}/runs'; touch '{box.workdir}/runs/.complete-byhand1'"],
                    check=True)
-    watched = cli("remote", "watch", *flags(box, "--session", "byhand1", "--poll-seconds", "0.3", "--no-sync"))
+    watched = cli("remote", "watch", *flags(box, "--session", "byhand1", "--poll-seconds", "1", "--no-sync"))
     assert watched.exit_code == 0, watched.output
+
+
+def make_run(path: Path, uid, status="completed", files=()):
+    """A run folder as ablate writes it (``uid=None``: as an older ablate did, without run.json)."""
+    path.mkdir(parents=True)
+    if uid:
+        (path / "run.json").write_text(json.dumps({"uid": uid, "stage": path.parent.name, "created": 0, "host": "h"}))
+    (path / "status.txt").write_text(status + "\n")
+    for name, content in dict(files).items():
+        (path / name).write_text(content)
+
+
+def hashes(root: Path) -> dict:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_runs_sharing_a_folder_name_both_survive(box, tmp_path):
+    name = "stage1_baseline_eval/20250101-120000"
+    local_runs = tmp_path / "local runs"
+    make_run(local_runs / name, "local-uid", files={"metrics.json": '{"acc": 0.1}'})
+    before = hashes(local_runs)
+    process = json.dumps({"host": "box", "pid": 1, "started": 0, "heartbeat": 0})
+    make_run(Path(box.workdir) / "runs" / name, "box-uid", files={"metrics.json": '{"acc": 0.9}',
+                                                                  "process.json": process})
+    second_box = Box(**{**box.__dict__, "workdir": str(tmp_path / "second box")})
+    make_run(Path(second_box.workdir) / "runs" / name, "second-uid", files={"metrics.json": '{"acc": 0.5}'})
+
+    first = cli("remote", "sync", *flags(box, "--runs-dir", local_runs))
+    assert first.exit_code == 0, first.output
+    moved = local_runs / f"{name}-127.0.0.1"
+    assert RUN_NAME.match(moved.name) and load_run(moved).uid == "box-uid"
+    assert f"run {name} from 127.0.0.1 is kept in {moved}" in first.output and "synced 4 file(s)" in first.output
+    assert hashes(moved) == hashes(Path(box.workdir) / "runs" / name)  # run.json and process.json too
+    assert hashes(local_runs) == {**before, **{f"{name}-127.0.0.1/{k}": v for k, v in hashes(moved).items()}}
+
+    again = cli("remote", "sync", *flags(box, "--runs-dir", local_runs))
+    assert again.exit_code == 0 and "synced 0 file(s)" in again.output and "4 unchanged" in again.output
+    assert f"kept in {moved}" in again.output and not (local_runs / f"{name}-127.0.0.1-2").exists()
+
+    conn = Connection(second_box).connect()
+    try:
+        other = sync(conn, local_runs)
+    finally:
+        conn.close()
+    assert other.relocated == {name: f"{name}-127.0.0.1-2"}
+    assert other.copied[0] == f"{name}-127.0.0.1-2/run.json"  # a half-synced run is still recognisable
+    uids = {load_run(p).uid for p in (local_runs / name).parent.iterdir()}
+    assert uids == {"local-uid", "box-uid", "second-uid"}
+    assert {k: v for k, v in hashes(local_runs).items() if k.startswith(name + "/")} == before
+
+
+def test_runs_without_uid_or_held_here_are_never_overwritten(box, tmp_path):
+    local_runs, remote = tmp_path / "runs", Path(box.workdir) / "runs"
+    same, grown, differs, held = (f"s/20250101-00000{i}" for i in range(4))
+    # an older ablate's run (no run.json) synced here before: same files -> same folder
+    make_run(remote / same, None, files={"metrics.json": '{"acc": 1}'})
+    make_run(local_runs / same, None, files={"metrics.json": '{"acc": 1}'})
+    # synced by an older ablate while it was running: its status and log lag behind -> same folder
+    make_run(remote / grown, None, files={"config.json": "{}", "run.log": "a\nb\n"})
+    make_run(local_runs / grown, None, status="running", files={"config.json": "{}", "run.log": "a\n"})
+    # an older ablate's run whose local namesake holds other results -> relocated
+    make_run(remote / differs, None, files={"metrics.json": '{"acc": 2}'})
+    make_run(local_runs / differs, None, files={"metrics.json": '{"acc": 3}'})
+    # a local process is writing the namesake right now -> relocated, even with nothing else against it
+    make_run(remote / held, "box-uid")
+    make_run(local_runs / held, None)
+    lock = os.open(local_runs / held / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    kept = {d: hashes(local_runs / d) for d in (same, differs, held)}
+    conn = Connection(box).connect()
+    try:
+        first = sync(conn, local_runs)
+        second = sync(conn, local_runs)
+    finally:
+        conn.close()
+        os.close(lock)
+    assert first.relocated == {differs: f"{differs}-127.0.0.1", held: f"{held}-127.0.0.1"}
+    assert {d: hashes(local_runs / d) for d in kept} == kept
+    for d in (grown, differs, held):
+        assert hashes(local_runs / first.relocated.get(d, d)) == hashes(remote / d)
+    assert load_run(local_runs / f"{held}-127.0.0.1").uid == "box-uid"
+    assert second.relocated == first.relocated and second.copied == [] and not second.skipped
+    assert sorted(p.name for p in (local_runs / "s").iterdir()) == sorted(
+        [Path(d).name for d in (same, grown, differs, held)] + [f"{Path(d).name}-127.0.0.1" for d in (differs, held)])
+
+
+def test_sync_without_a_runs_folder_is_an_error(box, tmp_path):
+    Path(box.workdir).mkdir(parents=True)
+    wrong_workdir = flags(Box(**{**box.__dict__, "workdir": str(tmp_path / "no such dir")}))
+    for args in (wrong_workdir, flags(box, "--remote-runs", "results")):
+        result = cli("remote", "sync", *args, "--runs-dir", tmp_path / "runs")
+        assert result.exit_code == 2, result.output
+        assert result.stderr.count("\n") == 1 and result.stderr.startswith("ablate: error: ")
+        assert "has no runs folder" in result.stderr and "synced" not in result.output
+
+
+def test_watching_a_session_never_launched(box):
+    Path(box.workdir).mkdir(parents=True)
+    watched = cli("remote", "watch", *flags(box, "--session", "never1", "--poll-seconds", "1"))
+    assert watched.exit_code == 2, watched.output
+    assert f"no session never1 was ever launched in {box.workdir} on 127.0.0.1:{box.port}" in watched.output
+    assert "CRASHED" not in watched.output and "synced" not in watched.output
+
+
+@pytest.mark.parametrize("command, extra, message", [
+    ("sync", ["--port", "0"], "--port must be in 1..65535, got 0"),
+    ("sync", ["--port", "65536"], "--port must be in 1..65535, got 65536"),
+    ("sync", ["--timeout", "0"], "--timeout must be at least 1 (seconds), got 0"),
+    ("watch", ["--poll-seconds", "0"], "--poll-seconds must be at least 1 (seconds), got 0"),
+    ("watch", ["--poll-seconds", "nan"], "--poll-seconds must be at least 1 (seconds), got nan"),
+    ("watch", ["--max-poll-seconds", "0.5"], "--max-poll-seconds must be at least 1 (seconds), got 0.5"),
+    ("watch", ["--poll-seconds", "60", "--max-poll-seconds", "30"],
+     "--max-poll-seconds (30) must be at least --poll-seconds (60)"),
+    ("watch", ["--grace-seconds", "-5"], "--grace-seconds must be at least 1 (seconds), got -5"),
+    ("launch", ["--heartbeat-seconds", "0"], "--heartbeat-seconds must be at least 1 (seconds), got 0"),
+])
+def test_bad_numbers_are_refused_before_connecting(box, tmp_path, command, extra, message):
+    unroutable = Box(**{**box.__dict__, "host": "192.0.2.1"})  # contacting it would take --timeout, then exit 3
+    session = [] if command == "sync" else ["--session", "num1"]
+    tail = ["--", "true"] if command == "launch" else []
+    result = cli("remote", command, *flags(unroutable, *session, *extra), *tail, cwd=tmp_path)
+    assert result.exit_code == 2 and result.stderr == f"ablate: error: {message}\n"
