@@ -14,12 +14,15 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 
+from ablate.errors import BadInput
 from ablate.rundir import write_json
 
 log = logging.getLogger(__name__)
@@ -72,33 +75,63 @@ def save_raw(model, file: Path) -> None:
 
 def load_adapter(path: Path, device: str, dtype: str, attn_implementation: str):
     """A LoRA adapter folder: its base model with the adapter merged in, for evaluation."""
-    from peft import PeftConfig, PeftModel
+    from peft import PeftConfig, get_peft_model
 
-    from ablate.models import load_model
+    from ablate.models import load_model, refuse_unfit_weights
 
-    base_id = PeftConfig.from_pretrained(str(path)).base_model_name_or_path
-    base, _ = load_model(base_id, device, dtype, attn_implementation)
-    return PeftModel.from_pretrained(base, str(path)).merge_and_unload().eval()
+    config = PeftConfig.from_pretrained(str(path))
+    base_id = config.base_model_name_or_path
+    if not base_id:
+        raise BadInput(f"LoRA adapter '{path}' names no base model")
+    try:
+        base, _ = load_model(base_id, device, dtype, attn_implementation)
+    except BadInput as exc:
+        raise BadInput(f"LoRA adapter '{path}': its base model: {exc}") from None
+    config.inference_mode = True
+    model = get_peft_model(base, config)
+    # What PeftModel.from_pretrained does, but keeping load_adapter's result, which it only warns
+    # about. peft has no loading report for shapes: ignore_mismatched_sizes turns a shape that does
+    # not fit the base into a missing key (and a warning) instead of a multi-line RuntimeError.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Some weights of .* were not initialized")
+        result = model.load_adapter(str(path), "default", ignore_mismatched_sizes=True)
+    refuse_unfit_weights(f"LoRA adapter '{path}'", {
+        "missing or of another shape": result.missing_keys, "unexpected": result.unexpected_keys,
+    }, against=f"base model '{base_id}'")
+    return model.merge_and_unload().eval()
 
 
 def checkpoint_format(path: Path) -> str | None:
     meta = Path(path) / META
-    return json.loads(meta.read_text()).get("format") if meta.is_file() else None
+    if not meta.is_file():
+        return None
+    try:
+        return json.loads(meta.read_text()).get("format")
+    except (ValueError, AttributeError) as exc:  # bad JSON or bytes, or not an object
+        raise ValueError(f"unreadable {META}: {exc}") from None
 
 
 def load_raw(path: Path, dtype: torch.dtype, attn_implementation: str):
     """Rebuild the model from its config and fill it from the raw state dict."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from ablate.models import refuse_unfit_weights
+
     path = Path(path)
+    file = path / RAW_WEIGHTS
     config = AutoConfig.from_pretrained(path)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
-    missing, unexpected = load_safetensors_model(model, str(path / RAW_WEIGHTS), strict=False)
-    # Tied weights are stored once; anything else missing is a broken checkpoint.
-    tied = set(getattr(model, "_tied_weights_keys", None) or {})
-    really_missing = [k for k in missing if k not in tied]
-    if really_missing or unexpected:
-        raise ValueError(f"raw state dict at {path} does not fit {type(model).__name__}: "
-                         f"missing {really_missing[:3]}, unexpected {list(unexpected)[:3]}")
+    # Keys are compared here, not by from_pretrained: this path exists for models whose save_pretrained
+    # failed, and the file holds the in-memory names, not a checkpoint layout for its key conversions.
+    # Shapes first: load_state_dict would raise them as one multi-line RuntimeError.
+    expected = {key: list(value.shape) for key, value in model.state_dict().items()}
+    with safe_open(str(file), framework="pt") as weights:
+        shapes = {key: list(weights.get_slice(key).get_shape()) for key in weights.keys()}
+    refuse_unfit_weights(f"raw state dict '{path}'", {"of another shape": [
+        f"{key} {shape} in checkpoint vs {expected[key]}"
+        for key, shape in shapes.items() if expected.get(key, shape) != shape]})
+    # save_model kept one name of each tied pair; load_model counts the other as loaded, not missing.
+    missing, unexpected = load_safetensors_model(model, str(file), strict=False)
+    refuse_unfit_weights(f"raw state dict '{path}'", {"missing": missing, "unexpected": unexpected})
     model.tie_weights()
     return model.to(dtype)

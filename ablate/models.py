@@ -7,14 +7,21 @@ Mistral3 checkpoints (the study's model family, a vision-language wrapper) are
 not mapped by it: their text config is loaded into the matching causal-LM class
 and the language-model weights are renamed onto it, leaving the vision tower
 unloaded.
+
+Every path refuses weights that do not cover the config (missing, unexpected or
+mis-shaped keys, unreadable files) with one ``BadInput`` line, instead of
+evaluating randomly initialised layers.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -30,6 +37,8 @@ TEXT_ONLY_KEY_MAPPING = {
     r"^language_model\.model\.": "model.",
     r"^language_model\.lm_head": "lm_head",
 }
+# The wrapper's non-text weights: left unloaded on purpose, so not unexpected.
+TEXT_ONLY_SKIPPED = re.compile(r"^(model\.)?(vision_tower|multi_modal_projector)\.")
 
 
 def resolve_device(device: str) -> str:
@@ -58,14 +67,62 @@ def _path(model: str) -> str:
     return str(Path(model).expanduser().resolve()) if _looks_local(model) else model
 
 
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def load_config(model: str):
     if _looks_local(model) and not Path(model).expanduser().is_dir():
         raise BadInput(f"model path '{model}' does not exist or is not a directory")
     try:
         return AutoConfig.from_pretrained(_path(model))
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BadInput(f"cannot load model '{model}': {first}") from None
+        raise BadInput(f"cannot load model '{model}': {_first_line(exc)}") from None
+
+
+def refuse_unfit_weights(what: str, problems: dict, against: str = "its config") -> None:
+    """Raise one line naming the first few keys of each non-empty ``{label: keys}`` group."""
+    parts = []
+    for label, keys in problems.items():
+        keys = sorted(map(str, keys))
+        if keys:
+            more = ", ..." if len(keys) > 3 else ""
+            parts.append(f"{len(keys)} {label} ({', '.join(keys[:3])}{more})")
+    if parts:
+        raise BadInput(f"cannot load {what}: its weights do not fit {against}: {'; '.join(parts)}")
+
+
+def loading_problems(info: dict, skipped: re.Pattern | None = None) -> dict:
+    """``from_pretrained(output_loading_info=True)``'s report as ``refuse_unfit_weights`` groups.
+
+    transformers already leaves out tied weights (e.g. ``lm_head.weight`` under
+    ``tie_word_embeddings``) and non-persistent buffers such as rotary ``inv_freq``;
+    its ``error_msgs`` never get here, as it raises a RuntimeError on them itself.
+    """
+    return {
+        "missing": info["missing_keys"],
+        "unexpected": [k for k in info["unexpected_keys"] if not (skipped and skipped.search(k))],
+        "of another shape": [f"{key} {list(ckpt)} in checkpoint vs {list(expected)}"
+                             for key, ckpt, expected in info["mismatched_keys"]],
+    }
+
+
+def _no_load_report(record: logging.LogRecord) -> bool:
+    # transformers logs a multi-line table of what refuse_unfit_weights then says in one line; a
+    # conversion-error table is kept, as the RuntimeError that follows it points there.
+    message = record.getMessage()
+    return "LOAD REPORT" not in message or "CONVERSION" in message
+
+
+@contextmanager
+def _quiet_load_report():
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addFilter(_no_load_report)
+    try:
+        yield
+    finally:
+        logger.removeFilter(_no_load_report)
 
 
 def load_model(
@@ -78,29 +135,46 @@ def load_model(
     """Returns ``(model, tokenizer)`` with the model in eval mode on ``device``.
 
     A stage 3 ``final/`` folder loads here whichever way it was saved (ablate.checkpoints).
+    Weights that do not cover the config are refused with ``BadInput``.
     """
-    from ablate.checkpoints import RAW, checkpoint_format, load_adapter, load_raw
+    from ablate.checkpoints import load_adapter
 
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    path = _path(model)
-    if _looks_local(model) and (Path(path) / "adapter_config.json").is_file():
-        return load_adapter(Path(path), device, dtype, attn_implementation), tokenizer or load_tokenizer(model)
-    config = load_config(model)
-    kwargs = dict(dtype=torch_dtype, attn_implementation=attn_implementation)
+    path, local = _path(model), _looks_local(model)
     try:
-        if _looks_local(model) and checkpoint_format(path) == RAW:
-            lm = load_raw(path, torch_dtype, attn_implementation)
-        elif type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
-            lm = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
+        if local and (Path(path) / "adapter_config.json").is_file():
+            lm = load_adapter(Path(path), device, dtype, attn_implementation)
+        else:
+            lm = _load_weights(model, path, torch_dtype, attn_implementation)
+    except SafetensorError as exc:  # neither OSError nor ValueError
+        raise BadInput(f"cannot load model '{model}': unreadable safetensors file ({_first_line(exc)})") from None
+    except (OSError, ImportError, ValueError) as exc:
+        # A folder removed while loading reads as an invalid hub id to transformers.
+        reason = "the folder is gone" if local and not Path(path).is_dir() else _first_line(exc)
+        raise BadInput(f"cannot load model '{model}': {reason}") from None
+    return lm.to(device).eval(), tokenizer or load_tokenizer(model)
+
+
+def _load_weights(model: str, path: str, torch_dtype: torch.dtype, attn_implementation: str):
+    from ablate.checkpoints import RAW, checkpoint_format, load_raw
+
+    config = load_config(model)
+    if _looks_local(model) and checkpoint_format(path) == RAW:
+        return load_raw(path, torch_dtype, attn_implementation)
+    # Shapes that differ are reported in the loading info, to be refused below with their keys.
+    kwargs = dict(dtype=torch_dtype, attn_implementation=attn_implementation, output_loading_info=True,
+                  ignore_mismatched_sizes=True)
+    with _quiet_load_report():
+        if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
+            lm, info = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
+            refuse_unfit_weights(f"model '{model}'", loading_problems(info))
         elif getattr(config, "text_config", None) is not None and type(config.text_config) in MODEL_FOR_CAUSAL_LM_MAPPING:
-            lm = _load_text_only(path, config, kwargs)
+            lm, info = _load_text_only(path, config, kwargs)
+            refuse_unfit_weights(f"the text model of '{model}'", loading_problems(info, TEXT_ONLY_SKIPPED))
         else:
             raise BadInput(f"model '{model}' ({config.model_type}) is not a decoder LM that ablate can load")
-    except (OSError, ImportError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise BadInput(f"cannot load model '{model}': {first}") from None
-    return lm.to(device).eval(), tokenizer or load_tokenizer(model)
+    return lm
 
 
 def load_tokenizer(model: str):
@@ -111,8 +185,7 @@ def load_tokenizer(model: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise BadInput(f"cannot load the tokenizer of '{model}': {first}") from None
+        raise BadInput(f"cannot load the tokenizer of '{model}': {_first_line(exc)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -125,10 +198,4 @@ def _load_text_only(path: str, config, kwargs):
         text_config.tie_word_embeddings = config.tie_word_embeddings
     cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(text_config)]
     log.info("loading the text model of %s as %s", config.model_type, cls.__name__)
-    lm, info = cls.from_pretrained(
-        path, config=text_config, key_mapping=TEXT_ONLY_KEY_MAPPING, output_loading_info=True, **kwargs
-    )
-    if info["missing_keys"]:
-        missing = sorted(info["missing_keys"])
-        raise BadInput(f"text-only load of '{path}' left weights uninitialised: {missing[:5]}")
-    return lm
+    return cls.from_pretrained(path, config=text_config, key_mapping=TEXT_ONLY_KEY_MAPPING, **kwargs)

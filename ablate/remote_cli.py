@@ -11,12 +11,9 @@ from typing import List, Optional
 
 import typer
 
+from ablate.console import fail as _fail
+from ablate.console import refresh_status as _refresh_status
 from ablate.errors import BadInput
-
-
-def _fail(message: str) -> None:
-    typer.echo(f"ablate: error: {message}", err=True)
-    raise typer.Exit(2)
 
 
 def _check_seconds(**values: float) -> None:
@@ -24,12 +21,6 @@ def _check_seconds(**values: float) -> None:
     for name, value in values.items():
         if not (math.isfinite(value) and value >= 1):
             _fail(f"--{name.replace('_', '-')} must be at least 1 (seconds), got {value:g}")
-
-
-def _refresh_status(runs_dir):
-    from ablate.cli import _refresh_status as refresh
-
-    refresh(runs_dir)
 
 
 def _report_relocated(result, host, runs_dir):
