@@ -18,6 +18,7 @@ from pathlib import Path
 from ablate import rundir
 from ablate.config import STAGE1, STAGE2, EvalConfig
 from ablate.errors import BadInput
+from ablate.faults import fault_point
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +109,12 @@ def run_eval(config: EvalConfig) -> Path:
     rundir.check_writable(Path(config.runs_dir), config.stage)
     model, tokenizer = load_model(config.model, device, config.dtype, config.attn_implementation)
 
-    run_dir = rundir.new_run_dir(Path(config.runs_dir), config.stage)
+    run_dir = rundir.new_run_dir(Path(config.runs_dir), config.stage, model_identity=key["model"])
     with rundir.active(run_dir):
         rundir.write_json(run_dir / "config.json", config.to_dict())
         rundir.write_json(run_dir / "env.json", rundir.environment(device))
         log.info("run %s: %s on %s with mask %s", run_dir, config.model, ",".join(config.tasks), config.mask)
+        fault_point("eval")
         result = evaluate(config, model, tokenizer, device, config.mask, tasks, manager)
         write_samples(run_dir, result.pop("rows"))
         metrics = {

@@ -114,17 +114,21 @@ def read_json(path: Path) -> tuple[dict | None, str | None]:
 # ---------------------------------------------------------------- writing a run
 
 def check_writable(runs_dir: Path, stage: str) -> None:
-    """Fail before any model work when the runs folder cannot take a new run (read-only, full, a file)."""
-    base = Path(runs_dir) / stage
+    """Fail before any model work when the runs folder cannot take a new run (read-only, full, a file).
+
+    Creates nothing: the deepest folder that exists on the way to ``runs_dir/stage`` must take a small file.
+    """
+    target = Path(runs_dir) / stage
+    existing = next(p for p in (target, *target.parents) if p.exists() or p == Path(p.anchor))
+    if not existing.is_dir():
+        raise BadInput(f"cannot write runs under {target}: {existing} is not a folder")
     try:
-        base.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=base, prefix=".write-check-") as fh:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".ablate-write-check-") as fh:
             fh.write(b"x" * 4096)
             fh.flush()
             os.fsync(fh.fileno())
     except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise BadInput(f"cannot write runs under {base}: {reason}") from None
+        raise BadInput(f"cannot write runs under {target}: {exc.strerror or type(exc).__name__}") from None
 
 
 _LOCKS: dict[str, int] = {}
@@ -163,8 +167,11 @@ def _process_record(heartbeat: float | None = None) -> dict:
             "heartbeat": heartbeat or time.time(), "argv": sys.argv[:1] + sys.argv[1:][:40]}
 
 
-def new_run_dir(runs_dir: Path, stage: str) -> Path:
-    """Create a fresh run directory, locked by this process; a second run in the same second gets a suffix."""
+def new_run_dir(runs_dir: Path, stage: str, **record) -> Path:
+    """Create a fresh run directory, locked by this process; a second run in the same second gets a suffix.
+
+    ``record`` goes into ``run.json`` beside the uid: what the run was made from (``model_identity``).
+    """
     base = Path(runs_dir) / stage
     base.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -176,7 +183,7 @@ def new_run_dir(runs_dir: Path, stage: str) -> Path:
             continue
         _lock(path)
         write_json(path / RUN_FILE, {"uid": uuid.uuid4().hex, "stage": stage, "created": time.time(),
-                                     "host": platform.node()})
+                                     "host": platform.node(), **record})
         write_json(path / PROCESS_FILE, _process_record())
         set_status(path, RUNNING)
         return path
@@ -335,8 +342,12 @@ class Run:
     metrics: dict | None
     summary: dict | None
     error: str | None  # a metrics.json / summary.json that exists but cannot be read, by path
-    uid: str | None = None  # run.json's uid: tells two runs with the same folder name apart
     config: dict | None = None
+    info: dict | None = None  # run.json: the uid (tells two runs with one folder name apart) and what it was made from
+
+    @property
+    def uid(self) -> str | None:
+        return (self.info or {}).get("uid")
 
     @property
     def run_id(self) -> str:
@@ -388,7 +399,7 @@ def load_run(path: Path) -> Run | None:
     summary, error_s = read_json(path / "summary.json")
     run_info, _ = read_json(path / RUN_FILE)
     config, _ = read_json(path / "config.json")
-    return Run(path, status, reason, metrics, summary, error_m or error_s, (run_info or {}).get("uid"), config)
+    return Run(path, status, reason, metrics, summary, error_m or error_s, config, run_info)
 
 
 def find_runs(runs_dir: Path, stage: str) -> list[Run]:

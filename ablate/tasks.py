@@ -5,7 +5,12 @@
 ``--task-data TASK=FILE`` keeps the task's real lm-eval config (prompt
 template, ``process_docs``, choices, metrics) and only swaps where its rows
 come from: every split the config names reads FILE, which must hold rows in the
-task's hub schema (JSONL, JSON, CSV or Parquet).
+task's hub schema (JSONL, JSON, CSV or Parquet). A multiple-choice label may be
+an index (``1`` or ``"1"``) or the text of a choice.
+
+Everything is checked before any model work: only ``SCORED_OUTPUT_TYPES`` are
+accepted, and a row whose label lm-eval could not place among its choices (it
+would count it wrong whatever the model answers) is refused.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ STUDY_TASKS = ("hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande")
 FIXTURE_DATA = {name: TASK_DATA / f"{name}.jsonl" for name in STUDY_TASKS}
 SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split")
 LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+# lm-eval output types the stages score (acc from per-choice loglikelihoods); add generation here.
+SCORED_OUTPUT_TYPES = frozenset({"multiple_choice"})
 
 
 def parse_task_data(items: list[str]) -> dict[str, Path]:
@@ -38,6 +45,8 @@ def parse_task_data(items: list[str]) -> dict[str, Path]:
         if not sep or not name or not file:
             raise BadInput(f"--task-data expects TASK=FILE, got '{item}'")
         path = Path(file).expanduser()
+        if path.is_dir():
+            raise BadInput(f"--task-data file for '{name}' is a directory: {file}")
         if not path.is_file():
             raise BadInput(f"--task-data file for '{name}' not found: {file}")
         if path.suffix not in LOADERS:
@@ -48,20 +57,42 @@ def parse_task_data(items: list[str]) -> dict[str, Path]:
 
 
 def _check_rows(path: Path, task: str) -> None:
-    if path.suffix == ".jsonl":
-        rows = 0
-        for number, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise BadInput(f"--task-data file {path} line {number} is not valid JSON: {exc.msg}") from None
-            if not isinstance(row, dict):
-                raise BadInput(f"--task-data file {path} line {number} is not a JSON object")
-            rows += 1
-        if rows == 0:
-            raise BadInput(f"--task-data file {path} for '{task}' has no rows")
+    try:
+        with path.open("rb") as fh:
+            raw = b"" if path.suffix == ".parquet" else fh.read()  # parquet is binary: only check it opens
+    except OSError as exc:
+        raise BadInput(f"--task-data file {path} for '{task}' cannot be read: {exc.strerror or exc}") from None
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:  # datasets would fail later with a traceback
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise BadInput(f"--task-data file {path} line {line} is not UTF-8 text "
+                       f"(byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
+    if path.suffix in (".jsonl", ".json") and not _json_rows(path):
+        raise BadInput(f"--task-data file {path} for '{task}' has no rows")
+
+
+def _json_rows(path: Path) -> list[tuple[str, dict]]:
+    """``(where, row)`` for each row, read as datasets' json loader reads a .json or .jsonl file."""
+    text = path.read_text(encoding="utf-8-sig")  # datasets skips a UTF-8 byte-order mark too
+    if text.lstrip().startswith("["):  # datasets reads a JSON array of objects as rows
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise BadInput(f"--task-data file {path} line {exc.lineno} is not valid JSON: {exc.msg}") from None
+        rows = [(f"item {i}", item) for i, item in enumerate(items)]
+    else:
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append((f"line {number}", json.loads(line)))
+                except json.JSONDecodeError as exc:
+                    raise BadInput(f"--task-data file {path} line {number} is not valid JSON: {exc.msg}") from None
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise BadInput(f"--task-data file {path} {where} is not a JSON object")
+    return rows
 
 
 def _index_cache() -> Path:
@@ -102,6 +133,7 @@ def task_manager(include_path: str | None = None, tasks: list[str] | None = None
     if include_path:
         if not Path(include_path).is_dir():
             raise BadInput(f"--include-path '{include_path}' is not a directory")
+        _check_include_path(Path(include_path))
         paths.append(include_path)
     if tasks:
         folders = _task_folders()
@@ -120,13 +152,49 @@ def check_task_names(manager, tasks: list[str]) -> None:
             raise BadInput(f"unknown task '{name}'{hint}")
 
 
-def _retarget(manager, name: str, data: Path) -> dict:
+def _check_include_path(root: Path) -> None:
+    """lm-eval skips a YAML it cannot load (logged at debug level), so its task would just be 'unknown'.
+
+    A readable mapping without ``task:`` is left alone: it may be a template other YAMLs include.
+    """
+    import yaml
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    for path in sorted(root.glob("**/*.yaml")):
+        if {"__pycache__", ".ipynb_checkpoints"} & set(path.parts):  # lm-eval does not read these
+            continue
+        try:
+            load_yaml(path, resolve_func=False)
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            where = f"{mark.name}: invalid YAML at line {mark.line + 1}, column {mark.column + 1}" if mark else path
+            raise BadInput(f"--include-path file {where}: {exc.problem or exc.context}") from None
+        except Exception as exc:  # other YAML errors, a missing include, an include cycle, not a mapping
+            raise BadInput(f"--include-path file {path} cannot be read as a task: {_one_line(exc)}") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _check_output_type(name: str, output_type: str) -> None:
+    if output_type not in SCORED_OUTPUT_TYPES:
+        why = " (generation under a mask is not supported yet)" if output_type == "generate_until" else ""
+        raise BadInput(f"task '{name}' is {output_type}; ablate scores "
+                       f"{', '.join(sorted(SCORED_OUTPUT_TYPES))} tasks only{why}")
+
+
+def _retarget(manager, name: str, data: Path) -> tuple[dict, str | None]:
+    """The task's config reading ``data``, and the field its labels come from where they were made indices."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
     entry = manager.task_index[name]
     if entry.yaml_path is None or entry.kind.name != "TASK":
         raise BadInput(f"--task-data needs a single YAML task; '{name}' is a {entry.kind.name.lower()}")
-    cfg = load_yaml(entry.yaml_path, resolve_func=True)
+    try:
+        cfg = load_yaml(entry.yaml_path, resolve_func=True)
+    except Exception as exc:  # a !function that does not import, a broken include
+        raise BadInput(f"task '{name}': cannot load {entry.yaml_path}: {_one_line(exc)}") from None
     for key in ("tag", "group"):
         cfg.pop(key, None)
     splits = {cfg[k] for k in SPLIT_KEYS if cfg.get(k)}
@@ -137,7 +205,15 @@ def _retarget(manager, name: str, data: Path) -> dict:
     )
     cfg.pop("custom_dataset", None)
     _check_template_fields(name, cfg, data)
-    return cfg
+    # lm-eval returns a bare field's value as is, and scores a string label such as "1" by looking it up
+    # among the choice texts: never found, so always wrong. Local files often carry such labels (JSON,
+    # CSV). A template target that renders all digits is read as a choice index instead (doc_to_target
+    # in lm_eval/api/task.py); int labels render to the same index and choice texts stay strings.
+    label = cfg.get("doc_to_target")
+    if cfg.get("output_type") == "multiple_choice" and isinstance(label, str) and label.isidentifier():
+        cfg["doc_to_target"] = "{{" + label + "}}"
+        return cfg, label
+    return cfg, None
 
 
 def _check_template_fields(name: str, cfg: dict, data: Path) -> None:
@@ -145,7 +221,7 @@ def _check_template_fields(name: str, cfg: dict, data: Path) -> None:
     import jinja2
     from jinja2 import meta
 
-    if data.suffix != ".jsonl" or cfg.get("process_docs"):
+    if data.suffix not in (".jsonl", ".json") or cfg.get("process_docs"):
         return
     env = jinja2.Environment()
     fields: set[str] = set()
@@ -153,12 +229,11 @@ def _check_template_fields(name: str, cfg: dict, data: Path) -> None:
         value = cfg.get(key)
         if isinstance(value, str):
             fields |= meta.find_undeclared_variables(env.parse(value if "{" in value else "{{" + value + "}}"))
-    for number, line in enumerate(data.read_text().splitlines(), 1):
-        if line.strip():
-            missing = sorted(fields - set(json.loads(line)))
-            if missing:
-                raise BadInput(f"--task-data file {data} line {number} lacks field(s) {', '.join(missing)} "
-                               f"used by task '{name}'")
+    for where, row in _json_rows(data):
+        missing = sorted(fields - set(row))
+        if missing:
+            raise BadInput(f"--task-data file {data} {where} lacks field(s) {', '.join(missing)} "
+                           f"used by task '{name}'")
 
 
 def load_tasks(manager, tasks: list[str], task_data: dict[str, Path]) -> dict:
@@ -166,10 +241,19 @@ def load_tasks(manager, tasks: list[str], task_data: dict[str, Path]) -> dict:
     unknown = set(task_data) - set(tasks)
     if unknown:
         raise BadInput(f"--task-data names tasks not in --tasks: {', '.join(sorted(unknown))}")
-    specs = []
+    for name in tasks:  # before any dataset is read; a group's members are checked once built
+        entry = manager.task_index.get(name)
+        if entry is not None and entry.kind.name == "TASK" and entry.cfg is not None:
+            _check_output_type(name, entry.cfg.get("output_type", "generate_until"))  # TaskConfig's default
+    specs, label_fields, sources = [], {}, {}
     for name in tasks:
         data = task_data.get(name) or BUNDLED_DATA.get(name)
-        specs.append(_retarget(manager, name, data) if data else name)
+        if not data:
+            specs.append(name)
+            continue
+        cfg, label_fields[name] = _retarget(manager, name, data)
+        specs.append(cfg)
+        sources[name] = data
     try:
         built = manager.load(specs)["tasks"]
     except Exception as exc:  # lm-eval and datasets raise many types for data they cannot use
@@ -177,27 +261,48 @@ def load_tasks(manager, tasks: list[str], task_data: dict[str, Path]) -> dict:
         source = f" from --task-data {', '.join(str(p) for p in task_data.values())}" if task_data else ""
         raise BadInput(f"cannot build tasks {', '.join(tasks)}{source}: {type(exc).__name__}: {first}") from None
     for name, task in built.items():
-        _check_docs(name, task, task_data.get(name))
+        _check_docs(name, task, sources.get(name), label_fields.get(name))
     return built
 
 
-def _check_docs(name: str, task, data: Path | None) -> None:
-    if task.OUTPUT_TYPE != "multiple_choice":
-        log.warning("task %s is %s: ablate reports acc for multiple-choice tasks only", name, task.OUTPUT_TYPE)
-        return
+def _check_docs(name: str, task, data: Path | None, label_field: str | None = None) -> None:
+    """Refuse rows lm-eval would score as wrong whatever the model answers, before any model work.
+
+    ``label_field``: where ``_retarget`` turned a bare-field target into a template, the raw field.
+    """
+    _check_output_type(name, task.OUTPUT_TYPE)
     docs = list(task.eval_docs)
     source = f"data file {data}" if data else "data"
     if not docs:
         raise BadInput(f"task '{name}' has no documents in its evaluation split ({source})")
     for i, doc in enumerate(docs):
         try:
-            task.doc_to_text(doc)
+            text = task.doc_to_text(doc)
             target = task.doc_to_target(doc)
             choices = task.doc_to_choice(doc)
         except Exception as exc:
             raise BadInput(f"task '{name}': row {i} of its {source} does not fit the task schema "
-                           f"({type(exc).__name__}: {exc})") from None
-        # Winogrande-style tasks put the choice in the context and return a string target.
-        if isinstance(target, int) and not 0 <= target < len(choices):
-            raise BadInput(f"task '{name}': row {i} of its {source} has target {target!r} "
-                           f"outside its {len(choices)} choices")
+                           f"({type(exc).__name__}: {_one_line(exc)})") from None
+        # process_results scores against doc_to_text for multiple-input tasks (winogrande: the options are
+        # in the context), else doc_to_target; a gold it cannot place among the choices counts as wrong.
+        gold = text if task.multiple_input else target
+        retargeted = label_field is not None and not task.multiple_input
+        raw = doc.get(label_field) if retargeted else gold
+        if not _gold_in_choices(gold, choices):
+            shown = "null" if raw is None else repr(raw)
+            what = "a choice index" if task.multiple_input else "a choice index or one of the choices"
+            raise BadInput(f"task '{name}': row {i} of its {source} has label {shown}, which is not {what} "
+                           f"(it has {len(choices)} choices)")
+        # A digit string that is also a choice text: lm-eval's bare field meant the text, the template the index.
+        if retargeted and isinstance(gold, int) and raw in choices and choices.index(raw) != gold:
+            raise BadInput(f"task '{name}': row {i} of its {source} has label {raw!r}, both the text of choice "
+                           f"{choices.index(raw)} and index {gold}; write labels as integer indices")
+
+
+def _gold_in_choices(gold, choices: list) -> bool:
+    """Mirrors lm-eval's multiple_choice process_results, which scores a gold it maps to -100 as wrong."""
+    if isinstance(gold, list):  # multiple targets: indices only
+        return bool(gold) and all(isinstance(g, int) and 0 <= g < len(choices) for g in gold)
+    if isinstance(gold, int):
+        return 0 <= gold < len(choices)
+    return isinstance(gold, str) and gold in choices
