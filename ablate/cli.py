@@ -228,24 +228,27 @@ def stage3(
     run_dir: Optional[Path] = typer.Option(None, help="with --resume: the run directory to continue"),
 ):
     """Stage 3: finetune with the causal or prompt-bidirectional mask, loss on the response only."""
-    from ablate.config import FinetuneConfig, load_finetune_config
+    from ablate.config import load_finetune_config
 
     _quiet_libraries()
     flags = dict(locals())
-    for key in ("resume", "run_dir", "FinetuneConfig", "load_finetune_config"):
+    for key in ("resume", "run_dir", "load_finetune_config"):
         flags.pop(key, None)
     try:
-        from ablate.finetune import find_resumable, run_stage3
+        from ablate.config import STAGE3_PREFIX
+        from ablate.finetune import run_stage3
+        from ablate.resume import find_resumable, resumable_run, saved_config
 
         if resume:
-            stage = "stage3_finetune_" + (mask or "prefill_bidir")
-            target = run_dir or find_resumable(Path(runs_dir or "runs"), stage)
-            saved = target / "config.json"
-            if not saved.is_file():
-                raise BadInput(f"nothing to resume: {target} has no config.json")
-            config = FinetuneConfig(**{**json.loads(saved.read_text()), "runs_dir": str(target.parent.parent)})
+            # Only a failed or crashed run (of --mask, when given) is continued; anything else is refused untouched.
+            if run_dir:
+                target = resumable_run(run_dir, STAGE3_PREFIX + (mask or ""))
+            else:
+                target = find_resumable(Path(runs_dir or "runs"), STAGE3_PREFIX + (mask or "prefill_bidir"))
+            config = saved_config(target)
+            runs_dir = config.runs_dir
             typer.echo(f"resuming {target} with its saved config")
-            out = run_stage3(config, resume=target)
+            out = run_stage3(config, resume_dir=target)
         else:
             if run_dir:
                 raise BadInput("--run-dir only goes with --resume")

@@ -1,7 +1,9 @@
 """Stage 3 on a tiny model: python -m pytest tests/test_finetune.py -q"""
 
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from ablate import rundir
 from ablate.checkpoints import RAW, save_final
 from ablate.cli import app
 from ablate.config import load_finetune_config
@@ -67,7 +70,8 @@ def test_prefill_bidir_loss_differs_from_causal_and_the_guard_passes(tiny_llama,
 
 def test_full_bidir_is_refused_with_the_first_offending_position(tiny_llama, tmp_path):
     result = runner.invoke(app, ["stage3", "--mask", "full_bidir", "--model", str(tiny_llama), "--data", str(DATA),
-                                 "--device", "cpu", "--runs-dir", str(tmp_path), "--max-steps", "1"])
+                                 "--device", "cpu", "--runs-dir", str(tmp_path), "--max-steps", "1",
+                                 "--warmup-steps", "0"])
     assert result.exit_code == 2
     assert "mask 'full_bidir' leaks labels (example 0: supervised position" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -135,7 +139,7 @@ def _stage3_cli(model, runs, *extra, env=None):
 def test_resume_after_kill_9_gives_the_uninterrupted_weights(tiny_llama, tmp_path):
     straight = _stage3_cli(tiny_llama, tmp_path / "a")
     assert straight.returncode == 0, straight.stderr[-2000:]
-    killed = _stage3_cli(tiny_llama, tmp_path / "b", env={"ABLATE_FAULT_KILL_AT_STEP": "5"})
+    killed = _stage3_cli(tiny_llama, tmp_path / "b", env={"ABLATE_FAULT_KILL_AT": "step:5"})
     assert killed.returncode == -9
     (run,) = (tmp_path / "b" / "stage3_finetune_prefill_bidir").iterdir()
     assert (run / "status.txt").read_text().startswith("running") and not (run / "final").exists()
@@ -147,6 +151,207 @@ def test_resume_after_kill_9_gives_the_uninterrupted_weights(tiny_llama, tmp_pat
     expected, got = weights(expected_run / "final"), weights(run / "final")
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0)
+
+
+# A constant learning rate after warm-up: one step too many would show in the weights (cosine ends at lr 0).
+EXACT = ("--lr-scheduler", "constant_with_warmup")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_models, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("uninterrupted")
+    proc = _stage3_cli(tiny_models("llama"), runs, *EXACT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (run,) = (runs / "stage3_finetune_prefill_bidir").iterdir()
+    return run
+
+
+def _loss_steps(run):
+    rows = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    return [r["step"] for r in rows if "loss" in r]
+
+
+@pytest.mark.parametrize("moment,resumed_from", [
+    ("step:5", "checkpoint-4"),
+    ("save:4", "checkpoint-2"),  # checkpoint-4 half-written: its weights, no optimizer or trainer_state.json
+    ("eval", "checkpoint-8"),  # after the last step: nothing left to train
+    ("final_save", "checkpoint-8"),
+])
+def test_resume_after_a_kill_at_any_moment_is_the_uninterrupted_run(tiny_llama, tmp_path, uninterrupted, moment,
+                                                                      resumed_from):
+    killed = _stage3_cli(tiny_llama, tmp_path, *EXACT, env={"ABLATE_FAULT_KILL_AT": moment})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    (run,) = (tmp_path / "stage3_finetune_prefill_bidir").iterdir()
+    assert rundir.load_run(run).status == rundir.CRASHED
+    resumed = subprocess.run([sys.executable, "-m", "ablate", "stage3", "--resume", "--runs-dir", str(tmp_path)],
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    summary = summary_of(run)
+    assert summary["global_step"] == 8 and summary["status"] == "completed"
+    assert summary["resumed_from"].endswith(resumed_from)
+    expected, got = weights(uninterrupted / "final"), weights(run / "final")
+    assert set(got) == set(expected)
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+    assert summary["train_loss"] == summary_of(uninterrupted)["train_loss"]
+    assert _loss_steps(run) == list(range(1, 9))  # each step once
+    log = (run / "run.log").read_text()
+    assert f"resuming from {run / 'checkpoints' / resumed_from}" in log and "completed at step 8" in log
+    if moment.startswith("save"):
+        assert "checkpoint-4 is not intact (missing trainer_state.json" in resumed.stderr
+
+
+def test_run_log_holds_the_stage(tiny_llama, tmp_path):
+    run = run_stage3(config(tiny_llama, tmp_path, max_steps=2))
+    log = (run / "run.log").read_text()
+    for line in ("stage 3 starting", "data: 38 training, 2 held-out examples", "step 2: loss=", "grad_norm=",
+                 "eval_loss=", "saved the final model as hf_save_pretrained", "completed at step 2"):
+        assert line in log, line
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_models, tmp_path_factory):
+    """A completed 4-step run with checkpoints 2 and 4, run in this process."""
+    runs = tmp_path_factory.mktemp("reference")
+    return run_stage3(config(tiny_models("llama"), runs, max_steps=4, save_steps=2, lr_scheduler="constant"))
+
+
+def _copy_run(run, runs, stage="stage3_finetune_prefill_bidir", status=None):
+    copy = runs / stage / run.name
+    shutil.copytree(run, copy)
+    if status:
+        rundir.set_status(copy, status, "set by the test")
+    return copy
+
+
+def _failed_copy(run, runs):
+    """``run`` as if its process had failed during the final eval: no final/, no summary, status failed."""
+    copy = _copy_run(run, runs, status="failed")
+    shutil.rmtree(copy / "final")
+    (copy / "summary.json").unlink()
+    return copy
+
+
+def _hashes(folder):
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _resume(*args):
+    return runner.invoke(app, ["stage3", "--resume", *args])
+
+
+@pytest.mark.parametrize("status", ["completed", "gated", "diverged"])
+def test_resume_refuses_a_finished_run_and_touches_nothing(reference, tmp_path, status):
+    run = _copy_run(reference, tmp_path, status=status if status != "completed" else None)
+    before = _hashes(run)
+    result = _resume("--run-dir", str(run))
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
+    assert f"is {status}" in result.stderr and "only a failed or crashed run can be resumed" in result.stderr
+    result = _resume("--runs-dir", str(tmp_path))
+    assert result.exit_code == 2 and "nothing to resume" in result.stderr
+    assert _hashes(run) == before
+
+
+@pytest.mark.parametrize("where,flags,message", [
+    ("stage1_baseline_eval", [], "is a stage1_baseline_eval run, not stage3_finetune_*"),
+    ("stage3_finetune_causal", ["--mask", "prefill_bidir"], "is a stage3_finetune_causal run, not stage3_finetune_pre"),
+    ("not-a-run", [], "is not a run directory"),
+])
+def test_resume_refuses_a_run_dir_of_another_stage_or_mask(reference, tmp_path, where, flags, message):
+    if where == "not-a-run":
+        run = tmp_path / where
+        shutil.copytree(reference, run)
+    else:
+        run = _copy_run(reference, tmp_path, stage=where, status="failed")
+    before = _hashes(run)
+    result = _resume("--run-dir", str(run), *flags)
+    assert result.exit_code == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert _hashes(run) == before
+
+
+@pytest.mark.parametrize("damage", ["truncate model.safetensors", "truncate optimizer.pt",
+                                    "remove trainer_state.json"])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(reference, tmp_path, damage):
+    run = _failed_copy(reference, tmp_path)
+    action, name = damage.split()
+    target = run / "checkpoints" / "checkpoint-4" / name
+    if action == "remove":
+        target.unlink()
+    else:
+        os.truncate(target, target.stat().st_size - 100)
+    result = _resume("--run-dir", str(run))
+    assert result.exit_code == 0, result.output
+    summary = summary_of(run)
+    assert summary["resumed_from"].endswith("checkpoint-2") and summary["global_step"] == 4
+    assert "checkpoint-4 is not intact" in (run / "run.log").read_text()
+    expected, got = weights(reference / "final"), weights(run / "final")
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+    assert _loss_steps(run) == [1, 2, 3, 4]
+
+
+def test_a_second_resume_of_a_run_is_refused_by_its_lock(reference, tmp_path):
+    run = _failed_copy(reference, tmp_path)
+    before = _hashes(run)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; "
+                               "fd = os.open(sys.argv[1], os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_EX); "
+                               "print('locked', flush=True); time.sleep(120)", str(run / ".lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result = _resume("--run-dir", str(run))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "is being written by another ablate process" in result.stderr
+    assert _hashes(run) == before
+    assert rundir.load_run(run).status == rundir.FAILED
+
+
+def test_resume_refuses_another_base_model_than_the_run_started_from(reference, tmp_path):
+    run = _failed_copy(reference, tmp_path)
+    info = json.loads((run / "run.json").read_text())
+    assert info["model_identity"] == summary_of(reference)["model_identity"]
+    rundir.write_json(run / "run.json", {**info, "model_identity": {"local": "0" * 64}})  # weights replaced since
+    before = _hashes(run)
+    result = _resume("--run-dir", str(run))
+    assert result.exit_code == 2 and "was started from local model 000000000000" in result.stderr
+    assert _hashes(run) == before
+
+
+def test_a_failed_resume_leaves_the_run_resumable(reference, tmp_path):
+    run = _failed_copy(reference, tmp_path)
+    saved = (run / "config.json").read_text()
+    (run / "config.json").write_text(saved.replace(str(DATA), str(tmp_path / "gone.jsonl")))
+    result = _resume("--run-dir", str(run))
+    assert result.exit_code == 2 and "gone.jsonl" in result.stderr
+    assert rundir.load_run(run).status == rundir.FAILED
+    (run / "config.json").write_text(saved)
+    result = _resume("--run-dir", str(run))
+    assert result.exit_code == 0, result.output
+    assert summary_of(run)["resumed_from"].endswith("checkpoint-4") and summary_of(run)["global_step"] == 4
+    expected, got = weights(reference / "final"), weights(run / "final")
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+
+
+def test_lora_runs_repeat_and_resume_exactly(tiny_llama, tmp_path):
+    flags = dict(lora_r=4, max_steps=4, save_steps=2, lr_scheduler="constant")
+    first = run_stage3(config(tiny_llama, tmp_path / "a", **flags))
+    torch.manual_seed(99)  # the adapter's initialisation must not depend on the RNG state the run starts in
+    second = run_stage3(config(tiny_llama, tmp_path / "b", **flags))
+    expected = load_file(str(first / "final" / "adapter_model.safetensors"))
+    for name, tensor in load_file(str(second / "final" / "adapter_model.safetensors")).items():
+        assert torch.equal(tensor, expected[name]), name
+    run = _failed_copy(first, tmp_path / "c")
+    (run / "checkpoints" / "checkpoint-4" / "trainer_state.json").unlink()
+    result = _resume("--run-dir", str(run))
+    assert result.exit_code == 0, result.output
+    assert summary_of(run)["resumed_from"].endswith("checkpoint-2")
+    for name, tensor in load_file(str(run / "final" / "adapter_model.safetensors")).items():
+        assert torch.equal(tensor, expected[name]), name
 
 
 def test_resume_with_nothing_to_resume(tmp_path):
@@ -190,7 +395,7 @@ def test_stage3_bad_flags(tiny_llama, tmp_path, flag, value, message):
 def test_accelerate_launch_with_two_cpu_processes(tiny_llama, tmp_path):
     args = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "-m", "ablate",
             "stage3", "--model", str(tiny_llama), "--data", str(DATA), "--device", "cpu", "--runs-dir", str(tmp_path),
-            "--max-steps", "3", "--save-steps", "2", "--logging-steps", "1", "--batch-size", "2"]
+            "--max-steps", "3", "--save-steps", "2", "--logging-steps", "1", "--batch-size", "2", "--warmup-steps", "0"]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = (tmp_path / "stage3_finetune_prefill_bidir").iterdir()
