@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -14,6 +13,9 @@ from typing import List, Optional
 
 import typer
 
+from ablate.console import fail as _fail
+from ablate.console import quiet_libraries as _quiet_libraries
+from ablate.console import refresh_status as _refresh_status
 from ablate.errors import BadInput
 
 try:  # typer >= 0.20 vendors click; older typer uses click itself
@@ -39,40 +41,6 @@ EVAL_EPILOG_2 = """Example (offline, CPU):\n
   ablate stage2 --mask prefill_bidir --model /tmp/tiny --tasks ablate_tiny --device cpu\n
 Study settings:\n
   ablate stage2 --mask prefill_bidir --model mistralai/Ministral-3-3B-Base-2512 --tasks hellaswag,piqa,arc_easy,arc_challenge,winogrande"""
-
-
-def _fail(message: str) -> None:
-    typer.echo(f"ablate: error: {message}", err=True)
-    raise typer.Exit(2)
-
-
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("ablate").setLevel(logging.INFO)
-    # The run log gets lm-eval's INFO lines; the console only its warnings and ablate's own lines.
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(lambda r: r.levelno >= logging.WARNING or r.name.startswith("ablate"))
-    import datasets
-
-    datasets.disable_progress_bars()  # per-split bars for small local files are noise; lm-eval keeps its own
-
-
-def _refresh_status(runs_dir: str | None) -> None:
-    """Regenerate STATUS.md beside the runs folder; a stage's result never depends on this succeeding.
-
-    Called when a stage ends, completed or not; not after bad input, which writes nothing.
-    """
-    from ablate.status import write_status
-
-    if isinstance(sys.exc_info()[1], (BadInput, typer.Exit)):
-        return
-    runs = Path(runs_dir or "runs")
-    if runs.is_dir():
-        try:
-            write_status(runs)
-        except Exception as exc:  # noqa: BLE001 - report, never mask the stage's own outcome
-            typer.echo(f"ablate: warning: could not refresh STATUS.md: {exc}", err=True)
 
 
 def _eval_command(stage: str, flags: dict) -> None:
@@ -241,6 +209,10 @@ def stage3(
 
         if resume:
             # Only a failed or crashed run (of --mask, when given) is continued; anything else is refused untouched.
+            ignored = sorted(k for k, v in flags.items() if v is not None and k not in ("mask", "runs_dir"))
+            if ignored:
+                raise BadInput("--resume continues a run with its saved config; drop "
+                               + ", ".join("--" + k.replace("_", "-") for k in ignored))
             if run_dir:
                 target = resumable_run(run_dir, STAGE3_PREFIX + (mask or ""))
             else:

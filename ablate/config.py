@@ -278,8 +278,8 @@ class FinetuneConfig:
             raise BadInput(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         if self.learning_rate <= 0 or self.max_grad_norm <= 0 or self.spike_factor <= 1:
             raise BadInput("--learning-rate and --max-grad-norm must be > 0 and --spike-factor > 1")
-        if not 0 <= self.warmup_steps <= self.max_steps:
-            raise BadInput(f"--warmup-steps must be in 0..--max-steps ({self.max_steps}), got {self.warmup_steps}")
+        if self.warmup_steps < 0:
+            raise BadInput(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
         if self.eval_steps is not None and self.eval_steps < 1:
             raise BadInput(f"--eval-steps must be >= 1, got {self.eval_steps}")
 

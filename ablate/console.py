@@ -20,16 +20,35 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record comes (so captured output holds the log lines too)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("ablate").setLevel(logging.INFO)
-    # The run log gets lm-eval's INFO lines; the console only its warnings and ablate's own lines.
-    for handler in logging.getLogger().handlers:
+    root = logging.getLogger()
+    if not any(isinstance(h, _Stderr) for h in root.handlers):
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        # The run log gets lm-eval's INFO lines; the console only its warnings and ablate's own lines.
         handler.addFilter(lambda r: r.levelno >= logging.WARNING or r.name.startswith("ablate"))
+        root.addHandler(handler)
+        root.setLevel(logging.WARNING)
+    logging.getLogger("ablate").setLevel(logging.INFO)
     import datasets
+    import transformers
 
     datasets.disable_progress_bars()  # per-split bars for small local files are noise; lm-eval keeps its own
+    # The per-tensor loading bar would stand before a refusal's one line; ablate logs "loading MODEL" instead.
+    transformers.utils.logging.disable_progress_bar()
 
 
 def refresh_status(runs_dir: str | None) -> None:

@@ -104,7 +104,8 @@ class TrainLog(TrainerCallback):
                 if median > 0 and norm > self.spike_factor * median:
                     reason = (f"grad norm {norm:.3g} at step {state.global_step} is over "
                               f"{self.spike_factor:g}x its recent median {median:.3g}")
-            self.grad_norms.append(norm)
+            if math.isfinite(norm):
+                self.grad_norms.append(norm)
         if reason:
             self.diverged = reason
             control.should_training_stop = True
@@ -145,6 +146,7 @@ def run_stage3(config: FinetuneConfig, resume_dir: Path | None = None) -> Path:
     state = PartialState()
     device = resolve_device(config.device)
     if resume_dir is None:
+        rundir.check_writable(Path(config.runs_dir), config.stage)
         setup = _setup(config, device)  # data and mask are checked before a run directory exists
         run_dir = _claim(state, lambda: rundir.new_run_dir(Path(config.runs_dir), config.stage,
                                                            model_identity=setup[-1]))
@@ -159,6 +161,9 @@ def run_stage3(config: FinetuneConfig, resume_dir: Path | None = None) -> Path:
             rundir.write_json(run_dir / "env.json", rundir.environment(device))
         log.info("stage 3 %s %s: mask %s, model %s, %d steps", "resuming" if resume_dir else "starting", run_dir,
                  config.mask, config.model, config.max_steps)
+        if config.warmup_steps > config.max_steps:
+            log.warning("--warmup-steps %d is longer than --max-steps %d: the learning rate never reaches %g",
+                        config.warmup_steps, config.max_steps, config.learning_rate)
         if resume_dir is not None:
             setup = _setup(config, device)
         return _train(config, setup, run_dir, resume_dir is not None, started, state.is_main_process)
@@ -308,6 +313,17 @@ def _train(config, setup, run_dir, resuming, started, is_main):
     log.info("%s at step %d: train_loss %s, eval_loss %s%s", status, summary["global_step"], summary["train_loss"],
              eval_loss, f" ({reason})" if reason else "")
     if is_main:
-        rundir.write_json(run_dir / "summary.json", summary)
+        rundir.write_json(run_dir / "summary.json", _finite(summary))
         rundir.set_status(run_dir, status, reason)
     return run_dir
+
+
+def _finite(value):
+    """JSON has no NaN: a diverged run's non-finite losses are written as null (its reason says what they were)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

@@ -142,6 +142,7 @@ def load_model(
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     path, local = _path(model), _looks_local(model)
+    log.debug("loading %s (%s, %s, %s)", model, device, str(torch_dtype).replace("torch.", ""), attn_implementation)
     try:
         if local and (Path(path) / "adapter_config.json").is_file():
             lm = load_adapter(Path(path), device, dtype, attn_implementation)

@@ -107,21 +107,15 @@ def intact(run_dir: Path) -> list[Path]:
 
 def find_resumable(runs_dir: Path, stage: str) -> Path:
     """The latest failed or crashed run of ``stage`` with an intact checkpoint."""
-    # Not rundir.latest: that one wants results (summary.json), which an unfinished run lacks.
-    for run in reversed(rundir.find_runs(runs_dir, stage)):
-        if run.status in RESUMABLE and intact(run.path):
-            return run.path
-    raise BadInput(f"nothing to resume: no failed or crashed run with an intact checkpoint in {Path(runs_dir) / stage}")
+    run = rundir.latest(runs_dir, stage, statuses=RESUMABLE, need_results=False, where=lambda r: intact(r.path))
+    if run is None:
+        raise BadInput(f"nothing to resume: no failed or crashed run with an intact checkpoint in {Path(runs_dir) / stage}")
+    return run.path
 
 
 def resumable_run(path: Path, stage: str, flag: str = "--run-dir") -> Path:
     """A run the user named for ``--resume``: a ``stage`` run that failed or crashed, with an intact checkpoint."""
-    # rundir.explicit_run's checks, less its "has results": an unfinished run has none.
-    run = rundir.load_run(Path(path).resolve())
-    if run is None:
-        raise BadInput(f"{flag} {path} is not a run directory (runs/<stage>/<YYYYmmdd-HHMMSS>/ with a status.txt)")
-    if not run.stage.startswith(stage):
-        raise BadInput(f"{flag} {path} is a {run.stage} run, not {stage}" + ("*" if stage.endswith("_") else ""))
+    run = rundir.explicit_run(Path(path).resolve(), stage, flag, statuses=tuple(rundir.Status), need_results=False)
     if run.status not in RESUMABLE:
         raise BadInput(f"{flag} {path} is {run.status}" + (f" ({run.reason})" if run.reason else "")
                        + "; only a failed or crashed run can be resumed")

@@ -416,28 +416,32 @@ def stages_with_prefix(runs_dir: Path, prefix: str) -> list[str]:
     return sorted(p.name for p in base.iterdir() if p.is_dir() and p.name.startswith(prefix)) if base.is_dir() else []
 
 
-def latest(runs_dir: Path, stage: str, where=None, statuses=(COMPLETED,)) -> Run | None:
-    """The latest usable run of ``stage``: status in ``statuses``, results readable, ``where(run)`` true."""
+def latest(runs_dir: Path, stage: str, where=None, statuses=(COMPLETED,), need_results: bool = True) -> Run | None:
+    """The latest usable run of ``stage``: status in ``statuses``, results readable, ``where(run)`` true.
+
+    ``need_results=False`` for unfinished runs (a crashed stage 3 run to resume has no summary.json).
+    """
     for run in reversed(find_runs(runs_dir, stage)):
-        if run.status in statuses and not run.error and run.results is not None and (where is None or where(run)):
+        has_results = not run.error and run.results is not None
+        if run.status in statuses and (has_results or not need_results) and (where is None or where(run)):
             return run
     return None
 
 
-def explicit_run(path: str | Path, stage: str, flag: str, statuses=USABLE) -> Run:
+def explicit_run(path: str | Path, stage: str, flag: str, statuses=USABLE, need_results: bool = True) -> Run:
     """A run the user named (``--baseline``, ``--stage1-run``, ...): the right stage and usable, or one line."""
     run = load_run(Path(path))
     if run is None:
         raise BadInput(f"{flag} {path} is not a run directory (runs/<stage>/<YYYYmmdd-HHMMSS>/ with a status.txt)")
     if not run.stage.startswith(stage):
-        raise BadInput(f"{flag} {path} is a {run.stage} run, not {stage}")
+        raise BadInput(f"{flag} {path} is a {run.stage} run, not {stage}" + ("*" if stage.endswith("_") else ""))
     recorded = (run.results or {}).get("stage")
     if recorded and not recorded.startswith(stage):
         raise BadInput(f"{flag} {path} records stage {recorded}, not {stage}")
     if run.status not in statuses:
         raise BadInput(f"{flag} {path} is {run.status}" + (f" ({run.reason})" if run.reason else "")
                        + f", not {' or '.join(map(str, statuses))}")
-    if run.error or run.results is None:
+    if need_results and (run.error or run.results is None):
         raise BadInput(f"{flag} {path} has no readable results" + (f": {run.error}" if run.error else ""))
     return run
 

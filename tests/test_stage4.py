@@ -96,6 +96,46 @@ def test_stage4_refuses_without_stage1(study, tmp_path):
 
 def test_stage4_refuses_what_is_not_a_stage3_run(tmp_path):
     result = runner.invoke(app, ["stage4", "--checkpoint", str(tmp_path), "--runs-dir", str(tmp_path)])
-    assert result.exit_code == 2 and "is not a stage 3 run directory" in result.stderr
+    assert result.exit_code == 2 and "is not a run directory" in result.stderr
     result = runner.invoke(app, ["stage4", "--runs-dir", str(tmp_path)])
     assert result.exit_code == 2 and "no completed stage 3 run" in result.stderr
+
+
+def test_a_moved_runs_folder_still_reports(study, tmp_path, capsys):
+    import shutil
+
+    from ablate.cli import main
+
+    runs = study[0]
+    assert main(["stage4", "--device", "cpu", "--runs-dir", str(runs)]) == 0
+    moved = tmp_path / "elsewhere" / "runs"
+    shutil.copytree(runs, moved)
+    capsys.readouterr()
+    assert main(["aggregate", "--runs-dir", str(moved)]) == 0
+    assert main(["report", "--runs-dir", str(moved), "--out", str(tmp_path / "RESULTS.md")]) == 0
+    assert main(["status", "--runs-dir", str(moved)]) == 0
+    out, err = capsys.readouterr()
+    assert "stage4_post_ft_eval" in out and "Traceback" not in err and "error" not in err
+    assert "finetuned with prefill_bidir" in out
+
+
+def test_a_model_replaced_at_the_same_path_is_another_model(tiny_models, tmp_path, capsys):
+    import shutil
+
+    from ablate.cli import main
+    from ablate.tiny import build_tiny_model
+
+    model, runs = tmp_path / "model", tmp_path / "runs"
+    shutil.copytree(tiny_models("llama"), model)
+    common = ["--model", str(model), "--tasks", "ablate_tiny", "--device", "cpu", "--limit", "4", "--runs-dir", str(runs)]
+    assert main(["stage1", *common]) == 0
+    (s1,) = (runs / "stage1_baseline_eval").iterdir()
+    other = build_tiny_model(tmp_path / "other", seed=1)
+    shutil.copy(Path(other) / "model.safetensors", model / "model.safetensors")  # new weights, same path
+    capsys.readouterr()
+    assert main(["stage2", *common, "--baseline", str(s1)]) == 2
+    assert "differs from this run in model" in capsys.readouterr().err
+    assert main(["stage2", *common]) == 0
+    (s2,) = (runs / "stage2_ablation_eval").iterdir()
+    baseline = json.loads((s2 / "metrics.json").read_text())["baseline"]
+    assert baseline["run"] is None and "differs in model" in baseline["reason"]
