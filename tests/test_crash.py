@@ -97,3 +97,19 @@ def test_folders_that_are_not_runs_are_never_the_latest(tmp_path):
     (stage / "old-backup" / "metrics.json").write_text("{}")
     assert [r.path for r in rundir.find_runs(tmp_path, "stage1_baseline_eval")] == [real]
     assert rundir.latest(tmp_path, "stage1_baseline_eval").path == real
+
+
+def test_sigkill_during_stage3_reads_crashed_with_the_resume_command(tiny_llama, tmp_path):
+    runs = tmp_path / "runs"
+    proc = subprocess.run([sys.executable, "-m", "ablate", "stage3", "--mask", "prefill_bidir", "--model",
+                           str(tiny_llama), "--data", "tests/data/sft.jsonl", "--device", "cpu", "--max-steps", "4",
+                           "--save-steps", "2", "--warmup-steps", "0", "--max-length", "64", "--runs-dir", str(runs)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "ABLATE_FAULT_KILL_AT": "step:3"})
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    path = only_run(runs, "stage3_finetune_prefill_bidir")
+    run = rundir.load_run(path)
+    assert run.status == rundir.CRASHED
+    blockers = render(runs).split("## Blockers")[1]
+    assert f"`{path}` is **crashed**" in blockers
+    assert f"`ablate stage3 --resume --run-dir {path}`" in blockers
