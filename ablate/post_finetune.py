@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ablate import rundir
-from ablate.config import STAGE1, STAGE2, STAGE3_PREFIX, STAGE4, EvalConfig, check_runtime
+from ablate.config import STAGE1, STAGE2, STAGE3_PREFIX, STAGE4, EvalConfig, check_runtime, check_types
 from ablate.errors import BadInput
 from ablate.identity import describe, mismatch
 from ablate.evaluation import check_inputs, comparison_key, evaluate, write_samples
@@ -45,6 +45,7 @@ class Stage4Config:
     ignore_gate: bool = field(default=False, metadata={"help": "start from gated stage 1 or stage 3 runs anyway"})
 
     def __post_init__(self):
+        check_types(self)
         check_runtime(self.mask, self.device, self.dtype, self.attn_implementation)
         if self.batch_size is not None and self.batch_size != "auto" and not (
                 self.batch_size.isdigit() and int(self.batch_size) > 0):

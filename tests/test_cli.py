@@ -35,10 +35,12 @@ def study(tiny_models, tmp_path_factory):
     common = ["--model", model, "--tasks", "ablate_tiny,piqa", "--task-data", PIQA,
               "--device", "cpu", "--batch-size", "4", "--runs-dir", runs]
     outputs = []
+    outside_git = tmp_path_factory.mktemp("cwd")  # lm-eval asks git for a hash of the working directory
     for stage, extra in (("stage1", []), ("stage2", ["--mask", "prefill_bidir"])):
         proc = subprocess.run([sys.executable, "-m", "ablate", stage, *map(str, common + extra)],
-                              capture_output=True, text=True, timeout=600, env={**os.environ})
+                              capture_output=True, text=True, timeout=600, env={**os.environ}, cwd=outside_git)
         assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "not a git repository" not in proc.stderr
         outputs.append(proc.stdout)
     s1 = run_dirs(runs, "stage1_baseline_eval")[0]
     s2 = run_dirs(runs, "stage2_ablation_eval")[0]
