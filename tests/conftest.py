@@ -8,7 +8,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
-from ablate.tiny import build_tiny_model  # noqa: E402
+from ablate.core.tiny import build_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -15,8 +15,8 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from ablate.cli import main
-from ablate.tasks import FIXTURE_DATA
-from ablate.tiny import build_tiny_model
+from ablate.core.tasks import FIXTURE_DATA
+from ablate.core.tiny import build_tiny_model
 
 PIQA_ROW = {"goal": "Keep a door open.", "sol1": "Use a wedge.", "sol2": "Use a cloud.", "label": 0}
 

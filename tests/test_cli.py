@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ablate.cli import app
-from ablate.tasks import FIXTURE_DATA
+from ablate.core.tasks import FIXTURE_DATA
 
 runner = CliRunner()
 PIQA = f"piqa={FIXTURE_DATA['piqa']}"
@@ -165,7 +165,8 @@ def test_malformed_task_data(content, message, tiny_llama, tmp_path):
 
 
 def test_stage1_is_causal_only():
-    from ablate.config import STAGE1, load_eval_config
+    from ablate.results.rundir import STAGE1
+    from ablate.stages.config import load_eval_config
     from ablate.errors import BadInput
 
     with pytest.raises(BadInput, match="stage 1 is the causal baseline"):
@@ -214,10 +215,12 @@ def test_include_path_adds_a_custom_task(tiny_llama, tmp_path):
 
 
 def test_gate_marks_the_run_and_stage2_refuses_it(tiny_llama, tmp_path, monkeypatch):
-    import ablate.config as config_module
+    import ablate.stages.config as config_module
+
+    import shutil
 
     stages = tmp_path / "stages"
-    stages.mkdir()
+    shutil.copytree(config_module.STAGES_DIR, stages, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
     (stages / "stage1_baseline_eval.yaml").write_text("gate: {metric: macro.acc, min: 0.99}\n")
     monkeypatch.setattr(config_module, "STAGES_DIR", stages)
     common = ["--model", tiny_llama, "--tasks", "ablate_tiny", "--device", "cpu", "--runs-dir", tmp_path / "runs",
@@ -233,7 +236,7 @@ def test_gate_marks_the_run_and_stage2_refuses_it(tiny_llama, tmp_path, monkeypa
 
 
 def test_malformed_gate_is_bad_input(tmp_path, monkeypatch):
-    import ablate.config as config_module
+    import ablate.stages.config as config_module
 
     (tmp_path / "stage1_baseline_eval.yaml").write_text("gate: {metric: macro.acc, floor: 0.4}\n")
     monkeypatch.setattr(config_module, "STAGES_DIR", tmp_path)

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from ablate import rundir
+from ablate.results import rundir
 from ablate.errors import BadInput
-from ablate.status import render
+from ablate.results.status import render
 
 
 def stage1(model, runs, fault=None, timeout=300):

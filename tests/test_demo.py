@@ -5,7 +5,7 @@ import json
 from typer.testing import CliRunner
 
 from ablate.cli import app
-from ablate.world import FAMILIES, write_world
+from ablate.demo.world import FAMILIES, write_world
 
 runner = CliRunner()
 
@@ -55,7 +55,7 @@ def test_unknown_preset_is_bad_input(tmp_path):
 def test_same_seed_same_pretrained_model(tmp_path):
     from safetensors.torch import load_file
 
-    from ablate.demo import PRESETS, pretrain
+    from ablate.demo.run import PRESETS, pretrain
 
     paths = []
     for name in ("a", "b"):

@@ -13,12 +13,12 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from ablate import rundir
-from ablate.checkpoints import RAW, save_final
+from ablate.results import rundir
+from ablate.core.checkpoints import RAW, save_final
 from ablate.cli import app
-from ablate.config import load_finetune_config
-from ablate.finetune import run_stage3
-from ablate.models import load_model
+from ablate.stages.config import load_finetune_config
+from ablate.stages.stage3_finetune import run_stage3
+from ablate.core.models import load_model
 
 DATA = Path(__file__).parent / "data" / "sft.jsonl"
 runner = CliRunner()
@@ -444,7 +444,7 @@ def test_lora_save_fallback_is_still_a_loadable_adapter(tiny_llama, tmp_path, mo
 
 def test_stage3_gate_marks_the_run_gated(tiny_llama, tmp_path):
     from ablate.errors import BadInput
-    from ablate.post_finetune import Stage4Config, stage3_runs
+    from ablate.stages.stage4_post_ft_eval import Stage4Config, stage3_runs
 
     run = run_stage3(config(tiny_llama, tmp_path, max_steps=1, gate={"metric": "eval_loss", "max": 0.1}))
     summary = summary_of(run)

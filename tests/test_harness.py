@@ -4,15 +4,18 @@ The causal path must reproduce stock lm-eval HF results; the prefill_bidir path
 must equal a brute-force forward with an explicit mask, request by request.
 """
 
+import logging
+
 import pytest
 import torch
 from lm_eval import simple_evaluate
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
-from ablate.harness import PrefillMaskLM
-from ablate.models import load_model
-from ablate.tasks import FIXTURE_DATA, STUDY_TASKS, load_tasks, task_manager
+from ablate.core import lm_eval_model
+from ablate.core.lm_eval_model import PrefillMaskLM
+from ablate.core.models import load_model
+from ablate.core.tasks import FIXTURE_DATA, STUDY_TASKS, load_tasks, task_manager
 
 TASKS = [*STUDY_TASKS, "ablate_tiny"]
 
@@ -76,12 +79,14 @@ def test_prefill_bidir_equals_brute_force_per_request(llama):
     assert [ll for ll, _ in causal.loglikelihood(requests)] != pytest.approx(got, abs=1e-4)
 
 
-def test_truncated_prompt_keeps_the_boundary(llama):
+def test_truncated_prompt_keeps_the_boundary(llama, caplog):
     model, tokenizer = llama
     lm = PrefillMaskLM(pretrained=model, tokenizer=tokenizer, mask="prefill_bidir", batch_size=2,
                        device="cpu", max_length=8)
     context = "Mia has a red ball and a blue kite. What color is the ball of Mia?\nAnswer:"
-    (value, _), = lm.loglikelihood([Instance("loglikelihood", doc={}, arguments=(context, " red"), idx=0)])
+    with caplog.at_level(logging.WARNING, logger="ablate.core.lm_eval_model"):
+        (value, _), = lm.loglikelihood([Instance("loglikelihood", doc={}, arguments=(context, " red"), idx=0)])
+    assert "1 of 1 requests exceed max_length 8" in caplog.text
     context_enc, continuation_enc = lm._encode_pair(context, " red")
     kept = (context_enc + continuation_enc)[-9:]
     expected = brute_force_loglikelihood(model, kept[: -len(continuation_enc)], continuation_enc)
@@ -94,3 +99,60 @@ def test_tokens_are_counted(llama):
     lm.loglikelihood([Instance("loglikelihood", doc={}, arguments=("a b c", " d"), idx=0)])
     context_enc, continuation_enc = lm._encode_pair("a b c", " d")
     assert lm.tokens_processed == len(context_enc) + len(continuation_enc) - 1
+
+
+def test_auto_batch_size_is_probed_under_the_mask_on_every_call(llama, monkeypatch):
+    """Upstream's OOM fix: sizes found for one call's requests are not reused for the next call's."""
+    model, tokenizer = llama
+    lm = PrefillMaskLM(pretrained=model, tokenizer=tokenizer, mask="prefill_bidir", batch_size="auto",
+                       max_batch_size=4, device="cpu")
+    state = {"probing": False, "detections": 0, "probe_masks": []}
+    detect, build = lm._detect_batch_size, lm_eval_model.model_attention_mask
+
+    def counted_detect(*args):
+        state["detections"] += 1
+        state["probing"] = True
+        try:
+            return detect(*args)
+        finally:
+            state["probing"] = False
+
+    def spied_build(*args):
+        mask = build(*args)
+        if state["probing"]:
+            state["probe_masks"].append(mask)
+        return mask
+
+    monkeypatch.setattr(lm, "_detect_batch_size", counted_detect)
+    monkeypatch.setattr(lm_eval_model, "model_attention_mask", spied_build)
+    fixed = PrefillMaskLM(pretrained=model, tokenizer=tokenizer, mask="prefill_bidir", batch_size=1, device="cpu")
+    for pairs in ([("a b", " c d"), ("a", " b c")], [("a b c d e f g h", " i j"), ("x y", " z w")]):
+        requests = [Instance("loglikelihood", doc={}, arguments=pair, idx=i) for i, pair in enumerate(pairs)]
+        before = lm.tokens_processed
+        got = [ll for ll, _ in lm.loglikelihood(requests)]
+        assert got == pytest.approx([ll for ll, _ in fixed.loglikelihood(requests)], abs=1e-5)
+        encoded = [lm._encode_pair(*pair) for pair in pairs]
+        assert lm.tokens_processed - before == sum(len(c) + len(t) - 1 for c, t in encoded)  # probes not counted
+    assert state["detections"] == 2
+    # The probe built the run's 4D prefix mask, not the plain causal call's 2D padding mask.
+    assert state["probe_masks"] and all(m.dim() == 4 for m in state["probe_masks"])
+
+
+def test_requests_upstream_refuses_are_refused(llama):
+    model, tokenizer = llama
+    lm = PrefillMaskLM(pretrained=model, tokenizer=tokenizer, mask="prefill_bidir", batch_size=2,
+                       device="cpu", max_length=8)
+    with pytest.raises(ValueError, match="empty continuation"):
+        lm._loglikelihood_tokens([(("a", ""), [5], [])])
+    with pytest.raises(ValueError, match="exceeds max_length 8"):
+        lm._loglikelihood_tokens([(("a", " b"), [5], list(range(10, 19)))])
+
+
+def test_no_forward_pass_is_shared_between_requests(llama):
+    """HFLM's one-token logits cache is off: every request is a row of its own (docs/footguns.md)."""
+    model, tokenizer = llama
+    lm = PrefillMaskLM(pretrained=model, tokenizer=tokenizer, mask="causal", batch_size=8, device="cpu")
+    assert lm.logits_cache is False
+    pairs = [("Question: a b c\nAnswer:", choice) for choice in (" A", " B", " C", " D")]
+    lm.loglikelihood([Instance("loglikelihood", doc={}, arguments=pair, idx=i) for i, pair in enumerate(pairs)])
+    assert lm.tokens_processed == sum(len(c) + len(t) - 1 for c, t in (lm._encode_pair(*p) for p in pairs))

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ablate.checkpoints import save_final
+from ablate.core.checkpoints import save_final
 from ablate.errors import BadInput
-from ablate.models import load_model
+from ablate.core.models import load_model
 
 IDS = torch.tensor([[1, 5, 9, 33, 2, 7]])
 
@@ -117,16 +117,16 @@ def test_no_weight_files(llama):
 
 
 def test_path_vanishing_between_checks(llama, monkeypatch):
-    import ablate.models
+    import ablate.core.models
 
-    load_config = ablate.models.load_config
+    load_config = ablate.core.models.load_config
 
     def then_vanish(model):
         config = load_config(model)
         shutil.rmtree(llama)
         return config
 
-    monkeypatch.setattr(ablate.models, "load_config", then_vanish)
+    monkeypatch.setattr(ablate.core.models, "load_config", then_vanish)
     refused(llama, "cannot load model .*llama': the folder is gone")
 
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from ablate.errors import BadInput
-from ablate.masks import MASKS, dense_mask, get_mask, model_attention_mask
-from ablate.tiny import tiny_config
+from ablate.core.masks import MASKS, dense_mask, get_mask, model_attention_mask
+from ablate.core.tiny import tiny_config
 
 PADDED = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], dtype=torch.bool)
 

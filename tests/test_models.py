@@ -8,9 +8,9 @@ every architecture here uses as-is.
 import pytest
 import torch
 
-from ablate.masks import model_attention_mask
-from ablate.models import load_model
-from ablate.tiny import ARCHS
+from ablate.core.masks import model_attention_mask
+from ablate.core.models import load_model
+from ablate.core.tiny import ARCHS
 
 IDS = torch.tensor([[5, 17, 33, 9, 41, 12, 7, 30], [8, 21, 3, 44, 19, 0, 0, 0]])
 LENGTHS = [8, 5]

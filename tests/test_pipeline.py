@@ -9,7 +9,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from ablate.cli import app
-from ablate.tasks import FIXTURE_DATA
+from ablate.core.tasks import FIXTURE_DATA
 
 DATA = Path(__file__).parent / "data" / "sft.jsonl"
 runner = CliRunner()

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ablate.recovery import macro_recovery, mcnemar, ratios, task_recovery
+from ablate.results.recovery import macro_recovery, mcnemar, ratios, task_recovery
 
 
 def test_ratios_by_hand():

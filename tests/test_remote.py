@@ -22,9 +22,9 @@ import pytest
 from typer.testing import CliRunner
 
 from ablate.cli import app
-from ablate.remote import Box, Connection
-from ablate.rundir import RUN_NAME, load_run
-from ablate.sync import sync
+from ablate.remote.ssh import Box, Connection
+from ablate.results.rundir import RUN_NAME, load_run
+from ablate.remote.sync import sync
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 pytestmark = pytest.mark.skipif(not (Path(SSHD).exists() and shutil.which("tmux") and os.geteuid() == 0),

@@ -7,11 +7,13 @@ import pytest
 from typer.testing import CliRunner
 
 from ablate.cli import app
-from ablate.config import STAGE1, STAGE2, load_eval_config, load_finetune_config
-from ablate.evaluation import run_eval
-from ablate.finetune import run_stage3
-from ablate.post_finetune import Stage4Config, run_stage4
-from ablate.tasks import FIXTURE_DATA
+from ablate.results.rundir import STAGE1, STAGE2
+from ablate.stages.config import load_eval_config, load_finetune_config
+from ablate.stages.stage1_baseline_eval import run_stage1
+from ablate.stages.stage2_ablation_eval import run_stage2
+from ablate.stages.stage3_finetune import run_stage3
+from ablate.stages.stage4_post_ft_eval import Stage4Config, run_stage4
+from ablate.core.tasks import FIXTURE_DATA
 
 DATA = Path(__file__).parent / "data" / "sft.jsonl"
 runner = CliRunner()
@@ -29,8 +31,8 @@ def study(tiny_models, tmp_path_factory):
 
     runs = tmp_path_factory.mktemp("runs")
     model = tiny_models("llama")
-    s1 = run_eval(load_eval_config(STAGE1, eval_flags(model, runs)))
-    s2 = run_eval(load_eval_config(STAGE2, {**eval_flags(model, runs), "mask": "prefill_bidir"}))
+    s1 = run_stage1(load_eval_config(STAGE1, eval_flags(model, runs)))
+    s2 = run_stage2(load_eval_config(STAGE2, {**eval_flags(model, runs), "mask": "prefill_bidir"}))
     ft = dict(model=str(model), data=str(DATA), device="cpu", runs_dir=str(runs), max_steps=6, learning_rate=3e-3,
               lr_scheduler="constant", warmup_steps=0, save_steps=100, logging_steps=2)
     s3_causal = run_stage3(load_finetune_config({**ft, "mask": "causal"}))
@@ -123,7 +125,7 @@ def test_a_model_replaced_at_the_same_path_is_another_model(tiny_models, tmp_pat
     import shutil
 
     from ablate.cli import main
-    from ablate.tiny import build_tiny_model
+    from ablate.core.tiny import build_tiny_model
 
     model, runs = tmp_path / "model", tmp_path / "runs"
     shutil.copytree(tiny_models("llama"), model)

@@ -7,8 +7,8 @@ import pytest
 from typer.testing import CliRunner
 
 from ablate.cli import app
-from ablate.report import write_report
-from ablate.status import render
+from ablate.results.report import write_report
+from ablate.results.status import render
 
 runner = CliRunner()
 
@@ -99,7 +99,7 @@ def test_report_is_reproducible_and_names_its_runs(tmp_path):
 
 
 def test_aggregate_across_seeds(tmp_path):
-    from ablate.aggregate import aggregate
+    from ablate.results.aggregate import aggregate
 
     for i, (seed, piqa, arc) in enumerate([(1, 0.70, 0.80), (2, 0.74, 0.84), (3, 0.72, 0.82)]):
         m = stage_metrics(piqa, arc)

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from ablate.cli import app
 from ablate.errors import BadInput
-from ablate.tasks import FIXTURE_DATA, SCORED_OUTPUT_TYPES, load_tasks, parse_task_data, task_manager
+from ablate.core.tasks import FIXTURE_DATA, SCORED_OUTPUT_TYPES, load_tasks, parse_task_data, task_manager
 
 PIQA_ROWS = [json.loads(line) for line in FIXTURE_DATA["piqa"].read_text().splitlines()]
 WINOGRANDE_ROWS = [json.loads(line) for line in FIXTURE_DATA["winogrande"].read_text().splitlines()]

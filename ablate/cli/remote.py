@@ -1,0 +1,187 @@
+"""`ablate remote launch|watch|sync`: run stages on a rented GPU box in tmux, watch them, sync results home.
+
+    ablate remote --help
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ablate.cli.console import fail as _fail
+from ablate.cli.console import refresh_status as _refresh_status
+from ablate.errors import BadInput
+
+
+def _check_seconds(**values: float) -> None:
+    """Every interval is a finite number of seconds, at least 1 (0 would poll in a busy loop)."""
+    for name, value in values.items():
+        if not (math.isfinite(value) and value >= 1):
+            _fail(f"--{name.replace('_', '-')} must be at least 1 (seconds), got {value:g}")
+
+
+def _report_relocated(result, host, runs_dir):
+    for remote, local in result.relocated.items():
+        typer.echo(f"run {remote} from {host} is kept in {Path(runs_dir) / local}: "
+                   f"{Path(runs_dir) / remote} here is another run")
+
+
+remote_app = typer.Typer(help="Run stages on a rented GPU box: launch in tmux, watch, sync results back.",
+                         no_args_is_help=True, rich_markup_mode=None)
+
+HOST = typer.Option(..., "--host", envvar="VAST_HOST", help="SSH host of the box (env VAST_HOST)")
+PORT = typer.Option(22, "--port", envvar="VAST_PORT", help="SSH port (env VAST_PORT)")
+USER = typer.Option("root", "--user", envvar="VAST_USER", help="SSH user (env VAST_USER)")
+KEY = typer.Option(None, "--key", envvar="SSH_KEY", help="private key file (env SSH_KEY; default: agent and ~/.ssh)")
+WORKDIR = typer.Option("ablate", "--workdir", help="work directory on the box (relative to the remote home)")
+TOFU = typer.Option(False, "--trust-on-first-use", help="pin an unknown box's host key in .ablate/known_hosts")
+TIMEOUT = typer.Option(15.0, "--timeout", help="seconds for connect, banner, auth and each remote command")
+KNOWN = typer.Option(".ablate/known_hosts", "--known-hosts", envvar="ABLATE_KNOWN_HOSTS",
+                     help="project known_hosts file (checked with ~/.ssh/known_hosts; --trust-on-first-use pins here)")
+
+
+def _box(host, port, user, key, workdir, tofu, timeout, known_hosts, env=()):
+    from ablate.remote.ssh import Box
+
+    if not 1 <= port <= 65535:
+        _fail(f"--port must be in 1..65535, got {port}")
+    _check_seconds(timeout=timeout)
+    pairs = {}
+    for item in env:
+        name, sep, value = item.partition("=")
+        if not sep or not name.isidentifier():
+            _fail(f"--env expects NAME=VALUE, got '{item}'")
+        pairs[name] = value
+    if key and not Path(key).expanduser().is_file():
+        _fail(f"SSH key file not found: {key}")
+    return Box(host=host, port=port, user=user, key=str(Path(key).expanduser()) if key else None, workdir=workdir,
+               trust_on_first_use=tofu, timeout=timeout, known_hosts=known_hosts, env=pairs)
+
+
+def _connect(box):
+    from ablate.remote.ssh import Connection, Fatal, Unreachable
+
+    try:
+        return Connection(box).connect()
+    except Fatal as exc:
+        _fail(str(exc))
+    except Unreachable as exc:
+        typer.echo(f"ablate: {box.host}:{box.port} unreachable: {exc}", err=True)
+        raise typer.Exit(3)
+
+
+@remote_app.command("launch", epilog="Example:\n\n  ablate remote launch --host ssh4.vast.ai --port 31234 "
+                    "--session stage3b -- ablate stage3 --mask prefill_bidir")
+def remote_launch(
+    command: List[str] = typer.Argument(None, help="the command to run on the box, after --"),
+    session: str = typer.Option(..., "--session", envvar="REMOTE_SESSION", help="tmux session name"),
+    complete_file: Optional[str] = typer.Option(None, "--complete-file", envvar="COMPLETE_FILE",
+                                                help="completion file on the box (default runs/.complete-SESSION)"),
+    env: Optional[List[str]] = typer.Option(None, "--env", help="NAME=VALUE passed to the command (repeatable)"),
+    heartbeat_seconds: int = typer.Option(30, help="how often the box touches the heartbeat file"),
+    copy: bool = typer.Option(True, "--copy/--no-copy", help="copy the project's code to the work directory"),
+    host: str = HOST, port: int = PORT, user: str = USER, key: Optional[str] = KEY, workdir: str = WORKDIR,
+    trust_on_first_use: bool = TOFU, timeout: float = TIMEOUT, known_hosts: str = KNOWN,
+):
+    """Copy the code to the box and start a command in a detached tmux session there."""
+    from ablate.remote.ssh import Unreachable, launch
+
+    box = _box(host, port, user, key, workdir, trust_on_first_use, timeout, known_hosts, env or ())
+    _check_seconds(heartbeat_seconds=heartbeat_seconds)
+    conn = _connect(box)
+    try:
+        info = launch(conn, Path.cwd(), session, list(command or []),
+                      complete_file or f"runs/.complete-{session}", heartbeat_seconds, copy)
+    except BadInput as exc:
+        _fail(str(exc))
+    except Unreachable as exc:
+        typer.echo(f"ablate: lost {host}:{port} during launch: {exc}", err=True)
+        raise typer.Exit(3)
+    finally:
+        conn.close()
+    typer.echo(f"launched '{session}' on {host}:{port} (code copied by {info['copied']})")
+    typer.echo(f"log: {info['log']}\ncompletion file: {info['complete_file']}")
+    typer.echo(f"watch: ablate remote watch --host {host} --port {port} --session {session}")
+
+
+@remote_app.command("watch", epilog="Example:\n\n  ablate remote watch --host ssh4.vast.ai --port 31234 "
+                    "--session stage3a --session stage3b\n\nExit codes: 0 completed, 1 crashed, "
+                    "3 unreachable past the grace window, 2 bad usage or configuration, or a session "
+                    "never launched there (no tmux session and no .ablate-remote/SESSION in the work dir).")
+def remote_watch(
+    session: List[str] = typer.Option(..., "--session", envvar="REMOTE_SESSION", help="tmux session (repeatable)"),
+    complete_file: Optional[str] = typer.Option(None, "--complete-file", envvar="COMPLETE_FILE",
+                                                help="completion file on the box (default runs/.complete-SESSION)"),
+    poll_seconds: float = typer.Option(30, "--poll-seconds", envvar="POLL_SECONDS", help="first poll interval"),
+    max_poll_seconds: float = typer.Option(600, "--max-poll-seconds", envvar="MAX_POLL_SECONDS",
+                                           help="the interval doubles up to this (sparse polling)"),
+    grace_seconds: float = typer.Option(900, "--grace-seconds", envvar="GRACE_SECONDS",
+                                        help="how long the box may be unreachable before exit 3"),
+    sync_results: bool = typer.Option(True, "--sync/--no-sync", help="sync results when a session ends"),
+    runs_dir: str = typer.Option("runs", help="local runs folder to sync into"),
+    host: str = HOST, port: int = PORT, user: str = USER, key: Optional[str] = KEY, workdir: str = WORKDIR,
+    trust_on_first_use: bool = TOFU, timeout: float = TIMEOUT, known_hosts: str = KNOWN,
+):
+    """Poll remote sessions until each completes (0), crashes (1) or the box is lost (3)."""
+    from ablate.remote.ssh import check_session
+    from ablate.remote.sync import sync
+    from ablate.remote.watch import watch
+
+    box = _box(host, port, user, key, workdir, trust_on_first_use, timeout, known_hosts)
+    _check_seconds(poll_seconds=poll_seconds, max_poll_seconds=max_poll_seconds, grace_seconds=grace_seconds)
+    if max_poll_seconds < poll_seconds:
+        _fail(f"--max-poll-seconds ({max_poll_seconds:g}) must be at least --poll-seconds ({poll_seconds:g})")
+    if complete_file and len(session) > 1:
+        _fail("--complete-file names one file; with several sessions each uses runs/.complete-SESSION")
+    try:
+        sessions = [(check_session(s), complete_file or f"runs/.complete-{s}") for s in session]
+    except BadInput as exc:
+        _fail(str(exc))
+
+    def on_done(conn, state):
+        if sync_results:
+            try:
+                result = sync(conn, Path(runs_dir))
+            except BadInput as exc:  # the session's outcome still decides the exit code
+                typer.echo(f"nothing synced: {exc}")
+                return
+            _report_relocated(result, host, runs_dir)
+            typer.echo(f"synced {len(result.copied)} file(s) into {runs_dir} ({len(result.unchanged)} unchanged"
+                       + (f", {len(result.skipped)} still being written" if result.skipped else "") + ")")
+            _refresh_status(runs_dir)
+
+    code = watch(box, sessions, poll=poll_seconds, max_poll=max_poll_seconds, grace=grace_seconds,
+                 echo=typer.echo, on_done=on_done)
+    raise typer.Exit(code)
+
+
+@remote_app.command("sync", epilog="Example:\n\n  ablate remote sync --host ssh4.vast.ai --port 31234")
+def remote_sync(
+    runs_dir: str = typer.Option("runs", help="local runs folder"),
+    remote_runs: str = typer.Option("runs", help="runs folder on the box (relative to the work directory)"),
+    with_checkpoints: bool = typer.Option(False, "--with-checkpoints", help="also pull checkpoints and final models"),
+    host: str = HOST, port: int = PORT, user: str = USER, key: Optional[str] = KEY, workdir: str = WORKDIR,
+    trust_on_first_use: bool = TOFU, timeout: float = TIMEOUT, known_hosts: str = KNOWN,
+):
+    """Pull the runs' metrics, summaries, configs, samples and logs from the box."""
+    from ablate.remote.ssh import Unreachable
+    from ablate.remote.sync import sync
+
+    conn = _connect(_box(host, port, user, key, workdir, trust_on_first_use, timeout, known_hosts))
+    try:
+        result = sync(conn, Path(runs_dir), remote_runs, with_checkpoints)
+    except BadInput as exc:
+        _fail(str(exc))
+    except Unreachable as exc:
+        typer.echo(f"ablate: lost {host}:{port} during sync: {exc}", err=True)
+        raise typer.Exit(3)
+    finally:
+        conn.close()
+    for rel, why in result.skipped.items():
+        typer.echo(f"skipped {rel}: {why}")
+    _report_relocated(result, host, runs_dir)
+    typer.echo(f"synced {len(result.copied)} file(s) into {runs_dir}; {len(result.unchanged)} unchanged")
+    _refresh_status(runs_dir)

@@ -1,0 +1,71 @@
+"""`ablate status|report|aggregate|masks`: what the run directories say, regenerated on demand.
+
+    ablate status --runs-dir runs
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ablate.cli.console import fail
+
+
+def _runs(runs_dir: str) -> Path:
+    if not Path(runs_dir).is_dir():
+        fail(f"runs folder '{runs_dir}' does not exist")
+    return Path(runs_dir)
+
+
+def status(
+    runs_dir: str = typer.Option("runs", help="the runs folder to read"),
+    out: Optional[Path] = typer.Option(None, help="where to write (default: STATUS.md beside the runs folder)"),
+):
+    """Regenerate STATUS.md from the run directories."""
+    from ablate.results.status import write_status
+
+    typer.echo(f"wrote {write_status(_runs(runs_dir), out)}")
+
+
+def report(
+    runs_dir: str = typer.Option("runs", help="the runs folder to read"),
+    out: Path = typer.Option(Path("docs/RESULTS.md"), help="the report to write; the plot goes beside it"),
+):
+    """Write the recovery report (markdown and a PNG plot) from the run directories."""
+    from ablate.results.report import write_report
+
+    typer.echo(f"wrote {write_report(_runs(runs_dir), out)}")
+
+
+def aggregate(
+    runs_dir: str = typer.Option("runs", help="the runs folder to read"),
+    out: Optional[Path] = typer.Option(None, help="also write the aggregate as JSON here"),
+):
+    """Mean, standard deviation and n across seeds, per task and macro, for every stage."""
+    from ablate.results.aggregate import aggregate as collect, render
+    from ablate.results.rundir import write_json
+
+    rows = collect(_runs(runs_dir))
+    typer.echo(render(rows))
+    if out:
+        write_json(out, rows)
+        typer.echo(f"wrote {out}")
+
+
+def masks():
+    """List the registered attention masks."""
+    from ablate.core.masks import MASKS
+
+    for spec in MASKS.values():
+        flag = "  [leaks labels in training]" if spec.leaks_labels else ""
+        typer.echo(f"{spec.name:<15}{spec.description}{flag}")
+
+
+
+def register(app: typer.Typer) -> None:
+    app.command(epilog="Example:\n\n  ablate status --runs-dir runs")(status)
+    app.command(epilog="Example:\n\n  ablate report --runs-dir runs --out docs/RESULTS.md")(report)
+    app.command(epilog="Example:\n\n  ablate aggregate --runs-dir runs --out runs/aggregate.json")(aggregate)
+    app.command(epilog="Example:\n\n  ablate masks")(masks)

@@ -1,0 +1,149 @@
+"""`ablate stage1|stage2|stage3|stage4`: parse the flags (generated from the stage configs), run, print.
+
+    ablate stage1 --help
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from ablate.cli.console import quiet_libraries, refresh_status
+from ablate.cli.options import config_command
+from ablate.cli.tables import recovery_table, summary_table
+from ablate.errors import BadInput
+from ablate.results.rundir import STAGE1, STAGE2, STAGE3_PREFIX, STAGE4
+from ablate.stages.config import EvalConfig, FinetuneConfig, Stage4Config
+
+EVAL_EPILOG_1 = """Example (offline, CPU):\n
+  ablate tiny-model --out /tmp/tiny\n
+  ablate stage1 --model /tmp/tiny --tasks ablate_tiny,piqa --task-data piqa=ablate/core/task_data/piqa.jsonl --device cpu\n
+Study settings:\n
+  ablate stage1 --model mistralai/Ministral-3-3B-Base-2512 --tasks hellaswag,piqa,arc_easy,arc_challenge,winogrande"""
+
+EVAL_EPILOG_2 = """Example (offline, CPU):\n
+  ablate stage2 --mask prefill_bidir --model /tmp/tiny --tasks ablate_tiny --device cpu\n
+Study settings:\n
+  ablate stage2 --mask prefill_bidir --model mistralai/Ministral-3-3B-Base-2512 --tasks hellaswag,piqa,arc_easy,arc_challenge,winogrande"""
+
+
+
+
+def _eval_command(stage: str, flags: dict) -> None:
+    from ablate.stages.config import load_eval_config
+    from ablate.stages.stage1_baseline_eval import run_stage1
+    from ablate.stages.stage2_ablation_eval import run_stage2
+
+    quiet_libraries()
+    try:
+        run_dir = (run_stage1 if stage == STAGE1 else run_stage2)(load_eval_config(stage, flags))
+    finally:
+        refresh_status(flags.get("runs_dir"))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    typer.echo(summary_table(metrics))
+    if metrics["status"] == "gated":
+        typer.echo(f"GATED: {(run_dir / 'status.txt').read_text().splitlines()[1]}")
+    typer.echo(f"run directory: {run_dir}")
+
+
+@config_command(EvalConfig, STAGE1, skip=("mask", "baseline", "ignore_gate"))
+def stage1(flags):
+    """Stage 1: baseline lm-eval evaluation with the causal mask."""
+    _eval_command(STAGE1, flags)
+
+
+@config_command(EvalConfig, STAGE2)
+def stage2(flags):
+    """Stage 2: the same evaluation with the prompt read through an ablated mask, compared with stage 1."""
+    _eval_command(STAGE2, flags)
+
+
+STAGE3_EPILOG = """Example (offline, CPU):\n
+  ablate tiny-model --out /tmp/tiny\n
+  ablate stage3 --mask prefill_bidir --model /tmp/tiny --data tests/data/sft.jsonl --max-steps 20 --device cpu\n
+Study settings:\n
+  ablate stage3 --mask prefill_bidir --model mistralai/Ministral-3-3B-Base-2512 --data <dataset> --max-steps 2000\n
+  ablate stage3 --mask causal --model mistralai/Ministral-3-3B-Base-2512 --data <dataset> --max-steps 2000\n
+Continue a killed run from its latest checkpoint:\n
+  ablate stage3 --mask prefill_bidir --resume"""
+
+
+
+@config_command(FinetuneConfig, "stage3_finetune")
+def stage3(
+    flags,
+    resume: bool = typer.Option(False, "--resume", help="continue the latest failed or crashed run of this mask "
+                                "from its newest intact checkpoint, with its saved config"),
+    run_dir: Path = typer.Option(None, help="with --resume: the run directory to continue"),
+):
+    """Stage 3: finetune with the causal or prompt-bidirectional mask, loss on the response only."""
+    from ablate.stages.config import load_finetune_config
+    from ablate.stages.stage3_finetune import run_stage3
+    from ablate.stages.stage3_resume import find_resumable, resumable_run, saved_config
+
+    quiet_libraries()
+    mask, runs_dir = flags["mask"], flags["runs_dir"]
+    try:
+        if resume:
+            # Only a failed or crashed run (of --mask, when given) is continued; anything else is refused untouched.
+            ignored = sorted(k for k, v in flags.items() if v is not None and k not in ("mask", "runs_dir"))
+            if ignored:
+                raise BadInput("--resume continues a run with its saved config; drop "
+                               + ", ".join("--" + k.replace("_", "-") for k in ignored))
+            if run_dir:
+                target = resumable_run(run_dir, STAGE3_PREFIX + (mask or ""))
+            else:
+                target = find_resumable(Path(runs_dir or "runs"), STAGE3_PREFIX + (mask or "prefill_bidir"))
+            config = saved_config(target)
+            runs_dir = config.runs_dir
+            typer.echo(f"resuming {target} with its saved config")
+            out = run_stage3(config, resume_dir=target)
+        else:
+            if run_dir:
+                raise BadInput("--run-dir only goes with --resume")
+            out = run_stage3(load_finetune_config(flags))
+    finally:
+        refresh_status(runs_dir)
+    summary = json.loads((out / "summary.json").read_text())
+    if summary["leaky"]:
+        typer.echo("LEAKY: this run trained with a mask that lets supervised positions see their labels")
+    for key in ("status", "train_loss", "eval_loss", "train_steps_per_second", "global_step"):
+        typer.echo(f"{key:<24}{summary[key]}")
+    typer.echo(f"{'grad_norm last/max':<24}{summary['grad_norm']['last']} / {summary['grad_norm']['max']}")
+    for when in ("before", "after"):
+        p = summary["probe"][when]
+        typer.echo(f"probe {when:<18}loss[{summary['mask']}]={p['loss_mask']:.4f}  loss[causal]={p['loss_causal']:.4f}")
+    if summary["save"]:
+        typer.echo(f"{'saved as':<24}{summary['save']['format']} in {summary['save']['path']}")
+    typer.echo(f"run directory: {out}")
+
+
+STAGE4_EPILOG = """Examples:\n
+  ablate stage4                      # the latest completed stage 3 run of each mask\n
+  ablate stage4 --checkpoint runs/stage3_finetune_prefill_bidir/20260214-201019 --also-causal"""
+
+
+
+@config_command(Stage4Config, STAGE4)
+def stage4(flags):
+    """Stage 4: evaluate the finetuned models with the ablated mask; recovery against stages 1 and 2."""
+    from ablate.stages.config import load_stage4_config
+    from ablate.stages.stage4_post_ft_eval import run_stage4
+
+    quiet_libraries()
+    try:
+        out = run_stage4(load_stage4_config(flags))
+    finally:
+        refresh_status(flags["runs_dir"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    typer.echo(recovery_table(metrics))
+    typer.echo(f"run directory: {out}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command(epilog=EVAL_EPILOG_1)(stage1)
+    app.command(epilog=EVAL_EPILOG_2)(stage2)
+    app.command(epilog=STAGE3_EPILOG)(stage3)
+    app.command(epilog=STAGE4_EPILOG)(stage4)

@@ -1,0 +1,53 @@
+"""The result tables a stage command prints: stage 1/2 accuracy and stage 4 recovery.
+
+    ablate stage2 --model /tmp/tiny --tasks ablate_tiny --mask prefill_bidir --device cpu   # ends with the table
+"""
+
+from __future__ import annotations
+
+
+def summary_table(metrics: dict) -> str:
+    baseline = metrics.get("baseline") or {}
+    lines = [f"{metrics['stage']}  model={metrics['model']}  mask={metrics['mask']}"]
+    header = f"{'task':<16}{'acc':>9}{'stderr':>9}{'chance':>8}{'n':>7}"
+    if baseline.get("run"):
+        header += f"{'stage1':>9}{'delta':>9}{'retention':>10}"
+    lines.append(header)
+
+    def fmt(x, width, digits=4):
+        return f"{x:>{width}.{digits}f}" if isinstance(x, (int, float)) else f"{'n/a':>{width}}"
+
+    rows = list(metrics["tasks"].items()) + [("macro", metrics["macro"])]
+    for name, t in rows:
+        line = f"{name:<16}{fmt(t['acc'], 9)}{fmt(t.get('acc_stderr'), 9)}{fmt(t['chance'], 8, 3)}"
+        line += f"{t.get('n', ''):>7}"
+        if baseline.get("run"):
+            b = baseline["macro"] if name == "macro" else baseline["tasks"][name]
+            line += f"{fmt(b['acc_baseline'], 9)}{fmt(b['delta'], 9)}{fmt(b['retention'], 10, 3)}"
+        lines.append(line)
+    if baseline and not baseline.get("run"):
+        lines.append(f"no stage 1 comparison: {baseline['reason']}")
+    return "\n".join(lines)
+
+
+def _num(x, digits=3):
+    return f"{x:.{digits}f}" if isinstance(x, (int, float)) else "n/a"
+
+
+def _ci(pair):
+    return f"[{pair[0]:.2f}, {pair[1]:.2f}]" if pair else ""
+
+
+def recovery_table(metrics: dict) -> str:
+    lines = [f"stage 4 under {metrics['mask']}; stage 1: {metrics['stage1_run']}; "
+             f"stage 2: {metrics['stage2_run'] or 'none (' + str(metrics['stage2_reason']) + ')'}"]
+    for entry in metrics["checkpoints"]:
+        lines.append(f"\n{entry['label']}{'  [LEAKY]' if entry['leaky'] else ''}")
+        lines.append(f"{'task':<16}{'s1':>7}{'s2':>7}{'s4':>7}  {'retention':<22}{'gap_closed':<22}p(s4 vs s2)")
+        rec = entry["recovery"]
+        for name, r in [*rec["tasks"].items(), ("macro", rec["macro"])]:
+            p = r["vs_stage2"]["p_value"] if r.get("vs_stage2") else None
+            lines.append(f"{name:<16}{_num(r['acc_stage1']):>7}{_num(r['acc_stage2']):>7}{_num(r['acc_stage4']):>7}  "
+                         f"{(_num(r['retention']) + ' ' + _ci(r['retention_ci95'])):<22}"
+                         f"{(_num(r['gap_closed']) + ' ' + _ci(r['gap_closed_ci95'])):<22}{_num(p)}")
+    return "\n".join(lines)

@@ -1,0 +1,155 @@
+"""Named attention masks: `causal`, `prefill_bidir`, `full_bidir`.
+
+    python -c "from ablate.core.masks import dense_mask; import torch; \
+print(dense_mask('prefill_bidir', torch.tensor([2]), torch.ones(1, 4, dtype=torch.bool)).int())"
+
+A mask is described by *block sequence ids*, the format transformers'
+``masking_utils`` understands: tokens sharing a non-negative id attend to each
+other in both directions, id -1 keeps plain causality. The actual 4D mask (a
+boolean tensor for sdpa, an additive float tensor for eager, a ``BlockMask`` for
+flex attention) is then built by ``create_causal_mask`` /
+``create_sliding_window_causal_mask`` for the model's own attention
+implementation, so every backend gets the format it needs and padding is never
+attended. Adding a mask is one function ``(prefix_lens, attention_mask) ->
+block ids | None`` plus a ``@register`` line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from transformers import masking_utils
+
+from ablate.errors import BadInput
+
+BlockIdsFn = Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    name: str
+    block_ids: BlockIdsFn
+    description: str
+    # True when a position can see tokens after itself that training would supervise.
+    leaks_labels: bool
+
+
+MASKS: dict[str, MaskSpec] = {}
+
+
+def register(name: str, description: str, leaks_labels: bool = False):
+    def wrap(fn: BlockIdsFn) -> BlockIdsFn:
+        MASKS[name] = MaskSpec(name, fn, description, leaks_labels)
+        return fn
+
+    return wrap
+
+
+@register("causal", "every token attends to itself and earlier tokens (the model's native mask)")
+def _causal(prefix_lens: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    return None
+
+
+@register(
+    "prefill_bidir",
+    "prompt tokens attend to each other in both directions; later tokens attend causally",
+)
+def _prefill_bidir(prefix_lens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    in_prefix = positions[None, :] < prefix_lens.to(attention_mask.device)[:, None]
+    return torch.where(in_prefix & attention_mask.bool(), 0, -1)
+
+
+@register(
+    "full_bidir",
+    "every token attends to every token (diagnostic only: leaks labels in training)",
+    leaks_labels=True,
+)
+def _full_bidir(prefix_lens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    return torch.where(attention_mask.bool(), 0, -1)
+
+
+def get_mask(name: str) -> MaskSpec:
+    if name not in MASKS:
+        raise BadInput(f"unknown mask '{name}'; known masks: {', '.join(MASKS)}")
+    return MASKS[name]
+
+
+def check_attention_backend(mask_name: str, attn_implementation: str | None) -> None:
+    """FlashAttention takes only a padding mask and a causal flag: it cannot express a prefix mask."""
+    if mask_name != "causal" and attn_implementation and "flash" in attn_implementation:
+        raise BadInput(
+            f"mask '{mask_name}' cannot run on attention implementation '{attn_implementation}' "
+            "(FlashAttention only supports causal masks); use --attn-implementation sdpa, eager or flex_attention"
+        )
+
+
+def _mask_kinds(config) -> list[str]:
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return sorted(set(layer_types))
+    return ["sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"]
+
+
+def model_attention_mask(
+    config,
+    mask_name: str,
+    attention_mask: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    dtype: torch.dtype,
+):
+    """What to pass as ``attention_mask=`` to a decoder's forward for this mask.
+
+    ``attention_mask`` is the 2D padding mask (1 = real token), ``prefix_lens``
+    the number of prompt tokens of each row. Causal returns the 2D mask untouched,
+    so the model takes exactly its stock path.
+    """
+    spec = get_mask(mask_name)
+    check_attention_backend(mask_name, config._attn_implementation)
+    block_ids = spec.block_ids(prefix_lens, attention_mask)
+    if block_ids is None:
+        return attention_mask
+    batch, length = attention_mask.shape
+    # Only the shape, dtype and device of inputs_embeds are read by the mask builders.
+    embeds = torch.empty(batch, length, 0, dtype=dtype, device=attention_mask.device)
+    kwargs = dict(
+        config=config,
+        inputs_embeds=embeds,
+        attention_mask=attention_mask,
+        past_key_values=None,
+        block_sequence_ids=block_ids,
+    )
+    builders = {
+        "full_attention": masking_utils.create_causal_mask,
+        "sliding_attention": masking_utils.create_sliding_window_causal_mask,
+    }
+    kinds = _mask_kinds(config)
+    unknown = [k for k in kinds if k not in builders]
+    if unknown:
+        raise BadInput(f"mask '{mask_name}' does not support layer types {unknown} of this model")
+    masks = {kind: builders[kind](**kwargs) for kind in kinds}
+    # Models declaring layer_types (Qwen2/3) take a mapping; the others one mask.
+    return masks if getattr(config, "layer_types", None) else masks[kinds[0]]
+
+
+def dense_mask(mask_name: str, prefix_lens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Boolean ``[batch, query, key]`` view of a mask (True = may attend), via the sdpa builder."""
+    spec = get_mask(mask_name)
+    attention_mask = attention_mask.bool()
+    block_ids = spec.block_ids(prefix_lens, attention_mask)
+    fn = masking_utils.causal_mask_function
+    if block_ids is not None:
+        fn = masking_utils.or_masks(fn, masking_utils.blockwise_overlay(block_ids))
+    batch, length = attention_mask.shape
+    mask = masking_utils.sdpa_mask(
+        batch_size=batch,
+        q_length=length,
+        kv_length=length,
+        mask_function=fn,
+        attention_mask=attention_mask,
+        allow_is_causal_skip=False,
+        device=attention_mask.device,
+    )
+    return mask[:, 0]

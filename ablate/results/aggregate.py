@@ -1,0 +1,75 @@
+"""Seeds aggregated: mean, standard deviation and n across seeds, per task and macro.
+
+    ablate aggregate --runs-dir runs
+
+Runs are grouped by stage, model, mask and comparison settings (tasks, limit,
+few-shot, task data); within a group the newest completed run of each seed
+counts once. Stage 4 groups by the training mask, with the stage 3 run's seed.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from ablate.results import rundir
+from ablate.results.rundir import STAGE1, STAGE2, STAGE4
+
+
+def _stats(values: list[float]) -> dict:
+    values = [v for v in values if v is not None]
+    return {"mean": statistics.fmean(values) if values else None,
+            "std": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)}
+
+
+def _summarise(label: dict, by_seed: dict[int, tuple[dict, dict]]) -> dict:
+    """``by_seed``: seed -> (per-task metrics, macro metrics) of one run."""
+    tasks = sorted(set().union(*(t.keys() for t, _ in by_seed.values())))
+    return {**label, "seeds": sorted(by_seed),
+            "tasks": {name: _stats([t[name]["acc"] for t, _ in by_seed.values() if name in t]) for name in tasks},
+            "macro": _stats([m["acc"] for _, m in by_seed.values()])}
+
+
+def _across_seeds(metrics: dict) -> dict:
+    """The comparison record without the seed: runs that differ only by seed belong to one group."""
+    return {k: v for k, v in (metrics.get("comparison") or {}).items() if k != "seed"}
+
+
+def aggregate(runs_dir: Path) -> list[dict]:
+    groups: dict[str, tuple[dict, dict]] = {}
+    for stage in (STAGE1, STAGE2):
+        for run in rundir.find_runs(runs_dir, stage):
+            m = run.metrics
+            if run.status != rundir.COMPLETED or not m:
+                continue
+            label = {"stage": stage, "model": m["model"], "mask": m["mask"], "comparison": _across_seeds(m)}
+            key = json.dumps(label, sort_keys=True)
+            groups.setdefault(key, (label, {}))[1][m.get("seed")] = (m["tasks"], m["macro"])
+    for run in rundir.find_runs(runs_dir, STAGE4):
+        m = run.metrics
+        if run.status != rundir.COMPLETED or not m:
+            continue
+        for entry in m.get("checkpoints", []):
+            seed = entry.get("train_seed")
+            if seed is None:  # older stage 4 runs: the stage 3 run by its folder name, wherever runs/ now is
+                checkpoint = Path(entry["checkpoint"])
+                run = rundir.load_run(Path(runs_dir) / checkpoint.parent.name / checkpoint.name)
+                seed = (run.config or {}).get("seed") if run else None
+            label = {"stage": STAGE4, "train_mask": entry["train_mask"], "mask": m["mask"],
+                     "comparison": _across_seeds(m)}
+            key = json.dumps(label, sort_keys=True)
+            groups.setdefault(key, (label, {}))[1][seed] = (entry["tasks"], entry["macro"])
+    return [_summarise(label, by_seed) for label, by_seed in groups.values()]
+
+
+def render(rows: list[dict]) -> str:
+    lines = []
+    for row in rows:
+        who = row.get("model") or f"finetuned with {row.get('train_mask')}"
+        lines.append(f"{row['stage']}  {who}  mask={row['mask']}  seeds={row['seeds']}")
+        for name, s in [*row["tasks"].items(), ("macro", row["macro"])]:
+            std = f"{s['std']:.4f}" if s["std"] is not None else "n/a"
+            mean = f"{s['mean']:.4f}" if s["mean"] is not None else "n/a"
+            lines.append(f"  {name:<16} mean {mean}  std {std}  n {s['n']}")
+    return "\n".join(lines) if lines else "no completed evaluation runs"

@@ -1,0 +1,158 @@
+"""The recovery report: ``docs/RESULTS.md`` and a plot, generated from ``runs/`` alone.
+
+    ablate report --runs-dir runs --out docs/RESULTS.md
+
+Stage 1 vs stage 2 per task, the stage 3 outcomes, stage 4 recovery per task
+and macro with 95% bootstrap intervals and the paired test against stage 2, and
+a PNG of per-task accuracy across the stages with chance marks. Every table
+names its runs. The output has no timestamps: regenerating it gives the same file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ablate.results import rundir
+from ablate.results.rundir import STAGE1, STAGE2, STAGE3_PREFIX, STAGE4
+from ablate.results.status import TRAIN_MASKS, collect, latest, number
+
+
+def _ci(pair) -> str:
+    return f"[{pair[0]:.3f}, {pair[1]:.3f}]" if pair else "n/a"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def stage12_section(s1: rundir.Run | None, s2: rundir.Run | None) -> list[str]:
+    out = ["## Stage 1 vs Stage 2", ""]
+    if not (s1 and s2 and s2.metrics and (s2.metrics.get("baseline") or {}).get("run")):
+        return out + ["No completed stage 2 run with a stage 1 comparison yet.", ""]
+    m2 = s2.metrics
+    rows = []
+    for name, t in [*m2["tasks"].items(), ("macro", m2["macro"])]:
+        b = m2["baseline"]["macro"] if name == "macro" else m2["baseline"]["tasks"][name]
+        rows.append([name, number(b["acc_baseline"]), number(t["acc"]), number(b["delta"]), number(b["retention"], 3),
+                     number(t.get("acc_stderr"), 4), number(t["chance"], 3), str(t.get("n", ""))])
+    out += [f"Model `{m2['model']}`; stage 2 mask `{m2['mask']}`. Stage 1: `{m2['baseline']['run']}`; "
+            f"stage 2: `{s2.path}`.", ""]
+    out += _table(["task", "stage 1 acc", "stage 2 acc", "delta", "retention", "stage 2 stderr", "chance", "n"], rows)
+    return out + [""]
+
+
+def stage3_section(stages: dict) -> list[str]:
+    out = ["## Stage 3 finetunes", ""]
+    rows = []
+    for mask in TRAIN_MASKS:
+        for run in stages[STAGE3_PREFIX + mask][-1:]:
+            s = run.summary or {}
+            p = (s.get("probe") or {}).get("after") or {}
+            rows.append([mask, f"`{run.path}`", run.status + (" LEAKY" if s.get("leaky") else ""),
+                         number(s.get("train_loss"), 4), number(s.get("eval_loss"), 4), number(s.get("train_steps_per_second"), 3),
+                         number((s.get("grad_norm") or {}).get("max"), 3), number(p.get("loss_mask"), 4),
+                         number(p.get("loss_causal"), 4), (s.get("save") or {}).get("format", "n/a")])
+    if not rows:
+        return out + ["No stage 3 run yet.", ""]
+    out += _table(["mask", "run", "status", "train loss", "eval loss", "steps/s", "max grad norm",
+                   "probe loss (mask)", "probe loss (causal)", "saved as"], rows)
+    return out + ["", "Probe: response loss on held-out samples after training, same weights, under the "
+                      "training mask and under the causal mask.", ""]
+
+
+def stage4_section(s4: rundir.Run | None) -> list[str]:
+    out = ["## Stage 4 recovery", ""]
+    if not (s4 and s4.metrics and s4.metrics.get("checkpoints")):
+        return out + ["No stage 4 run yet.", ""]
+    m = s4.metrics
+    out += [f"Evaluated with `{m['mask']}` in `{s4.path}`; stage 1 `{m['stage1_run']}`; stage 2 "
+            f"`{m['stage2_run'] or 'none: ' + str(m['stage2_reason'])}`. Intervals: 95% paired bootstrap over "
+            "documents; p: exact McNemar test of stage 4 vs stage 2 on the same documents. A ratio is "
+            "undefined (n/a) when its denominator is under 0.01 or its own 95% interval includes 0 "
+            "(metrics.json says which, under `undefined`).", ""]
+    for entry in m["checkpoints"]:
+        out += [f"### Finetuned with `{entry['train_mask']}`" + (" (LEAKY)" if entry.get("leaky") else ""), "",
+                f"Checkpoint `{entry['checkpoint']}` (saved as `{entry.get('save_format')}`).", ""]
+        rows = []
+        rec = entry["recovery"]
+        for name, r in [*rec["tasks"].items(), ("macro", rec["macro"])]:
+            test = r.get("vs_stage2")
+            rows.append([name, number(r["acc_stage1"], 4), number(r["acc_stage2"], 4), number(r["acc_stage4"], 4),
+                         f"{number(r['retention'], 3)} {_ci(r['retention_ci95'])}",
+                         f"{number(r['gap_closed'], 3)} {_ci(r['gap_closed_ci95'])}",
+                         f"{number(r['above_chance_retention'], 3)} {_ci(r['above_chance_retention_ci95'])}",
+                         f"{number(test['p_value'], 4)} (+{test['gained']}/-{test['lost']})" if test else "n/a"])
+        out += _table(["task", "stage 1", "stage 2", "stage 4", "retention", "gap closed",
+                       "above-chance retention", "p vs stage 2"], rows)
+        if entry.get("causal"):
+            out += ["", f"Same model with the causal mask: macro acc {number(entry['causal']['macro']['acc'], 4)}."]
+        out += [""]
+    return out
+
+
+def seeds_section(runs_dir: Path) -> list[str]:
+    from ablate.results.aggregate import aggregate
+
+    rows = [r for r in aggregate(runs_dir) if len(r["seeds"]) > 1]
+    if not rows:
+        return []
+    out = ["## Across seeds", "", "Mean ± standard deviation (n seeds) of accuracy.", ""]
+    for row in rows:
+        who = f"`{row['model']}`" if row.get("model") else f"finetuned with `{row['train_mask']}`"
+        out += [f"{row['stage']}, {who}, mask `{row['mask']}`, seeds {row['seeds']}:", ""]
+        cells = [[name, f"{number(s['mean'], 4)} ± {number(s['std'], 4)} ({s['n']})"]
+                 for name, s in [*row["tasks"].items(), ("macro", row["macro"])]]
+        out += _table(["task", "accuracy"], cells) + [""]
+    return out
+
+
+def plot(path: Path, s1, s2, s4) -> bool:
+    """Per-task accuracy across the stages, with each task's chance level; False when there is nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = []
+    if s1 and s1.metrics:
+        series.append(("stage 1 (causal)", s1.metrics["tasks"]))
+    if s2 and s2.metrics:
+        series.append((f"stage 2 ({s2.metrics['mask']})", s2.metrics["tasks"]))
+    for entry in (s4.metrics.get("checkpoints", []) if s4 and s4.metrics else []):
+        series.append((f"stage 4 (ft {entry['train_mask']})", entry["tasks"]))
+    if not series:
+        return False
+    tasks = sorted(set().union(*(t.keys() for _, t in series)))
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks)), 4))
+    for i, (label, per_task) in enumerate(series):
+        xs = [j + i * width for j, t in enumerate(tasks) if t in per_task]
+        ax.bar(xs, [per_task[t]["acc"] or 0 for t in tasks if t in per_task], width, label=label)
+    chance = series[0][1]
+    for j, t in enumerate(tasks):
+        if t in chance and chance[t].get("chance") is not None:
+            ax.hlines(chance[t]["chance"], j - width / 2, j + 0.8 - width / 2, colors="black",
+                      linestyles="dashed", linewidth=1, zorder=3, label="chance" if j == 0 else None)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, metadata={"Software": None})  # no version stamp: same runs, same bytes
+    plt.close(fig)
+    return True
+
+
+def write_report(runs_dir: Path, out: Path) -> Path:
+    runs_dir, out = Path(runs_dir), Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stages = collect(runs_dir)
+    s1, s2, s4 = latest(stages[STAGE1]), latest(stages[STAGE2]), latest(stages[STAGE4])
+    image = out.with_name(out.stem + "_accuracy.png")
+    lines = ["# Results", "", f"_Generated by `ablate report` from `{runs_dir}`; do not edit by hand._", ""]
+    lines += stage12_section(s1, s2) + stage3_section(stages) + stage4_section(s4) + seeds_section(runs_dir)
+    if plot(image, s1, s2, s4):
+        lines += ["## Accuracy across the stages", "", f"![per-task accuracy]({image.name})", "",
+                  "Dashed lines: chance (mean of 1 / number of choices over each task's documents).", ""]
+    rundir.write_text(out, "\n".join(lines))
+    return out

@@ -1,0 +1,160 @@
+"""``STATUS.md``, generated from ``runs/`` alone (never edited by hand).
+
+    ablate status --runs-dir runs
+
+Every stage command refreshes it when it ends, completed or not. Each number
+names the run it came from; runs that failed, diverged, were gated, trained
+leaky or left an unreadable results file are listed as blockers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ablate.results import rundir
+from ablate.results.rundir import STAGE1, STAGE2, STAGE3_PREFIX, STAGE4
+
+TRAIN_MASKS = ("causal", "prefill_bidir")
+
+
+def number(x, digits=6) -> str:
+    return f"{x:.{digits}f}".rstrip("0").rstrip(".") if isinstance(x, (int, float)) else "n/a"
+
+
+def latest(runs: list[rundir.Run]) -> rundir.Run | None:
+    """The newest completed run whose results can be read (a corrupted one is a blocker, not a result)."""
+    done = [r for r in runs if r.status == rundir.COMPLETED and not r.error and r.results is not None]
+    return done[-1] if done else None
+
+
+def what_to_do(run: rundir.Run) -> str:
+    if run.status == rundir.CRASHED and run.stage.startswith(STAGE3_PREFIX):
+        return f"; resume it with `ablate stage3 --resume --run-dir {run.path}`"
+    if run.status == rundir.CRASHED:
+        return "; rerun the stage (its partial results are not used)"
+    return ""
+
+
+def collect(runs_dir: Path) -> dict:
+    stages = {STAGE1: rundir.find_runs(runs_dir, STAGE1), STAGE2: rundir.find_runs(runs_dir, STAGE2),
+              STAGE4: rundir.find_runs(runs_dir, STAGE4)}
+    for mask in TRAIN_MASKS:
+        stages[STAGE3_PREFIX + mask] = rundir.find_runs(runs_dir, STAGE3_PREFIX + mask)
+    return stages
+
+
+def blockers(stages: dict) -> list[str]:
+    out = []
+    for runs in stages.values():
+        for run in runs:
+            if run.error:
+                out.append(f"`{run.path}`: {run.error}")
+            if run.status not in (rundir.COMPLETED, rundir.RUNNING):
+                out.append(f"`{run.path}` is **{run.status}**" + (f": {run.reason}" if run.reason else "")
+                           + what_to_do(run))
+            elif run.summary and run.summary.get("leaky"):
+                out.append(f"`{run.path}` is **leaky**: trained with a mask that lets supervised positions see "
+                           "their labels; its losses mean nothing")
+    return out
+
+
+def key_results(run: rundir.Run) -> list[str]:
+    base = run.metrics.get("baseline") or {}
+    if not base.get("run"):
+        return [f"- No stage 1 comparison for `{run.path}`: {base.get('reason', 'none recorded')}"]
+    macro = base["macro"]
+    lines = [f"- Macro accuracy: `{number(macro['acc_baseline'])} -> {number(run.metrics['macro']['acc'])}` "
+             f"(delta `{number(macro['delta'])}`, retention `{number(macro['retention'], 3)}x`)"]
+    for name, t in base["tasks"].items():
+        lines.append(f"- {name}: `{number(t['acc_baseline'])} -> {number(run.metrics['tasks'][name]['acc'])}` "
+                     f"(delta `{number(t['delta'])}`)")
+    lines.append(f"- From `{base['run']}` (stage 1) and `{run.path}` (stage 2), mask `{run.metrics['mask']}`.")
+    return lines
+
+
+def stage3_line(mask: str, run: rundir.Run) -> str:
+    s = run.summary or {}
+    probe = (s.get("probe") or {}).get("after") or {}
+    save = s.get("save") or {}
+    probe_text = (f"probe after `loss[{mask}]={number(probe.get('loss_mask'), 4)}` vs "
+                  f"`loss[causal]={number(probe.get('loss_causal'), 4)}`, " if mask != "causal" else "")
+    return (f"- {mask}: `{run.path}`: status `{run.status}`, `eval_loss={number(s.get('eval_loss'), 4)}`, "
+            f"`train_loss={number(s.get('train_loss'), 4)}`, `train_steps_per_second={number(s.get('train_steps_per_second'), 3)}`, "
+            f"grad norm max `{number((s.get('grad_norm') or {}).get('max'), 3)}`, {probe_text}"
+            f"saved as `{save.get('format', 'n/a')}`" + (" **LEAKY**" if s.get("leaky") else ""))
+
+
+def stage4_lines(run: rundir.Run) -> list[str]:
+    lines = []
+    for entry in run.metrics.get("checkpoints", []):
+        m = entry["recovery"]["macro"]
+
+        def ci(key):
+            pair = m.get(f"{key}_ci95")
+            return f" [{pair[0]:.3f}, {pair[1]:.3f}]" if pair else ""
+
+        lines.append(f"- finetuned with `{entry['train_mask']}` (`{entry['checkpoint']}`), evaluated with "
+                     f"`{run.metrics['mask']}`: macro `{number(m['acc_stage4'])}` vs stage 1 `{number(m['acc_stage1'])}`; "
+                     f"retention `{number(m['retention'], 3)}`{ci('retention')}, gap closed "
+                     f"`{number(m['gap_closed'], 3)}`{ci('gap_closed')} (95% bootstrap intervals)")
+    lines.append(f"- From `{run.path}`.")
+    return lines
+
+
+def render(runs_dir: Path) -> str:
+    stages = collect(runs_dir)
+    s1, s2, s4 = latest(stages[STAGE1]), latest(stages[STAGE2]), latest(stages[STAGE4])
+    s3 = {mask: latest(stages[STAGE3_PREFIX + mask]) for mask in TRAIN_MASKS}
+    last3 = {mask: (stages[STAGE3_PREFIX + mask] or [None])[-1] for mask in TRAIN_MASKS}
+    has_recovery = bool(s4 and s4.metrics and s4.metrics.get("checkpoints"))
+    checklist = [
+        (s1 is not None, "Stage 1 baseline eval"),
+        (s2 is not None, "Stage 2 ablated eval"),
+        (s3["causal"] is not None, "Stage 3A causal finetune"),
+        (s3["prefill_bidir"] is not None and not (s3["prefill_bidir"].summary or {}).get("leaky"),
+         "Stage 3B prefill_bidir finetune (leakage-safe)"),
+        (s4 is not None, "Stage 4 post-FT ablated eval"),
+        (has_recovery, "Recovery ratio comparison vs Stage 1 baseline"),
+    ]
+    done = [name for ok, name in checklist if ok]
+    todo = [name for ok, name in checklist if not ok]
+    problems = blockers(stages)
+    state = (f"{len(done)} of {len(checklist)} study steps are complete"
+             + (f" ({', '.join(done)})" if done else "") + ". "
+             + (f"Next: {todo[0]}." if todo else "The study is complete.")
+             + (f" {len(problems)} blocker(s) below." if problems else ""))
+    out = ["# Prefill Mask Ablation - Status", "",
+           f"_Generated by `ablate status` from `{runs_dir}`; do not edit by hand._", "",
+           "## Current State", state, "", "## Active Goals"]
+    out += [f"- [{'x' if ok else ' '}] {name}" for ok, name in checklist]
+    out += ["", "## Key Results (Stage 1 vs Stage 2)"]
+    out += key_results(s2) if s2 and s2.metrics else ["- Not yet: needs completed stage 1 and stage 2 runs."]
+    out += ["", "## Stage 3 Outcomes"]
+    lines3 = [stage3_line(mask, last3[mask]) for mask in TRAIN_MASKS if last3[mask] is not None]
+    out += lines3 or ["- No stage 3 run yet."]
+    out += ["", "## Stage 4 Recovery"]
+    out += stage4_lines(s4) if has_recovery else ["- No stage 4 run yet."]
+    out += ["", "## Artifacts"]
+    artifacts = [(s1, "Stage 1 metrics", "metrics.json"), (s2, "Stage 2 metrics", "metrics.json"),
+                 (s3["causal"], "Stage 3A summary", "summary.json"),
+                 (s3["prefill_bidir"], "Stage 3B summary", "summary.json"), (s4, "Stage 4 metrics", "metrics.json")]
+    out += [f"- {label}: `{run.path / name}`" for run, label, name in artifacts if run is not None] or ["- None yet."]
+    out += ["", "## Blockers"]
+    out += [f"- {p}" for p in problems] or ["- None active."]
+    out += ["", "## Next Steps"]
+    commands = {
+        "Stage 1 baseline eval": "`ablate stage1 --model <model> --tasks <tasks>`",
+        "Stage 2 ablated eval": "`ablate stage2 --mask prefill_bidir` with stage 1's model and tasks",
+        "Stage 3A causal finetune": "`ablate stage3 --mask causal --data <data>`",
+        "Stage 3B prefill_bidir finetune (leakage-safe)": "`ablate stage3 --mask prefill_bidir --data <data>`",
+        "Stage 4 post-FT ablated eval": "`ablate stage4`",
+        "Recovery ratio comparison vs Stage 1 baseline": "`ablate stage4`, then `ablate report`",
+    }
+    out += [f"{i}. {name}: {commands[name]}" for i, name in enumerate(todo, 1)] or ["1. `ablate report`"]
+    return "\n".join(out) + "\n"
+
+
+def write_status(runs_dir: Path, out: Path | None = None) -> Path:
+    out = Path(out) if out else Path(runs_dir).resolve().parent / "STATUS.md"
+    rundir.write_text(out, render(Path(runs_dir)))
+    return out

@@ -1,0 +1,17 @@
+"""Stage 1: the baseline, lm-evaluation-harness with the causal mask.
+
+    ablate tiny-model --out /tmp/tiny && ablate stage1 --model /tmp/tiny --tasks ablate_tiny --device cpu
+
+Study settings live in ``stage1_baseline_eval.yaml`` beside this module.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ablate.stages.config import EvalConfig
+from ablate.stages.evaluation import run_eval
+
+
+def run_stage1(config: EvalConfig) -> Path:
+    return run_eval(config)

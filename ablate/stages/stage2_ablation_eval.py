@@ -1,0 +1,82 @@
+"""Stage 2: the stage 1 evaluation with the prompt read through an ablated mask, compared with stage 1.
+
+    ablate tiny-model --out /tmp/tiny && ablate stage1 --model /tmp/tiny --tasks ablate_tiny --device cpu && \
+    ablate stage2 --model /tmp/tiny --tasks ablate_tiny --mask prefill_bidir --device cpu
+
+The comparison is with the latest completed stage 1 run whose comparison
+record (model identity, tasks, data, settings, seed) equals this run's, or
+with ``--baseline RUN``, which is refused unless it does.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ablate.errors import BadInput
+from ablate.results import rundir
+from ablate.results.gates import refuse_gated
+from ablate.results.rundir import STAGE1
+from ablate.stages.config import EvalConfig
+from ablate.stages.evaluation import run_eval
+
+log = logging.getLogger(__name__)
+
+
+def run_stage2(config: EvalConfig) -> Path:
+    return run_eval(config, compare=lambda key: _finisher(find_baseline(config, key)))
+
+
+def _finisher(baseline: dict):
+    return lambda metrics: compare(metrics, baseline)
+
+
+def find_baseline(config: EvalConfig, key: dict) -> dict:
+    """The stage 1 run to compare with: ``--baseline`` (refused unless it matches), else the latest matching one."""
+    from ablate.core.identity import describe, mismatch
+
+    if config.baseline:
+        run = rundir.explicit_run(config.baseline, STAGE1, "--baseline")
+        differs = mismatch(key, run.metrics.get("comparison"))
+        if differs:
+            found = run.metrics.get("comparison") or {}
+            detail = (f" (it evaluated {describe(found.get('model'))}, this run {describe(key['model'])})"
+                      if "model" in differs else "")
+            raise BadInput(f"--baseline {config.baseline} differs from this run in {', '.join(differs)}{detail}; "
+                           "a comparison needs the same model, tasks, data and settings")
+        refuse_gated(run, config.ignore_gate)
+        return {"run": run}
+    run = rundir.latest(Path(config.runs_dir), STAGE1, statuses=rundir.USABLE,
+                        where=lambda r: r.metrics.get("comparison") == key)
+    if run:
+        refuse_gated(run, config.ignore_gate)
+        return {"run": run}
+    where = Path(config.runs_dir) / STAGE1
+    newest = rundir.latest(Path(config.runs_dir), STAGE1, statuses=rundir.USABLE)
+    if newest is None:
+        return {"reason": f"no completed stage 1 run in {where}"}
+    differs = mismatch(key, newest.metrics.get("comparison"))
+    return {"reason": f"no completed stage 1 run in {where} matches this run; the latest "
+                      f"({newest.run_id}) differs in {', '.join(differs)}"}
+
+
+def compare(metrics: dict, baseline: dict) -> dict:
+    """Per-task and macro delta and retention against the stage 1 run, or why there is none."""
+    run = baseline.get("run")
+    if run is None:
+        log.warning("no stage 1 baseline: %s", baseline["reason"])
+        return {"run": None, "reason": baseline["reason"]}
+
+    def delta(now, before):
+        if now is None or before is None:
+            return {"acc_baseline": before, "delta": None, "retention": None}
+        # Retention is undefined when the baseline is 0; never report a huge or infinite ratio.
+        return {"acc_baseline": before, "delta": now - before,
+                "retention": now / before if before > 0 else None}
+
+    return {
+        "run": str(run.path),
+        "run_id": run.run_id,
+        "tasks": {name: delta(t["acc"], run.metrics["tasks"][name]["acc"]) for name, t in metrics["tasks"].items()},
+        "macro": delta(metrics["macro"]["acc"], run.metrics["macro"]["acc"]),
+    }

@@ -1,0 +1,183 @@
+"""Stage 4: evaluate the stage 3 models with the ablated mask and measure recovery against stage 1.
+
+    ablate stage4                          # latest completed stage 3 run of each mask
+    ablate stage4 --checkpoint runs/stage3_finetune_prefill_bidir/<run> --also-causal
+
+The evaluation reuses stage 1's tasks and settings (its ``config.json``), so
+every document scored in stage 4 was scored in stage 1 (and stage 2, when a
+matching stage 2 run exists) and recovery is computed document by document.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ablate.results import rundir
+from ablate.results.environment import environment
+from ablate.results.gates import refuse_gated
+from ablate.results.rundir import STAGE1, STAGE2, STAGE3_PREFIX, STAGE4
+from ablate.stages.config import EvalConfig, Stage4Config
+from ablate.errors import BadInput
+from ablate.core.identity import describe, mismatch
+from ablate.stages.evaluation import check_inputs, comparison_key, evaluate, write_samples
+from ablate.results.recovery import macro_recovery, task_recovery
+
+log = logging.getLogger(__name__)
+
+
+def stage3_runs(config: Stage4Config) -> list[rundir.Run]:
+    runs_dir = Path(config.runs_dir)
+    if config.checkpoints:
+        chosen = [rundir.explicit_run(item, STAGE3_PREFIX, "--checkpoint") for item in config.checkpoints]
+    else:
+        chosen = [run for stage in rundir.stages_with_prefix(runs_dir, STAGE3_PREFIX)
+                  if (run := rundir.latest(runs_dir, stage, statuses=rundir.USABLE)) is not None]
+        if not chosen:
+            raise BadInput(f"no completed stage 3 run in {runs_dir}; run `ablate stage3` first")
+    for run in chosen:
+        refuse_gated(run, config.ignore_gate)
+        if not (run.path / "final").is_dir():
+            raise BadInput(f"stage 3 run {run.path} has no final/ model")
+        if not (run.summary or {}).get("model_identity"):
+            raise BadInput(f"stage 3 run {run.path} does not record the identity of its base model "
+                           "(made by an older ablate); rerun stage 3")
+    return chosen
+
+
+def find_stage1(config: Stage4Config, base: dict, seed: int | None = None) -> rundir.Run:
+    """The stage 1 run of the base model: ``--stage1-run`` (refused unless it is), else the newest, same seed first."""
+    if config.stage1_run:
+        run = rundir.explicit_run(config.stage1_run, STAGE1, "--stage1-run")
+        found = (run.metrics.get("comparison") or {}).get("model")
+        if found != base:
+            raise BadInput(f"--stage1-run {config.stage1_run} evaluated {describe(found)}, but the stage 3 runs "
+                           f"finetuned {describe(base)}; recovery needs the baseline of the same model")
+    else:
+        def of_base(r):
+            return (r.metrics.get("comparison") or {}).get("model") == base
+
+        run = (rundir.latest(Path(config.runs_dir), STAGE1, statuses=rundir.USABLE,
+                             where=lambda r: of_base(r) and r.metrics.get("seed") == seed)
+               or rundir.latest(Path(config.runs_dir), STAGE1, statuses=rundir.USABLE, where=of_base))
+        if run is None:
+            raise BadInput(f"stage 4 needs a completed stage 1 run of the stage 3 base model ({describe(base)}) in "
+                           f"{Path(config.runs_dir) / STAGE1}; run `ablate stage1` on that model first")
+    refuse_gated(run, config.ignore_gate)
+    return run
+
+
+def find_stage2(config: Stage4Config, stage1: rundir.Run) -> tuple[rundir.Run | None, str | None]:
+    key = stage1.metrics["comparison"]
+    run = rundir.latest(Path(config.runs_dir), STAGE2,
+                        where=lambda r: r.metrics.get("comparison") == key and r.metrics.get("mask") == config.mask)
+    if run:
+        return run, None
+    return None, f"no completed stage 2 run with mask {config.mask} matches stage 1 run {stage1.run_id}"
+
+
+def _correct(run_dir: Path, prefix: str, task: str) -> dict[int, bool]:
+    path = run_dir / f"samples_{prefix}{task}.jsonl"
+    return {r["doc_id"]: bool(r["correct"]) for r in map(json.loads, path.read_text().splitlines())}
+
+
+def recovery_block(rows: dict, stage1: rundir.Run, stage2: rundir.Run | None, chance: dict) -> dict:
+    per_task, arrays = {}, {}
+    for task, task_rows in rows.items():
+        c4 = {r["doc_id"]: r["correct"] for r in task_rows}
+        c1 = _correct(stage1.path, "", task)
+        c2 = _correct(stage2.path, "", task) if stage2 else None
+        if set(c1) != set(c4) or (c2 is not None and set(c2) != set(c4)):
+            raise BadInput(f"task {task}: stage 4 scored other documents than stages 1/2; rerun them together")
+        docs = sorted(c4)
+        a1, a4 = np.array([c1[d] for d in docs]), np.array([c4[d] for d in docs])
+        a2 = np.array([c2[d] for d in docs]) if c2 is not None else None
+        per_task[task] = task_recovery(a1, a2, a4, chance[task])
+        arrays[task] = (a1, a2, a4)
+    return {"tasks": per_task, "macro": macro_recovery(per_task, arrays)}
+
+
+def run_stage4(config: Stage4Config) -> Path:
+    from ablate.core.identity import model_identity
+    from ablate.core.models import load_model, resolve_device
+
+    started = time.time()
+    device = resolve_device(config.device)
+    runs = stage3_runs(config)
+    bases = {json.dumps(r.summary["model_identity"], sort_keys=True) for r in runs}
+    if len(bases) != 1:
+        raise BadInput("the stage 3 runs start from different models; run stage 4 once per base model with --checkpoint")
+    seeds = {(r.config or {}).get("seed") for r in runs}
+    stage1 = find_stage1(config, runs[0].summary["model_identity"], seeds.pop() if len(seeds) == 1 else None)
+    stage2, stage2_reason = find_stage2(config, stage1)
+    settings = dict(stage1.config or {})
+    if not settings:
+        raise BadInput(f"stage 1 run {stage1.path} has no readable config.json")
+    settings.update(tasks=tuple(settings["tasks"]), task_data=tuple(settings["task_data"]))
+    eval_config = EvalConfig(**{**settings, "stage": STAGE4, "mask": config.mask, "device": config.device,
+                                "dtype": config.dtype, "attn_implementation": config.attn_implementation,
+                                "batch_size": config.batch_size or settings["batch_size"],
+                                "runs_dir": config.runs_dir, "baseline": None})
+    manager, task_data, tasks = check_inputs(eval_config)
+    recorded = stage1.metrics["comparison"]
+    key = comparison_key(eval_config, task_data, recorded["model"])
+    if key != recorded:
+        raise BadInput(f"stage 1 run {stage1.path} was made on other task data or settings than its config.json "
+                       f"now gives ({', '.join(mismatch(key, recorded))} differ; a --task-data file changed?)")
+    identities = {str(run.path): model_identity(str(run.path / "final")) for run in runs}
+    rundir.check_writable(Path(config.runs_dir), STAGE4)
+
+    run_dir = rundir.new_run_dir(Path(config.runs_dir), STAGE4)
+    results = []
+    with rundir.active(run_dir):
+        rundir.write_json(run_dir / "config.json", {**config.__dict__, "evaluation": eval_config.to_dict()})
+        rundir.write_json(run_dir / "env.json", environment(device))
+        for run in runs:
+            summary = run.summary
+            label = f"{summary['mask']}-{run.run_id}"
+            log.info("stage 4: %s (trained with %s) under %s", run.path, summary["mask"], config.mask)
+            model, tokenizer = load_model(str(run.path / "final"), device, config.dtype, config.attn_implementation)
+            ablated = evaluate(eval_config, model, tokenizer, device, config.mask, tasks, manager)
+            write_samples(run_dir, ablated["rows"], prefix=f"{label}_")
+            chance = {t: m["chance"] for t, m in ablated["tasks"].items()}
+            entry = {
+                "label": label,
+                "checkpoint": str(run.path),
+                "checkpoint_uid": run.uid,
+                "model_identity": identities[str(run.path)],
+                "train_mask": summary["mask"],
+                "train_seed": (run.config or {}).get("seed"),
+                "leaky": summary.get("leaky", False),
+                "save_format": (summary.get("save") or {}).get("format"),
+                "tasks": ablated["tasks"],
+                "macro": ablated["macro"],
+                "timing": ablated["timing"],
+                "recovery": recovery_block(ablated["rows"], stage1, stage2, chance),
+                "causal": None,
+            }
+            if config.also_causal:
+                causal = evaluate(eval_config, model, tokenizer, device, "causal", tasks, manager)
+                write_samples(run_dir, causal["rows"], prefix=f"{label}_causal_")
+                entry["causal"] = {"tasks": causal["tasks"], "macro": causal["macro"], "timing": causal["timing"]}
+            results.append(entry)
+            del model
+        metrics = {
+            "stage": STAGE4,
+            "run_id": run_dir.name,
+            "status": rundir.COMPLETED,
+            "mask": config.mask,
+            "stage1_run": str(stage1.path),
+            "stage1_uid": stage1.uid,
+            "stage2_run": str(stage2.path) if stage2 else None,
+            "stage2_reason": stage2_reason,
+            "comparison": key,
+            "checkpoints": results,
+            "timing": {"wall_seconds": round(time.time() - started, 3)},
+        }
+        rundir.write_json(run_dir / "metrics.json", metrics)
+        rundir.set_status(run_dir, rundir.COMPLETED)
+    return run_dir
