@@ -95,8 +95,6 @@ def remote_launch(
     try:
         info = launch(conn, Path.cwd(), session, list(command or []),
                       complete_file or f"runs/.complete-{session}", heartbeat_seconds, copy)
-    except BadInput as exc:
-        _fail(str(exc))
     except Unreachable as exc:
         typer.echo(f"ablate: lost {host}:{port} during launch: {exc}", err=True)
         raise typer.Exit(3)
@@ -136,10 +134,7 @@ def remote_watch(
         _fail(f"--max-poll-seconds ({max_poll_seconds:g}) must be at least --poll-seconds ({poll_seconds:g})")
     if complete_file and len(session) > 1:
         _fail("--complete-file names one file; with several sessions each uses runs/.complete-SESSION")
-    try:
-        sessions = [(check_session(s), complete_file or f"runs/.complete-{s}") for s in session]
-    except BadInput as exc:
-        _fail(str(exc))
+    sessions = [(check_session(s), complete_file or f"runs/.complete-{s}") for s in session]
 
     def on_done(conn, state):
         if sync_results:
@@ -173,8 +168,6 @@ def remote_sync(
     conn = _connect(_box(host, port, user, key, workdir, trust_on_first_use, timeout, known_hosts))
     try:
         result = sync(conn, Path(runs_dir), remote_runs, with_checkpoints)
-    except BadInput as exc:
-        _fail(str(exc))
     except Unreachable as exc:
         typer.echo(f"ablate: lost {host}:{port} during sync: {exc}", err=True)
         raise typer.Exit(3)
