@@ -10,7 +10,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "ablate"
-LAYERS = {"errors": 0, "faults": 0, "results": 1, "core": 2, "remote": 2, "stages": 3, "demo": 4, "cli": 5,
+LAYERS = {"errors": 0, "faults": 0, "bench": 4, "results": 1, "core": 2, "remote": 2, "stages": 3, "demo": 4, "cli": 5,
           "__main__": 6}
 MAX_LINES = 400
 

@@ -25,21 +25,14 @@ MODULE = "ablate/core/lm_eval_model.py"
 PINNED = {
     "lm_eval": "0.4.13",
     "sources": {
-        # Re-stated by PrefillMaskLM._loglikelihood_tokens / _model_call.
+        # Re-stated by PrefillMaskLM._loglikelihood_tokens (with prefix sharing) and _forward.
         "lm_eval.models.huggingface:HFLM._loglikelihood_tokens":
             "994529f70fd23192506699a9e98fb83e6a63182494cc3e5997520582a28dc4f5",
         "lm_eval.models.huggingface:HFLM._model_call":
             "abbd2a81796f29be6f0ad3f5f0aecc2e655c57de04c4f4a0924b00dd9b6220f8",
-        # batch_size="auto": the scheduler, the probe that calls back into _model_call, and batch_sizes.
-        "lm_eval.models.huggingface:HFLM._batch_scheduler":
-            "da1eacbc047498a2e801f825df842bf4159e01ab42bf7c12c6782e28812cc18f",
+        # batch_size="auto": re-stated by PrefillMaskLM._detect_rows, with the helpers it imports.
         "lm_eval.models.huggingface:HFLM._detect_batch_size":
             "dedc24a330b8d1aff3562f3bcc69faecb3e69a2b54edab0ad9efe9491dd6a1d8",
-        # Used by the re-stated loop, under the names HFLM imports them by.
-        "lm_eval.models.huggingface:Collator":
-            "2dc993c9a488146bd295a71e97f5bedf16a8a7d3405492a80a27d5742e53833a",
-        "lm_eval.models.huggingface:pad_and_concat":
-            "191b404126ee639bec4e4b903598b3951fbd9099973f77c9f05cf217229dd417",
         # Where the prompt boundary the mask reads is drawn, and the request tuples the loop receives.
         "lm_eval.api.model:TemplateLM.loglikelihood":
             "507df4a0fa1d0bae59b457b7624644fefcdf91c2f5fa3d234c97106b22580b5c",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import List
 
 import typer
 
@@ -59,7 +60,58 @@ def tiny_model(
 
 
 
+def fetch():
+    """Fetch and convert the offline real assets once: SmolLM2-135M-Instruct and the GSM8K test split."""
+    from ablate.core.assets import gsm8k, smollm2
+
+    quiet_libraries()
+    typer.echo(f"model  {smollm2(typer.echo)}")
+    typer.echo(f"gsm8k  {gsm8k(typer.echo)}")
+
+
+def bench(
+    model: str = typer.Option("smollm2", help="model folder or hub id; smollm2 = the fetched SmolLM2-135M-Instruct"),
+    tasks: str = typer.Option("hellaswag", help="comma-separated lm-eval tasks"),
+    task_data: List[str] = typer.Option(None, help="TASK=FILE (repeatable); default: hellaswag reads the GSM8K "
+                                        "next-step rows, the other study tasks their fixture rows"),
+    limit: int = typer.Option(100, help="documents per task"),
+    repeats: int = typer.Option(2, help="runs of each, alternating"),
+    batch_size: str = typer.Option("8", help="batch size for both"),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto"),
+    dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16"),
+    attn_implementation: str = typer.Option("sdpa", help="sdpa, eager or flex_attention"),
+    out: Path = typer.Option(None, help="also write the figures as JSON here"),
+):
+    """Stock lm-eval vs ablate on the same model and documents: wall ratio, tokens/s, identical predictions."""
+    from ablate.bench import render, run_bench
+    from ablate.core.assets import cache_root, gsm8k, smollm2
+    from ablate.core.tasks import FIXTURE_DATA, parse_task_data
+    from ablate.demo.gsm8k_tasks import write_next_step
+    from ablate.results.files import write_json
+    from ablate.stages.config import check_runtime
+
+    quiet_libraries()
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    check_runtime("causal", device, dtype, attn_implementation)
+    if limit < 1 or repeats < 1:
+        fail("--limit and --repeats must be at least 1")
+    data = parse_task_data(list(task_data or []))
+    if "hellaswag" in names and "hellaswag" not in data:
+        data["hellaswag"] = write_next_step(gsm8k(typer.echo), cache_root() / "data" / "gsm8k" / "next_step.jsonl")
+    data.update({t: FIXTURE_DATA[t] for t in names if t in FIXTURE_DATA and t not in data})
+    model = str(smollm2(typer.echo)) if model == "smollm2" else model
+    result = run_bench(model, names, data, limit, batch_size, device, dtype, attn_implementation, repeats,
+                       echo=typer.echo)
+    typer.echo(render(result))
+    if out:
+        write_json(out, result)
+        typer.echo(f"wrote {out}")
+
+
 def register(app: typer.Typer) -> None:
     app.command(epilog="Examples:\n\n  ablate demo\n\n  ablate demo --preset smoke --workdir /tmp/ablate-demo")(demo)
+    app.command(epilog="Example:\n\n  ablate fetch")(fetch)
+    app.command(epilog="Examples:\n\n  ablate bench\n\n  ablate bench --tasks hellaswag,piqa,arc_easy,arc_challenge,"
+                "winogrande --limit 8")(bench)
     app.command("tiny-model", epilog="Example:\n\n  ablate tiny-model --arch mistral3 --out /tmp/tiny-mistral3")(
         tiny_model)

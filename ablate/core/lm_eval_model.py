@@ -5,9 +5,10 @@
 ``PrefillMaskLM`` subclasses lm-eval's ``HFLM`` and is registered as
 ``ablate-hf``. lm-eval hands a loglikelihood request over as
 ``(context tokens, continuation tokens)``; the context is the prefill. Stock HFLM
-drops that boundary before the forward pass, so the request loop is re-stated
-here (same truncation, batching order, padding and scoring as HFLM) with the
-one difference that each row's prefix length reaches the mask. Everything else
+drops that boundary before the forward pass and computes a shared context once
+per choice, so the request loop is re-stated here (same truncation, checks and
+scoring as HFLM): each row's prefix length reaches the mask, and requests that
+share a context share one forward row (ablate.core.packing). Everything else
 (tokenization, task logic, generation, metrics) is lm-eval's own.
 
 Written against lm-eval 0.4.13 (``LM_EVAL_VERSION``). The private or re-stated
@@ -15,12 +16,11 @@ surfaces, all used through this module only and each pinned by
 tests/test_lm_eval_drift.py so an upgrade that changes one fails there first:
 
 - ``HFLM._loglikelihood_tokens`` and ``HFLM._model_call``
-  (lm_eval/models/huggingface.py): re-stated by ``PrefillMaskLM``;
-- ``Collator`` (lm_eval/models/utils.py) and ``pad_and_concat`` (lm_eval/models/utils_hf.py);
+  (lm_eval/models/huggingface.py): re-stated by ``PrefillMaskLM._loglikelihood_tokens`` and ``_forward``;
+- ``HFLM._detect_batch_size`` (``batch_size="auto"``): re-stated by ``_detect_rows``, with lm-eval's
+  ``find_executable_batch_size`` and ``clear_torch_cache``;
 - ``TemplateLM.loglikelihood`` and ``_encode_pair`` (lm_eval/api/model.py), not re-stated but
   relied on: they draw the prompt boundary the mask reads;
-- ``HFLM._batch_scheduler``, ``HFLM._detect_batch_size`` and ``HFLM.batch_sizes``
-  (``batch_size="auto"``), which call back into ``_model_call``;
 - the task index: ``TaskManager.task_index`` entries' ``kind``, ``yaml_path`` and
   ``cfg`` (lm_eval/tasks/_index.py), read by ``task_entry`` and ``single_yaml_task_folders``;
 - ``lm_eval.tasks._yaml_loader.load_yaml``, called by ``read_task_yaml``;
@@ -41,12 +41,13 @@ import torch.nn.functional as F
 from lm_eval import evaluator as lm_eval_evaluator
 from lm_eval.api.registry import register_model
 # The names upstream's loop uses, from where it takes them (they live in models/utils.py and utils_hf.py).
-from lm_eval.models.huggingface import HFLM, Collator, pad_and_concat
+from lm_eval.models.huggingface import HFLM, clear_torch_cache, find_executable_batch_size
 from lm_eval.tasks import TaskManager
 from lm_eval.tasks._yaml_loader import load_yaml
 from tqdm import tqdm
 
 from ablate.core.masks import check_attention_backend, get_mask, model_attention_mask
+from ablate.core.packing import Row, pack, unique_tokens, unshared_tokens
 
 log = logging.getLogger(__name__)
 
@@ -131,12 +132,6 @@ def sample_row(sample: dict) -> dict:
 # --- the model -------------------------------------------------------------------------------------
 
 
-def _longest_first(req):
-    """HFLM's ``_collate`` sort key: longest first (an out-of-memory shows at once), then by tokens."""
-    toks = req[1] + req[2]
-    return -len(toks), tuple(toks)
-
-
 def _check_request(context_enc: list[int], continuation_enc: list[int], max_length: int) -> None:
     # Upstream asserts these; a raise survives python -O, and a longer continuation would slice the wrong logits.
     if not context_enc or not continuation_enc:
@@ -148,92 +143,98 @@ def _check_request(context_enc: list[int], continuation_enc: list[int], max_leng
 @register_model("ablate-hf")
 class PrefillMaskLM(HFLM):
     def __init__(self, pretrained, mask: str = "causal", **kwargs):
-        get_mask(mask)
-        # The re-stated loop never shares a forward pass between requests (HFLM's one-token logits cache
-        # would, for requests whose prompt boundary may differ); the flag is pinned off so HFLM says so.
+        self.spec = get_mask(mask)
+        # HFLM's one-token logits cache would share a forward pass between requests whose prompt boundary
+        # may differ; the re-stated loop shares contexts itself (ablate.core.packing), so the flag is off.
         super().__init__(pretrained=pretrained, backend="causal", logits_cache=False, **kwargs)
         check_attention_backend(mask, self.model.config._attn_implementation)
         self.mask = mask
-        self.tokens_processed = 0
+        self.tokens_processed = 0  # tokens that went through the model (padding excluded)
+        self.tokens_unique = 0  # distinct token prefixes of the requests' inputs: the least any loop computes
+        self.tokens_unshared = 0  # what one forward per request (stock lm-eval) would process
 
-    def _model_call(self, inps, attn_mask=None, labels=None, prefix_lens=None, lengths=None):
-        """Re-states HFLM._model_call (lm-eval 0.4.13) with the mask; attn_mask/labels are seq2seq-only."""
-        probe = prefix_lens is None
-        if probe:
-            # HFLM._detect_batch_size (batch_size="auto") probes with full rows and no boundary. Probe under
-            # this run's mask, whole row as prompt: the plain causal call would not build the 4D mask the
-            # real batches need, and could settle on a size that then runs out of memory.
-            lengths = torch.full((inps.shape[0],), inps.shape[1], device=inps.device)
-            prefix_lens = lengths
-        padding = torch.arange(inps.shape[1], device=inps.device)[None, :] < lengths[:, None]
-        mask = model_attention_mask(self.model.config, self.mask, padding, prefix_lens, self.model.dtype)
-        if not probe:
-            self.tokens_processed += int(lengths.sum())
+    def _forward(self, rows: list[Row]) -> torch.Tensor:
+        """Logits of packed rows (right-padded), under this run's mask."""
+        layouts = [row.layout() for row in rows]
+        lengths = [len(seg) for seg, _ in layouts]
+        width = max(lengths)
+
+        def padded(values, fill):
+            return torch.tensor([v + [fill] * (width - len(v)) for v in values], device=self.device)
+
+        ids = padded([row.tokens() for row in rows], 0)
+        segments, positions = padded([seg for seg, _ in layouts], -1), padded([pos for _, pos in layouts], 0)
+        padding = torch.arange(width, device=self.device)[None, :] < torch.tensor(lengths, device=self.device)[:, None]
+        prefix_lens = torch.tensor([len(row.context) for row in rows], device=self.device)
+        mask = model_attention_mask(self.model.config, self.mask, padding, prefix_lens, self.model.dtype,
+                                    segments=segments, positions=positions)
         with torch.no_grad(), torch.autocast(
             device_type=self.device.type,
             dtype=self.mixed_precision_dtype,
             enabled=self.mixed_precision_dtype is not None,
         ):
-            return self.model(input_ids=inps, attention_mask=mask).logits
+            return self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+
+    def _detect_rows(self, row: Row) -> int:
+        """``batch_size="auto"``: the most rows like ``row`` (the longest of the call) that fit, halving on OOM."""
+        @find_executable_batch_size(starting_batch_size=self.max_batch_size)
+        def probe(batch_size: int):
+            for _ in range(2):  # as upstream, more than once: allocator growth shows on the second pass
+                F.log_softmax(self._forward([row] * batch_size), dim=-1, dtype=self.softmax_dtype)
+            return batch_size
+
+        try:
+            size = probe()
+        except RuntimeError as exc:
+            if "No executable batch size found" not in str(exc):
+                raise
+            size = 1
+        clear_torch_cache()
+        return size
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
         """Re-states ``HFLM._loglikelihood_tokens`` of lm-eval 0.4.13 (lm_eval/models/huggingface.py).
 
-        Differences, all deliberate: each row's prompt length reaches ``_model_call``; the causal
-        branch only (the backend is always "causal": upstream's seq2seq branch is left out); no
-        one-token logits cache (see ``__init__``); truncation is logged once per call, not per request.
+        Same truncation (left, the prompt boundary moving with it), checks and scoring as upstream;
+        different on purpose: requests sharing a context are packed into one row and the context is
+        computed once (upstream's "TODO: ... lumps together requests with the same context");
+        each row's prompt length reaches the mask; the batch size counts rows; ``auto`` is detected
+        afresh on every call (upstream's out-of-memory fix, lm-eval issue #1678) for the call's
+        longest row; the causal branch only (the backend is always "causal").
         """
-        res = []
-        reorder = Collator(requests, sort_fn=_longest_first)
-        n_reordered = len(reorder)
-        if self.batch_size != "auto":
-            batch_size = self.batch_size
+        pairs = []
+        for _, context_enc, continuation_enc in requests:
+            _check_request(context_enc, continuation_enc, self.max_length)
+            pairs.append((context_enc, continuation_enc))
+        rows, truncated = pack(pairs, self.max_length, share=self.spec.shares_context)
+        self.tokens_unique += unique_tokens(rows)
+        self.tokens_unshared += unshared_tokens(pairs, self.max_length)
+        if self.batch_size == "auto":
+            size = override_bs or (self._detect_rows(rows[0]) if rows else 1)
         else:
-            batch_size = override_bs if override_bs is not None else 0
-        batch_fn = self._batch_scheduler if self.batch_size == "auto" and n_reordered > 0 and not override_bs else None
-        if batch_fn is not None:
-            # Upstream's out-of-memory fix (lm-eval issue #1678): detect afresh for this call's requests,
-            # not reuse a size found for an earlier call's shorter ones.
-            self.batch_sizes = {}
+            size = self.batch_size
+        res: list = [None] * len(requests)
         pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
                     desc=f"loglikelihood ({self.mask})")
-        truncated = 0
-        for chunk in reorder.get_batched(n=batch_size, batch_fn=batch_fn):
-            inps, prefix_lens, cont_toks_list = [], [], []
-            for _, context_enc, continuation_enc in chunk:
-                _check_request(context_enc, continuation_enc, self.max_length)
-                full = context_enc + continuation_enc
-                truncated += len(full) > self.max_length + 1
-                # Left truncation as HFLM; the last token is only ever a target.
-                inp = full[-(self.max_length + 1):][:-1]
-                inps.append(torch.tensor(inp, dtype=torch.long, device=self.device))
-                # Prompt tokens still inside the window (at least one: the continuation fits in max_length).
-                prefix_lens.append(len(inp) - len(continuation_enc) + 1)
-                cont_toks_list.append(continuation_enc)
-            lengths = torch.tensor([len(x) for x in inps], device=self.device)
-            padding_len = int(lengths.max())
-            batched = pad_and_concat(padding_len, inps, padding_side="right")
-            logits = self._model_call(
-                batched,
-                prefix_lens=torch.tensor(prefix_lens, device=self.device),
-                lengths=lengths,
-            )
-            logprobs = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
-            for (request_str, _, _), row, inplen, cont_toks in zip(
-                chunk, logprobs, lengths.tolist(), cont_toks_list, strict=True
-            ):
-                # As upstream: skip "virtual tokens" a prompt-tuning adapter puts in front of the logits.
-                end = inplen + (row.shape[0] - padding_len)
-                row = row[end - len(cont_toks): end].unsqueeze(0)
-                cont = torch.tensor(cont_toks, dtype=torch.long, device=self.device).unsqueeze(0)
-                is_greedy = bool((row.argmax(dim=-1) == cont).all())
-                answer = (float(torch.gather(row, 2, cont.unsqueeze(-1)).sum()), is_greedy)
-                res.append(answer)
-                if request_str is not None:  # None: a loglikelihood_rolling window, cached per document
-                    self.cache_hook.add_partial("loglikelihood", request_str, answer)
-                pbar.update(1)
+        for start in range(0, len(rows), size):
+            batch = rows[start: start + size]
+            logits = self._forward(batch)
+            self.tokens_processed += sum(len(row.tokens()) for row in batch)
+            # As upstream: skip "virtual tokens" a prompt-tuning adapter puts in front of the logits.
+            offset = logits.shape[1] - max(len(row.tokens()) for row in batch)
+            for row, row_logits in zip(batch, logits, strict=True):
+                for cont, indices, members in zip(row.continuations, row.score_indices(), row.requests, strict=True):
+                    picked = F.log_softmax(row_logits[[i + offset for i in indices]], dim=-1, dtype=self.softmax_dtype)
+                    target = torch.tensor(cont, dtype=torch.long, device=self.device)
+                    answer = (float(picked.gather(1, target[:, None]).sum()), bool((picked.argmax(-1) == target).all()))
+                    for i in members:
+                        res[i] = answer
+                        request_str = requests[i][0]
+                        if request_str is not None:  # None: a loglikelihood_rolling window, cached per document
+                            self.cache_hook.add_partial("loglikelihood", request_str, answer)
+                        pbar.update(1)
         pbar.close()
         if truncated:
             log.warning("%d of %d requests exceed max_length %d: their prompts were truncated from the left",
                         truncated, len(requests), self.max_length)
-        return reorder.get_original(res)
+        return res

@@ -34,14 +34,17 @@ class MaskSpec:
     description: str
     # True when a position can see tokens after itself that training would supervise.
     leaks_labels: bool
+    # True when the prompt's keys and values never depend on what follows it, so one computation of a
+    # prompt serves every continuation (ablate.core.packing).
+    shares_context: bool
 
 
 MASKS: dict[str, MaskSpec] = {}
 
 
-def register(name: str, description: str, leaks_labels: bool = False):
+def register(name: str, description: str, leaks_labels: bool = False, shares_context: bool = True):
     def wrap(fn: BlockIdsFn) -> BlockIdsFn:
-        MASKS[name] = MaskSpec(name, fn, description, leaks_labels)
+        MASKS[name] = MaskSpec(name, fn, description, leaks_labels, shares_context)
         return fn
 
     return wrap
@@ -66,6 +69,7 @@ def _prefill_bidir(prefix_lens: torch.Tensor, attention_mask: torch.Tensor) -> t
     "full_bidir",
     "every token attends to every token (diagnostic only: leaks labels in training)",
     leaks_labels=True,
+    shares_context=False,
 )
 def _full_bidir(prefix_lens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     return torch.where(attention_mask.bool(), 0, -1)
@@ -93,43 +97,64 @@ def _mask_kinds(config) -> list[str]:
     return ["sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"]
 
 
+def tree_function(segments: torch.Tensor, positions: torch.Tensor, window: int | None = None):
+    """Packed rows (ablate.core.packing): a continuation sees the context (segment 0) and itself only.
+
+    A sliding window is measured in position ids, which restart after the context for each continuation.
+    """
+    def inner(batch_idx, head_idx, q_idx, kv_idx):
+        seg_kv = segments[batch_idx, kv_idx]
+        ok = (seg_kv == 0) | (seg_kv == segments[batch_idx, q_idx])
+        if window is not None:
+            ok = ok & (positions[batch_idx, q_idx] - positions[batch_idx, kv_idx] < window)
+        return ok
+
+    return inner
+
+
 def model_attention_mask(
     config,
     mask_name: str,
     attention_mask: torch.Tensor,
     prefix_lens: torch.Tensor,
     dtype: torch.dtype,
+    segments: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
 ):
     """What to pass as ``attention_mask=`` to a decoder's forward for this mask.
 
     ``attention_mask`` is the 2D padding mask (1 = real token), ``prefix_lens``
     the number of prompt tokens of each row. Causal returns the 2D mask untouched,
-    so the model takes exactly its stock path.
+    so the model takes exactly its stock path. ``segments`` and ``positions``
+    describe packed rows (a shared prompt followed by several continuations): the
+    mask then also keeps each continuation to the prompt and itself.
     """
     spec = get_mask(mask_name)
     check_attention_backend(mask_name, config._attn_implementation)
     block_ids = spec.block_ids(prefix_lens, attention_mask)
-    if block_ids is None:
+    packed = segments is not None and int(segments.max()) > 1  # one continuation per row is the plain layout
+    if block_ids is None and not packed:
         return attention_mask
     batch, length = attention_mask.shape
     # Only the shape, dtype and device of inputs_embeds are read by the mask builders.
     embeds = torch.empty(batch, length, 0, dtype=dtype, device=attention_mask.device)
-    kwargs = dict(
-        config=config,
-        inputs_embeds=embeds,
-        attention_mask=attention_mask,
-        past_key_values=None,
-        block_sequence_ids=block_ids,
-    )
-    builders = {
-        "full_attention": masking_utils.create_causal_mask,
-        "sliding_attention": masking_utils.create_sliding_window_causal_mask,
-    }
+    kwargs = dict(config=config, inputs_embeds=embeds, attention_mask=attention_mask, past_key_values=None,
+                  block_sequence_ids=block_ids)
     kinds = _mask_kinds(config)
-    unknown = [k for k in kinds if k not in builders]
+    unknown = [k for k in kinds if k not in ("full_attention", "sliding_attention")]
     if unknown:
         raise BadInput(f"mask '{mask_name}' does not support layer types {unknown} of this model")
-    masks = {kind: builders[kind](**kwargs) for kind in kinds}
+    masks = {}
+    for kind in kinds:
+        if packed:
+            # The sliding builder measures its window in row indices; packed rows need it in positions.
+            window = config.sliding_window if kind == "sliding_attention" else None
+            masks[kind] = masking_utils.create_causal_mask(
+                **kwargs, and_mask_function=tree_function(segments, positions, window))
+        elif kind == "sliding_attention":
+            masks[kind] = masking_utils.create_sliding_window_causal_mask(**kwargs)
+        else:
+            masks[kind] = masking_utils.create_causal_mask(**kwargs)
     # Models declaring layer_types (Qwen2/3) take a mapping; the others one mask.
     return masks if getattr(config, "layer_types", None) else masks[kinds[0]]
 

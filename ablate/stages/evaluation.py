@@ -78,6 +78,10 @@ def evaluate(config: EvalConfig, model, tokenizer, device: str, mask: str, tasks
         "timing": {
             "eval_seconds": round(seconds, 3),
             "tokens": lm.tokens_processed,
+            # The least any evaluation of these requests computes, and what one forward per request would.
+            "tokens_unique": lm.tokens_unique,
+            "tokens_unshared": lm.tokens_unshared,
+            "waste": round(lm.tokens_processed / lm.tokens_unique, 4) if lm.tokens_unique else None,
             "tokens_per_second": round(lm.tokens_processed / seconds, 1) if seconds else None,
         },
         "rows": rows,
