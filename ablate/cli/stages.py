@@ -41,6 +41,8 @@ def _eval_command(stage: str, flags: dict) -> None:
         run_dir = (run_stage1 if stage == STAGE1 else run_stage2)(load_eval_config(stage, flags))
     finally:
         refresh_status(flags.get("runs_dir"))
+    if run_dir is None:  # a rank > 0 of `accelerate launch`: rank 0 writes and prints the run
+        return
     metrics = json.loads((run_dir / "metrics.json").read_text())
     typer.echo(summary_table(metrics))
     if metrics["status"] == "gated":
@@ -106,6 +108,8 @@ def stage3(
             out = run_stage3(load_finetune_config(flags))
     finally:
         refresh_status(runs_dir)
+    if out is None:  # a rank > 0 of torchrun / accelerate launch: rank 0 reports the run
+        return
     summary = json.loads((out / "summary.json").read_text())
     if summary["leaky"]:
         typer.echo("LEAKY: this run trained with a mask that lets supervised positions see their labels")

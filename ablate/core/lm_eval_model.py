@@ -37,6 +37,7 @@ from pathlib import Path
 
 import lm_eval
 import torch
+from accelerate import Accelerator, PartialState
 import torch.nn.functional as F
 from lm_eval import evaluator as lm_eval_evaluator
 from lm_eval.api.registry import register_model
@@ -147,6 +148,12 @@ class PrefillMaskLM(HFLM):
         # HFLM's one-token logits cache would share a forward pass between requests whose prompt boundary
         # may differ; the re-stated loop shares contexts itself (ablate.core.packing), so the flag is off.
         super().__init__(pretrained=pretrained, backend="causal", logits_cache=False, **kwargs)
+        state = PartialState(cpu=self.device.type == "cpu")
+        if state.num_processes > 1:
+            # HFLM takes a preloaded model for one process; under `accelerate launch` each process holds the
+            # model and lm-eval splits the documents by rank and gathers the results (its data-parallel mode).
+            self.accelerator = Accelerator(cpu=self.device.type == "cpu")
+            self._rank, self._world_size = state.process_index, state.num_processes
         check_attention_backend(mask, self.model.config._attn_implementation)
         self.mask = mask
         self.tokens_processed = 0  # tokens that went through the model (padding excluded)

@@ -16,6 +16,7 @@ evaluating randomly initialised layers.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import warnings
 from contextlib import contextmanager
@@ -45,9 +46,11 @@ TEXT_ONLY_SKIPPED = re.compile(r"^(model\.)?(vision_tower|multi_modal_projector)
 
 def resolve_device(device: str) -> str:
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BadInput(f"device '{device}' requested but CUDA is not available on this machine")
+    if device == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per process under accelerate launch / torchrun
+        return f"cuda:{os.environ['LOCAL_RANK']}"
     return device
 
 

@@ -228,6 +228,23 @@ def active(run_dir: Path, is_main: bool = True, log_file: str = "run.log"):
         _unlock(run_dir)
 
 
+def claim(state, make) -> Path:
+    """Under ``accelerate launch``: rank 0 creates or reopens (and locks) the run; every rank gets its path,
+    or the same one-line refusal. ``state`` is accelerate's ``PartialState``."""
+    from accelerate.utils import broadcast_object_list
+
+    holder = [None]
+    if state.is_main_process:
+        try:
+            holder = [(str(make()), None)]
+        except BadInput as exc:
+            holder = [(None, str(exc))]
+    path, refused = broadcast_object_list(holder)[0]
+    if refused:
+        raise BadInput(refused)
+    return Path(path)
+
+
 # ---------------------------------------------------------------- reading runs
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ def check_inputs(config: EvalConfig):
 
 
 def evaluate(config: EvalConfig, model, tokenizer, device: str, mask: str, tasks, manager) -> dict:
-    """One lm-eval pass: ``{"tasks", "macro", "timing", "rows"}`` (rows: per-task sample rows)."""
+    """One lm-eval pass: ``{"tasks", "macro", "timing", "rows"}`` (rows: per-task sample rows); None on ranks > 0."""
     from lm_eval import simple_evaluate
 
     from ablate.core.lm_eval_model import PrefillMaskLM, sample_rows
@@ -70,6 +70,8 @@ def evaluate(config: EvalConfig, model, tokenizer, device: str, mask: str, tasks
         fewshot_random_seed=config.seed, task_manager=manager,
     )
     seconds = time.time() - started
+    if results is None:  # lm-eval returns the gathered results on rank 0 only
+        return None
     rows = {name: sample_rows(results["samples"][name]) for name in tasks}
     per_task = {name: task_metrics(results["results"][name], rows[name]) for name in tasks}
     return {
@@ -93,27 +95,39 @@ def write_samples(run_dir: Path, rows: dict, prefix: str = "") -> None:
         write_jsonl(run_dir / f"samples_{prefix}{name}.jsonl", task_rows)
 
 
-def run_eval(config: EvalConfig, compare=None) -> Path:
+def run_eval(config: EvalConfig, compare=None) -> Path | None:
     """Evaluate ``config.model`` into a new run; ``compare(key)`` (stage 2) is called before the model loads
-    and returns what to add to ``metrics.json`` once the results are in (``finish(metrics) -> dict``)."""
+    and returns what to add to ``metrics.json`` once the results are in (``finish(metrics) -> dict``).
+
+    Under ``accelerate launch`` every process scores its share of the documents (lm-eval's data-parallel
+    split) and rank 0 writes the run; the other ranks return None.
+    """
+    from accelerate import PartialState
+
     from ablate.core.identity import model_identity
     from ablate.core.models import load_model, resolve_device
 
     started = time.time()
     device = resolve_device(config.device)
+    # Under torchrun / accelerate launch: on CPU accelerate joins the processes only when told (gloo).
+    state = PartialState(cpu=device == "cpu")
     manager, task_data, tasks = check_inputs(config)
     key = comparison_key(config, task_data, model_identity(config.model))
     finish = compare(key) if compare else None
     rundir.check_writable(Path(config.runs_dir), config.stage)
     model, tokenizer = load_model(config.model, device, config.dtype, config.attn_implementation)
 
-    run_dir = rundir.new_run_dir(Path(config.runs_dir), config.stage, model_identity=key["model"])
-    with rundir.active(run_dir):
-        rundir.write_json(run_dir / "config.json", config.to_dict())
-        rundir.write_json(run_dir / "env.json", environment(device))
+    run_dir = rundir.claim(state, lambda: rundir.new_run_dir(Path(config.runs_dir), config.stage,
+                                                              model_identity=key["model"]))
+    with rundir.active(run_dir, is_main=state.is_main_process):
+        if state.is_main_process:
+            rundir.write_json(run_dir / "config.json", config.to_dict())
+            rundir.write_json(run_dir / "env.json", environment(device))
         log.info("run %s: %s on %s with mask %s", run_dir, config.model, ",".join(config.tasks), config.mask)
         fault_point("eval")
         result = evaluate(config, model, tokenizer, device, config.mask, tasks, manager)
+        if result is None:  # another rank: its documents went to rank 0, which writes the run
+            return None
         write_samples(run_dir, result.pop("rows"))
         metrics = {
             "stage": config.stage,

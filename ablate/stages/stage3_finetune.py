@@ -136,7 +136,7 @@ def prepare(config: FinetuneConfig, tokenizer):
     return train, held, collate, leak
 
 
-def run_stage3(config: FinetuneConfig, resume_dir: Path | None = None) -> Path:
+def run_stage3(config: FinetuneConfig, resume_dir: Path | None = None) -> Path | None:
     """Train into a new run directory, or go on with ``resume_dir`` (a failed or crashed run; see ablate.stages.stage3_resume)."""
     from accelerate import PartialState
 
@@ -144,17 +144,18 @@ def run_stage3(config: FinetuneConfig, resume_dir: Path | None = None) -> Path:
     from ablate.core.models import resolve_device
 
     started = time.time()
-    state = PartialState()
     device = resolve_device(config.device)
+    # Under torchrun / accelerate launch: on CPU accelerate joins the processes only when told (gloo).
+    state = PartialState(cpu=device == "cpu")
     if resume_dir is None:
         rundir.check_writable(Path(config.runs_dir), config.stage)
         setup = _setup(config, device)  # data and mask are checked before a run directory exists
-        run_dir = _claim(state, lambda: rundir.new_run_dir(Path(config.runs_dir), config.stage,
+        run_dir = rundir.claim(state, lambda: rundir.new_run_dir(Path(config.runs_dir), config.stage,
                                                            model_identity=setup[-1]))
     else:
         resume.check_base(Path(resume_dir), config.model, model_identity(config.model))
         # Locked before the slow model load, so a second --resume of the run is refused at once.
-        run_dir = _claim(state, lambda: rundir.reopen(resume_dir) or Path(resume_dir))
+        run_dir = rundir.claim(state, lambda: rundir.reopen(resume_dir) or Path(resume_dir))
     with rundir.active(run_dir, is_main=state.is_main_process):
         if state.is_main_process:
             if resume_dir is None:
@@ -167,23 +168,8 @@ def run_stage3(config: FinetuneConfig, resume_dir: Path | None = None) -> Path:
                         config.warmup_steps, config.max_steps, config.learning_rate)
         if resume_dir is not None:
             setup = _setup(config, device)
-        return _train(config, setup, run_dir, resume_dir is not None, started, state.is_main_process)
-
-
-def _claim(state, claim) -> Path:
-    """Rank 0 creates or reopens (and locks) the run; every rank gets its path, or the same one-line refusal."""
-    from accelerate.utils import broadcast_object_list
-
-    holder = [None]
-    if state.is_main_process:
-        try:
-            holder = [(str(claim()), None)]
-        except BadInput as exc:
-            holder = [(None, str(exc))]
-    path, refused = broadcast_object_list(holder)[0]
-    if refused:
-        raise BadInput(refused)
-    return Path(path)
+        _train(config, setup, run_dir, resume_dir is not None, started, state.is_main_process)
+    return run_dir if state.is_main_process else None  # rank 0 writes and reports the run
 
 
 def _setup(config: FinetuneConfig, device: str):
