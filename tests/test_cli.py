@@ -242,3 +242,19 @@ def test_malformed_gate_is_bad_input(tmp_path, monkeypatch):
     monkeypatch.setattr(config_module, "STAGES_DIR", tmp_path)
     result = ablate("stage1", "--model", "m", "--tasks", "piqa")
     assert result.exit_code == 2 and "gate must look like" in result.stderr
+
+
+def test_bench_compares_stock_lm_eval_with_ablate(tiny_llama, tmp_path):
+    from ablate.cli import main
+
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--model", str(tiny_llama), "--tasks", "ablate_tiny,piqa", "--limit", "6", "--repeats", "1",
+                 "--device", "cpu", "--out", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    piqa, tiny = result["tasks"]["piqa"], result["tasks"]["ablate_tiny"]
+    assert tiny["identical_predictions"] and piqa["identical_predictions"]
+    assert tiny["documents"] == 6 and tiny["max_loglikelihood_difference"] < 1e-4
+    assert tiny["tokens"]["ablate"] < tiny["tokens"]["stock"]  # four choices behind one context
+    assert tiny["token_ratio"] == pytest.approx(tiny["tokens"]["stock"] / tiny["tokens"]["ablate"], abs=1e-3)
+    assert len(tiny["seconds"]["stock"]) == len(tiny["seconds"]["ablate"]) == 1
