@@ -30,6 +30,14 @@ PINNED = {
             "994529f70fd23192506699a9e98fb83e6a63182494cc3e5997520582a28dc4f5",
         "lm_eval.models.huggingface:HFLM._model_call":
             "abbd2a81796f29be6f0ad3f5f0aecc2e655c57de04c4f4a0924b00dd9b6220f8",
+        # Generation: _model_generate re-stated for non-causal masks (ablate.core.generation), inside
+        # upstream's generate_until batching, left padding and `until` handling, with its stop criteria.
+        "lm_eval.models.huggingface:HFLM._model_generate":
+            "c080f2baae104b1e7678bd571691d710c5adecee684b7e873975df8bf5c66f87",
+        "lm_eval.models.huggingface:HFLM.generate_until":
+            "d7a28ec8c421c6c2ce53faa82a9f9b655f4f67c4dff670de4c12dc9773917418",
+        "lm_eval.models.huggingface:stop_sequences_criteria":
+            "50a9d2508c855c43012773d24b7e5373a8670c0bfb91c3be850b4d003b614609",
         # batch_size="auto": re-stated by PrefillMaskLM._detect_rows, with the helpers it imports.
         "lm_eval.models.huggingface:HFLM._detect_batch_size":
             "dedc24a330b8d1aff3562f3bcc69faecb3e69a2b54edab0ad9efe9491dd6a1d8",

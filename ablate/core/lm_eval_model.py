@@ -17,6 +17,8 @@ tests/test_lm_eval_drift.py so an upgrade that changes one fails there first:
 
 - ``HFLM._loglikelihood_tokens`` and ``HFLM._model_call``
   (lm_eval/models/huggingface.py): re-stated by ``PrefillMaskLM._loglikelihood_tokens`` and ``_forward``;
+- ``HFLM._model_generate``: re-stated for non-causal masks (``ablate.core.generation``), called by upstream's
+  ``generate_until`` (batching, left padding, ``until``), with ``stop_sequences_criteria``;
 - ``HFLM._detect_batch_size`` (``batch_size="auto"``): re-stated by ``_detect_rows``, with lm-eval's
   ``find_executable_batch_size`` and ``clear_torch_cache``;
 - ``TemplateLM.loglikelihood`` and ``_encode_pair`` (lm_eval/api/model.py), not re-stated but
@@ -42,11 +44,12 @@ import torch.nn.functional as F
 from lm_eval import evaluator as lm_eval_evaluator
 from lm_eval.api.registry import register_model
 # The names upstream's loop uses, from where it takes them (they live in models/utils.py and utils_hf.py).
-from lm_eval.models.huggingface import HFLM, clear_torch_cache, find_executable_batch_size
+from lm_eval.models.huggingface import HFLM, clear_torch_cache, find_executable_batch_size, stop_sequences_criteria
 from lm_eval.tasks import TaskManager
 from lm_eval.tasks._yaml_loader import load_yaml
 from tqdm import tqdm
 
+from ablate.core.generation import masked_greedy
 from ablate.core.masks import check_attention_backend, get_mask, model_attention_mask
 from ablate.core.packing import Row, pack, unique_tokens, unshared_tokens
 
@@ -181,6 +184,31 @@ class PrefillMaskLM(HFLM):
             enabled=self.mixed_precision_dtype is not None,
         ):
             return self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+
+    def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
+        """Re-states ``HFLM._model_generate`` (lm-eval 0.4.13): the prompt is prefilled under the mask.
+
+        The causal mask takes upstream's own path (``transformers.generate``), so it matches stock lm-eval token
+        for token; any other mask decodes greedily from a cache prefilled with it (ablate.core.generation).
+        """
+        if self.mask == "causal":
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)
+        attention_mask = generation_kwargs.pop("attention_mask", None)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(context)
+        if generation_kwargs.get("do_sample") or (generation_kwargs.get("temperature") or 0) > 0:
+            raise ValueError(f"sampling under mask '{self.mask}' is not supported: greedy decoding only "
+                             "(do_sample false, temperature 0)")
+        unsupported = sorted(set(generation_kwargs) - {"do_sample", "temperature", "top_p", "top_k"})
+        if unsupported:  # they would change greedy decoding; silently dropping them would be a different run
+            raise ValueError(f"generation kwargs {unsupported} are not supported under mask '{self.mask}'")
+        eos = self.model.generation_config.eos_token_id
+        with torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                            enabled=self.mixed_precision_dtype is not None):
+            return masked_greedy(
+                self.model, self.mask, context, attention_mask, max_length - context.shape[1],
+                stop_sequences_criteria(self.tokenizer, stop, context.shape[1], context.shape[0]),
+                self.tokenizer.pad_token_id, [eos] if isinstance(eos, int) else list(eos or []))
 
     def _detect_rows(self, row: Row) -> int:
         """``batch_size="auto"``: the most rows like ``row`` (the longest of the call) that fit, halving on OOM."""
