@@ -97,9 +97,9 @@ def study(tiny_models, tmp_path_factory):
     p["broken_yaml"] = str(broken_yaml)
     gen = root / "gen_tasks"
     gen.mkdir()
-    (gen / "gen.yaml").write_text("task: my_gen\ndataset_path: json\noutput_type: generate_until\ntest_split: test\n"
-                                  "doc_to_text: \"{{q}}\"\ndoc_to_target: a\ngeneration_kwargs:\n  until: [\"\\n\"]\n"
-                                  "metric_list:\n  - metric: exact_match\n")
+    (gen / "gen.yaml").write_text("task: my_gen\ndataset_path: json\noutput_type: loglikelihood_rolling\n"
+                                  "test_split: test\ndoc_to_text: \"\"\ndoc_to_target: \"{{q}}\"\n"
+                                  "metric_list:\n  - metric: word_perplexity\n")
     p["gen_tasks"] = str(gen)
     p["gen_data"] = _jsonl(data / "gen.jsonl", [{"q": "1+1=", "a": "2"}])
     p["a_file"] = _jsonl(data / "a_file.jsonl", [PIQA_ROW])
@@ -159,8 +159,8 @@ CASES = {
     "task data empty": ("stage1 --task-data piqa={empty} " + EVAL.replace("ablate_tiny", "piqa"), "has no rows"),
     "include path not a folder": ("stage1 --include-path {a_file} " + EVAL, "is not a directory"),
     "include path broken YAML": ("stage1 --include-path {broken_yaml} " + EVAL, "mine.yaml"),
-    "generative task": ("stage1 --include-path {gen_tasks} --task-data my_gen={gen_data} "
-                        + EVAL.replace("ablate_tiny", "my_gen"), "generate_until"),
+    "rolling loglikelihood task": ("stage1 --include-path {gen_tasks} --task-data my_gen={gen_data} "
+                                   + EVAL.replace("ablate_tiny", "my_gen"), "is loglikelihood_rolling"),
     "baseline is a stage 2 run": ("stage2 --baseline {s2} " + EVAL, "is a stage2_ablation_eval run, not"),
     "baseline is not a run": ("stage2 --baseline {root} " + EVAL, "is not a run directory"),
     "baseline of another model": ("stage2 --baseline {s1_other} " + EVAL, "differs from this run in model"),

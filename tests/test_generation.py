@@ -95,3 +95,35 @@ def test_sampling_under_a_prefix_mask_is_refused(model):
                        arguments=("a b", {"until": ["\n"], "max_gen_toks": 3, "do_sample": True, "temperature": 0.7}))
     with pytest.raises(ValueError, match="greedy decoding only"):
         bidir.generate_until([request])
+
+
+def test_gsm8k_through_stage1_and_stage2(tiny_llama, tmp_path):
+    import json
+
+    from ablate.cli import main
+
+    rows = [{"question": f"Tom has {n} apples and buys {n + 1} more. How many apples does he have?",
+             "answer": f"He has {n} + {n + 1} = {2 * n + 1} apples.\n#### {2 * n + 1}"} for n in range(4)]
+    data = tmp_path / "gsm8k.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runs = tmp_path / "runs"
+    common = ["--model", str(tiny_llama), "--tasks", "gsm8k", "--task-data", f"gsm8k={data}", "--num-fewshot", "0",
+              "--limit", "3", "--device", "cpu", "--runs-dir", str(runs)]
+    assert main(["stage1", *common]) == 0
+    assert main(["stage2", "--mask", "prefill_bidir", *common]) == 0
+    (s1,) = (runs / "stage1_baseline_eval").iterdir()
+    (s2,) = (runs / "stage2_ablation_eval").iterdir()
+    m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (s1, s2))
+    task = m1["tasks"]["gsm8k"]
+    assert task["metric"] == "exact_match,strict-match" and task["chance"] == 0.0 and task["n"] == 3
+    assert set(task["exact_match"]) == {"strict-match", "flexible-extract"}
+    assert task["acc"] == task["exact_match"]["strict-match"]["exact_match"]
+    assert m1["macro"]["of"] == {"gsm8k": "exact_match,strict-match"}
+    assert m2["baseline"]["run_id"] == s1.name and m2["baseline"]["tasks"]["gsm8k"]["acc_baseline"] == task["acc"]
+    samples = [json.loads(line) for line in (s1 / "samples_gsm8k.jsonl").read_text().splitlines()]
+    assert [s["doc_id"] for s in samples] == [0, 1, 2]
+    for sample, row in zip(samples, rows):
+        assert sample["prompt"].startswith("Question: " + row["question"]) and sample["target"] == row["answer"]
+        assert set(sample["filters"]) == {"strict-match", "flexible-extract"} and isinstance(sample["generated"], str)
+        assert sample["correct"] == sample["filters"]["strict-match"]["exact_match"]
+    assert sum(s["correct"] for s in samples) / 3 == pytest.approx(task["acc"])

@@ -54,3 +54,47 @@ def test_shared_path_on_smollm2_is_as_close_as_the_causal_path(real):
     print("max |shared - reference|:", gaps)
     assert gaps["causal"] < 1e-3
     assert gaps["prefill_bidir"] <= max(2 * gaps["causal"], 5e-4), gaps
+
+
+def test_generation_on_gsm8k_prompts(real):
+    """Causal: the loop equals transformers' generate token for token; prefill_bidir: the per-step brute force.
+
+    10 prompts by default (about a minute here); ABLATE_REAL_PROMPTS=50 is the run docs/generation.md records.
+    """
+    import json
+    import os
+
+    from ablate.core.generation import masked_greedy
+
+    (model, tokenizer), _ = real
+    count = int(os.environ.get("ABLATE_REAL_PROMPTS", "10"))
+    questions = [json.loads(line)["question"] for line in gsm8k().read_text().splitlines()[:count]]
+    prompts = [f"Question: {q}\nAnswer:" for q in questions]
+    steps, same_as_causal = 12, 0
+    tokenizer.padding_side = "left"
+    for start in range(0, len(prompts), 10):
+        batch = tokenizer(prompts[start:start + 10], return_tensors="pt", padding=True)
+        ids, attention = batch["input_ids"], batch["attention_mask"]
+        # No EOS on either side (eos_token_id=[]): every row runs all `steps`, greedy on the raw logits.
+        expected = model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=steps, eos_token_id=[],
+                                  do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        causal = masked_greedy(model, "causal", ids, attention, steps, None, tokenizer.pad_token_id, [])
+        assert torch.equal(causal, expected)
+        bidir = masked_greedy(model, "prefill_bidir", ids, attention, steps, None, tokenizer.pad_token_id, [])
+        for row, prompt in enumerate(prompts[start:start + 10]):
+            prompt_ids = tokenizer(prompt)["input_ids"]
+            got = bidir[row, ids.shape[1]:].tolist()
+            assert got == reference_generation(model, prompt_ids, steps), prompt
+            same_as_causal += got == causal[row, ids.shape[1]:].tolist()
+    assert same_as_causal < len(prompts)  # reading the question bidirectionally changed some answers
+
+
+def reference_generation(model, prompt_ids, steps):
+    ids, p = list(prompt_ids), len(prompt_ids)
+    for _ in range(steps):
+        n = len(ids)
+        q, k = torch.arange(n)[:, None], torch.arange(n)[None, :]
+        mask = torch.where((k <= q) | ((q < p) & (k < p)), 0.0, torch.finfo(torch.float32).min)[None, None]
+        with torch.no_grad():
+            ids.append(int(model(input_ids=torch.tensor([ids]), attention_mask=mask).logits[0, -1].argmax()))
+    return ids[p:]

@@ -180,19 +180,20 @@ def test_include_template_without_task_is_fine(custom):
 
 # 5. Output types the stages cannot score.
 
-@pytest.mark.parametrize("name,output_type", [("gsm8k", "generate_until"), ("lambada_openai", "loglikelihood"),
+@pytest.mark.parametrize("name,output_type", [("lambada_openai", "loglikelihood"),
                                               ("wikitext", "loglikelihood_rolling")])
 def test_unscored_output_type_is_refused(name, output_type):
     assert output_type not in SCORED_OUTPUT_TYPES
     manager = task_manager(None, [name])
-    with pytest.raises(BadInput, match=rf"^task '{name}' is {output_type}; ablate scores multiple_choice tasks only"):
+    with pytest.raises(BadInput, match=rf"^task '{name}' is {output_type}; ablate scores generate_until, "
+                                       "multiple_choice tasks only"):
         load_tasks(manager, [name], {})
 
 
-def test_generation_task_with_local_data_is_refused_before_reading_it(custom, tmp_path):
+def test_generation_task_with_local_data_is_scored(custom, tmp_path):
+    assert "generate_until" in SCORED_OUTPUT_TYPES
     data = write_jsonl(tmp_path / "story.jsonl", [{"q": "Once", "answer": "upon"}])
-    with pytest.raises(BadInput, match=r"task 'story' is generate_until; .*\(generation under a mask is not supported"):
-        build(custom, "story", data)
+    assert build(custom, "story", data).OUTPUT_TYPE == "generate_until"
 
 
 # Through the CLI: one line, exit 2, no run directory.
@@ -205,12 +206,12 @@ def stage1(model, runs, *args):
                                *map(str, args)])
 
 
-def test_cli_refuses_generation_task_up_front(tiny_llama, tmp_path):
-    result = stage1(tiny_llama, tmp_path / "runs", "--tasks", "gsm8k")
+def test_cli_refuses_a_rolling_loglikelihood_task_up_front(tiny_llama, tmp_path):
+    result = stage1(tiny_llama, tmp_path / "runs", "--tasks", "wikitext")
     assert result.exit_code == 2, result.output
     assert result.stderr.strip().splitlines() == [
-        "ablate: error: task 'gsm8k' is generate_until; ablate scores multiple_choice tasks only "
-        "(generation under a mask is not supported yet)"]
+        "ablate: error: task 'wikitext' is loglikelihood_rolling; ablate scores generate_until, multiple_choice "
+        "tasks only (a rolling loglikelihood has no prompt to read under a mask, and no accuracy)"]
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").glob("*/*"))
 
 

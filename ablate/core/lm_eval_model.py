@@ -107,11 +107,20 @@ def read_task_yaml(path: str | Path, resolve_functions: bool) -> dict:
 
 # Keys of each ``results["samples"][task]`` entry that ``sample_row`` reads; "acc_norm" too where the task has it.
 SAMPLE_KEYS = ("doc_id", "target", "arguments", "filtered_resps", "acc")
+GENERATION_SAMPLE_KEYS = ("doc_id", "target", "arguments", "resps", "filtered_resps", "filter", "exact_match")
 
 
-def sample_rows(samples: list[dict]) -> list[dict]:
-    """ablate's per-document rows, in ``doc_id`` order, from one task's ``results["samples"]`` list."""
-    return [sample_row(s) for s in sorted(samples, key=lambda s: s["doc_id"])]
+def sample_rows(samples: list[dict], primary_filter: str = "none") -> list[dict]:
+    """ablate's per-document rows, in ``doc_id`` order, from one task's ``results["samples"]`` list.
+
+    lm-eval logs a generative document once per filter (gsm8k: strict-match, flexible-extract): they
+    become one row, ``correct`` being the ``primary_filter``'s exact match.
+    """
+    by_doc: dict[int, list[dict]] = {}
+    for s in samples:
+        by_doc.setdefault(s["doc_id"], []).append(s)
+    return [generation_row(group, primary_filter) if _is_generation(group[0]) else sample_row(group[0])
+            for _, group in sorted(by_doc.items())]
 
 
 def sample_row(sample: dict) -> dict:
@@ -131,6 +140,25 @@ def sample_row(sample: dict) -> dict:
     if "acc_norm" in sample:
         row["correct_norm"] = bool(sample["acc_norm"])
     return row
+
+
+def _is_generation(sample: dict) -> bool:
+    return isinstance(sample["arguments"][0][1], dict)  # (context, generation kwargs)
+
+
+def generation_row(samples: list[dict], primary_filter: str) -> dict:
+    first = samples[0]
+    filters = {s["filter"]: {"extracted": s["filtered_resps"][0], "exact_match": bool(s["exact_match"])}
+               for s in samples}
+    return {
+        "doc_id": first["doc_id"],
+        "target": first["target"],
+        "prompt": first["arguments"][0][0],
+        "generated": first["resps"][0][0],
+        "filters": filters,
+        "pred": filters[primary_filter]["extracted"],
+        "correct": filters[primary_filter]["exact_match"],
+    }
 
 
 # --- the model -------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ FIXTURE_DATA = {name: TASK_DATA / f"{name}.jsonl" for name in STUDY_TASKS}
 SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split")
 LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 # lm-eval output types the stages score (acc from per-choice loglikelihoods); add generation here.
-SCORED_OUTPUT_TYPES = frozenset({"multiple_choice"})
+SCORED_OUTPUT_TYPES = frozenset({"multiple_choice", "generate_until"})
 
 
 def parse_task_data(items: list[str]) -> dict[str, Path]:
@@ -182,7 +182,8 @@ def _one_line(exc: BaseException) -> str:
 
 def _check_output_type(name: str, output_type: str) -> None:
     if output_type not in SCORED_OUTPUT_TYPES:
-        why = " (generation under a mask is not supported yet)" if output_type == "generate_until" else ""
+        why = (" (a rolling loglikelihood has no prompt to read under a mask, and no accuracy)"
+               if output_type == "loglikelihood_rolling" else "")
         raise BadInput(f"task '{name}' is {output_type}; ablate scores "
                        f"{', '.join(sorted(SCORED_OUTPUT_TYPES))} tasks only{why}")
 
@@ -281,6 +282,15 @@ def _check_docs(name: str, task, data: Path | None, label_field: str | None = No
     source = f"data file {data}" if data else "data"
     if not docs:
         raise BadInput(f"task '{name}' has no documents in its evaluation split ({source})")
+    if task.OUTPUT_TYPE == "generate_until":
+        for i, doc in enumerate(docs):
+            try:
+                task.doc_to_text(doc)
+                task.doc_to_target(doc)
+            except Exception as exc:
+                raise BadInput(f"task '{name}': row {i} of its {source} does not fit the task schema "
+                               f"({type(exc).__name__}: {_one_line(exc)})") from None
+        return
     for i, doc in enumerate(docs):
         try:
             text = task.doc_to_text(doc)

@@ -72,8 +72,9 @@ def evaluate(config: EvalConfig, model, tokenizer, device: str, mask: str, tasks
     seconds = time.time() - started
     if results is None:  # lm-eval returns the gathered results on rank 0 only
         return None
-    rows = {name: sample_rows(results["samples"][name]) for name in tasks}
-    per_task = {name: task_metrics(results["results"][name], rows[name]) for name in tasks}
+    primary = {name: primary_filter(task) for name, task in tasks.items()}
+    rows = {name: sample_rows(results["samples"][name], primary[name]) for name in tasks}
+    per_task = {name: task_metrics(results["results"][name], rows[name], primary[name]) for name in tasks}
     return {
         "tasks": per_task,
         "macro": macro(per_task),
@@ -155,8 +156,23 @@ def _number(value):
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
-def task_metrics(result: dict, rows: list[dict]) -> dict:
-    out = {"acc": _number(result.get("acc,none")), "acc_stderr": _number(result.get("acc_stderr,none"))}
+def primary_filter(task) -> str:
+    """The filter whose exact match a generative task is scored by: the first it lists (gsm8k: strict-match)."""
+    filters = getattr(task.config, "filter_list", None) or []
+    return filters[0]["name"] if filters and task.OUTPUT_TYPE == "generate_until" else "none"
+
+
+def task_metrics(result: dict, rows: list[dict], primary: str = "none") -> dict:
+    """``acc`` is the task's primary metric: accuracy for multiple choice, the primary filter's exact match
+    for generation (chance 0); ``metric`` names it, and a generative task lists every filter's exact match."""
+    if rows and "filters" in rows[0]:
+        filters = {f: {"exact_match": _number(result.get(f"exact_match,{f}")),
+                       "exact_match_stderr": _number(result.get(f"exact_match_stderr,{f}"))}
+                   for f in rows[0]["filters"]}
+        return {"metric": f"exact_match,{primary}", "acc": filters[primary]["exact_match"],
+                "acc_stderr": filters[primary]["exact_match_stderr"], "exact_match": filters, "n": len(rows),
+                "chance": 0.0}
+    out = {"metric": "acc", "acc": _number(result.get("acc,none")), "acc_stderr": _number(result.get("acc_stderr,none"))}
     if "acc_norm,none" in result:
         out["acc_norm"] = _number(result["acc_norm,none"])
         out["acc_norm_stderr"] = _number(result.get("acc_norm_stderr,none"))
@@ -172,4 +188,6 @@ def macro(per_task: dict) -> dict:
         "acc": sum(accs) / len(accs) if accs and None not in accs else None,
         "chance": sum(chances) / len(chances) if chances and None not in chances else None,
         "n_tasks": len(per_task),
+        # The mean of each task's primary metric (acc, or the primary filter's exact match).
+        "of": {name: t["metric"] for name, t in per_task.items()},
     }
