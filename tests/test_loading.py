@@ -32,7 +32,7 @@ def copy(src, dst, config=None, weights=None, file="model.safetensors"):
     return dst
 
 
-def refused(path, match):
+def check_refused(path, match):
     with pytest.raises(BadInput, match=match) as info:
         load_model(str(path), "cpu", "float32")
     message = str(info.value)
@@ -65,36 +65,36 @@ def test_tied_lm_head_is_not_missing(tiny_models):
 
 def test_untied_lm_head_absent_is_missing(llama):
     copy(llama, llama.parent / "nohead", weights=lambda s: s.pop("lm_head.weight"))
-    refused(llama.parent / "nohead", r"1 missing \(lm_head\.weight\)")
+    check_refused(llama.parent / "nohead", r"1 missing \(lm_head\.weight\)")
 
 
 def test_more_layers_than_weights(llama, capfd):
     copy(llama, llama.parent / "deeper", config=lambda c: c.update(num_hidden_layers=3))
-    message = refused(llama.parent / "deeper", r"weights do not fit its config: 9 missing \(model\.layers\.2\.")
+    message = check_refused(llama.parent / "deeper", r"weights do not fit its config: 9 missing \(model\.layers\.2\.")
     assert "unexpected" not in message
     assert "LOAD REPORT" not in capfd.readouterr().err  # the one line replaces transformers' table
 
 
 def test_deleted_tensor(llama):
     copy(llama, llama.parent / "holed", weights=lambda s: s.pop("model.layers.0.mlp.up_proj.weight"))
-    refused(llama.parent / "holed", r"1 missing \(model\.layers\.0\.mlp\.up_proj\.weight\)")
+    check_refused(llama.parent / "holed", r"1 missing \(model\.layers\.0\.mlp\.up_proj\.weight\)")
 
 
 def test_unexpected_tensor(llama):
     copy(llama, llama.parent / "extra", weights=lambda s: s.update({"model.layers.0.extra.weight": torch.zeros(3)}))
-    refused(llama.parent / "extra", r"1 unexpected \(model\.layers\.0\.extra\.weight\)")
+    check_refused(llama.parent / "extra", r"1 unexpected \(model\.layers\.0\.extra\.weight\)")
 
 
 def test_shape_mismatch_is_an_error_not_a_reinit(llama):
     copy(llama, llama.parent / "wider", config=lambda c: c.update(intermediate_size=96))
-    refused(llama.parent / "wider", r"6 of another shape \(model\.layers\.0\.mlp\.down_proj\.weight "
+    check_refused(llama.parent / "wider", r"6 of another shape \(model\.layers\.0\.mlp\.down_proj\.weight "
                                     r"\[32, 64\] in checkpoint vs \[32, 96\]")
 
 
 def test_config_of_another_architecture(llama):
     copy(llama, llama.parent / "gpt2", config=lambda c: c.update(
         model_type="gpt2", architectures=["GPT2LMHeadModel"], n_layer=1, n_embd=32, n_head=4))
-    refused(llama.parent / "gpt2", r"missing \(transformer\..*; \d+ unexpected \(model\.embed_tokens\.weight")
+    check_refused(llama.parent / "gpt2", r"missing \(transformer\..*; \d+ unexpected \(model\.embed_tokens\.weight")
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
@@ -102,18 +102,18 @@ def test_unreadable_safetensors(llama, damage):
     file = llama / "model.safetensors"
     data = file.read_bytes()
     file.write_bytes({"truncated": data[: len(data) // 2], "garbage": bytes(range(256)) * 8, "empty": b""}[damage])
-    refused(llama, "unreadable safetensors file")
+    check_refused(llama, "unreadable safetensors file")
 
 
 @pytest.mark.parametrize("text", [b"{not json", b'{"model_type": "llama", "x": "\xff\xfe"}', b""])
 def test_unreadable_config(llama, text):
     (llama / "config.json").write_bytes(text)
-    refused(llama, "config.json' is not a valid JSON file")
+    check_refused(llama, "config.json' is not a valid JSON file")
 
 
 def test_no_weight_files(llama):
     (llama / "model.safetensors").unlink()
-    refused(llama, "no file named model.safetensors")
+    check_refused(llama, "no file named model.safetensors")
 
 
 def test_path_vanishing_between_checks(llama, monkeypatch):
@@ -127,7 +127,7 @@ def test_path_vanishing_between_checks(llama, monkeypatch):
         return config
 
     monkeypatch.setattr(ablate.core.models, "load_config", then_vanish)
-    refused(llama, "cannot load model .*llama': the folder is gone")
+    check_refused(llama, "cannot load model .*llama': the folder is gone")
 
 
 # Mistral3 text-only
@@ -136,7 +136,7 @@ def test_path_vanishing_between_checks(llama, monkeypatch):
 def test_mistral3_text_weight_missing(tiny_models, tmp_path):
     path = copy(tiny_models("mistral3"), tmp_path / "m3",
                 weights=lambda s: s.pop("language_model.model.layers.1.self_attn.q_proj.weight"))
-    message = refused(path, r"text model of .*: 1 missing \(model\.layers\.1\.self_attn\.q_proj\.weight\)")
+    message = check_refused(path, r"text model of .*: 1 missing \(model\.layers\.1\.self_attn\.q_proj\.weight\)")
     assert "vision" not in message  # the unloaded vision tower is not unexpected
 
 
@@ -172,40 +172,40 @@ def test_raw_key_removed(llama, raw):
     path, _ = raw(llama)
     copy(path, path.parent / "raw-holed", file="raw_state_dict.safetensors",
          weights=lambda s: s.pop("model.norm.weight"))
-    refused(path.parent / "raw-holed", r"raw state dict .*: 1 missing \(model\.norm\.weight\)")
+    check_refused(path.parent / "raw-holed", r"raw state dict .*: 1 missing \(model\.norm\.weight\)")
 
 
 def test_raw_untied_lm_head_removed(llama, raw):
     path, _ = raw(llama)
     copy(path, path.parent / "raw-nohead", file="raw_state_dict.safetensors",
          weights=lambda s: s.pop("lm_head.weight"))
-    refused(path.parent / "raw-nohead", r"1 missing \(lm_head\.weight\)")
+    check_refused(path.parent / "raw-nohead", r"1 missing \(lm_head\.weight\)")
 
 
 def test_raw_unexpected_key(llama, raw):
     path, _ = raw(llama)
     copy(path, path.parent / "raw-extra", file="raw_state_dict.safetensors",
          weights=lambda s: s.update({"model.extra": torch.zeros(2)}))
-    refused(path.parent / "raw-extra", r"1 unexpected \(model\.extra\)")
+    check_refused(path.parent / "raw-extra", r"1 unexpected \(model\.extra\)")
 
 
 def test_raw_shape_mismatch(llama, raw):
     path, _ = raw(llama)
     copy(path, path.parent / "raw-wider", config=lambda c: c.update(intermediate_size=96))
-    refused(path.parent / "raw-wider", r"raw state dict .*: 6 of another shape \(model\.layers\.0\.mlp\.down_proj")
+    check_refused(path.parent / "raw-wider", r"raw state dict .*: 6 of another shape \(model\.layers\.0\.mlp\.down_proj")
 
 
 def test_raw_truncated(llama, raw):
     path, _ = raw(llama)
     file = path / "raw_state_dict.safetensors"
     file.write_bytes(file.read_bytes()[:1000])
-    refused(path, "unreadable safetensors file")
+    check_refused(path, "unreadable safetensors file")
 
 
 def test_raw_unreadable_meta(llama, raw):
     path, _ = raw(llama)
     (path / "checkpoint_meta.json").write_bytes(b"\xff{")
-    refused(path, "cannot load model .*raw': unreadable checkpoint_meta.json")
+    check_refused(path, "cannot load model .*raw': unreadable checkpoint_meta.json")
 
 
 # LoRA adapters
@@ -248,28 +248,28 @@ def test_adapter_merges_as_peft_loads_it(llama, tmp_path):
 
 def test_adapter_key_missing(llama, tmp_path):
     path = adapter(llama, tmp_path / "lora", lambda s: s.pop(LORA_A))
-    refused(path, r"LoRA adapter .* do not fit base model .*: 1 missing or of another shape \(.*q_proj\.lora_A")
+    check_refused(path, r"LoRA adapter .* do not fit base model .*: 1 missing or of another shape \(.*q_proj\.lora_A")
 
 
 def test_adapter_shape_mismatch(llama, tmp_path):
     path = adapter(llama, tmp_path / "lora", lambda s: s.update({LORA_A: torch.zeros(8, 32)}))
-    refused(path, r"1 missing or of another shape \(base_model\.model\.model\.layers\.0\.self_attn\.q_proj\.lora_A")
+    check_refused(path, r"1 missing or of another shape \(base_model\.model\.model\.layers\.0\.self_attn\.q_proj\.lora_A")
 
 
 def test_adapter_unexpected_key(llama, tmp_path):
     untargeted = LORA_A.replace("q_proj", "k_proj")
     path = adapter(llama, tmp_path / "lora", lambda s: s.update({untargeted: torch.zeros(4, 32)}))
-    refused(path, r"1 unexpected \(.*k_proj\.lora_A")
+    check_refused(path, r"1 unexpected \(.*k_proj\.lora_A")
 
 
 def test_adapter_base_gone(llama, tmp_path):
     path = adapter(llama, tmp_path / "lora")
     shutil.rmtree(llama)
-    refused(path, r"LoRA adapter .*: its base model: model path .*llama' does not exist")
+    check_refused(path, r"LoRA adapter .*: its base model: model path .*llama' does not exist")
 
 
 def test_adapter_truncated(llama, tmp_path):
     path = adapter(llama, tmp_path / "lora")
     file = path / "adapter_model.safetensors"
     file.write_bytes(file.read_bytes()[:100])
-    refused(path, "unreadable safetensors file")
+    check_refused(path, "unreadable safetensors file")
