@@ -19,7 +19,7 @@ import time
 
 from ablate.core.lm_eval_model import PrefillMaskLM, sample_rows
 from ablate.core.models import load_model, resolve_device
-from ablate.core.tasks import load_tasks, task_manager
+from ablate.core.tasks import check_task_names, load_tasks, task_manager
 
 
 def _evaluate(lm, task, manager, limit):
@@ -39,9 +39,10 @@ def run_bench(model: str, tasks: list[str], task_data: dict, limit: int | None, 
     from lm_eval.models.huggingface import HFLM
 
     device = resolve_device(device)
-    lm_model, tokenizer = load_model(model, device, dtype, attn_implementation)
-    manager = task_manager(None, tasks)
+    manager = task_manager(None, tasks)  # tasks first: a mistyped name costs no model load
+    check_task_names(manager, tasks)
     built = load_tasks(manager, tasks, task_data)
+    lm_model, tokenizer = load_model(model, device, dtype, attn_implementation)
     out = {"model": model, "device": device, "dtype": str(lm_model.dtype).replace("torch.", ""),
            "attn_implementation": attn_implementation, "batch_size": batch_size, "limit": limit,
            "repeats": repeats, "tasks": {}}

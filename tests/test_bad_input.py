@@ -205,6 +205,8 @@ CASES = {
     "remote session with a dot": ("remote watch --host 127.0.0.1 --session a.b", "session name"),
     "remote poll 0": ("remote watch --poll-seconds 0 " + REMOTE, "--poll-seconds"),
     "remote key missing": ("remote sync --host 127.0.0.1 --key /no/key", "SSH key file not found"),
+    "bench unknown task": ("bench --model {model} --tasks piqqa --limit 2 --device cpu", "unknown task 'piqqa'"),
+    "bench batch size 0": ("bench --model {model} --tasks piqa --batch-size 0 --device cpu", "--batch-size must be"),
     # demo and tools
     "demo unknown preset": ("demo --preset huge --workdir {root}/demo", "unknown preset 'huge'"),
     "demo workdir is a file": ("demo --preset smoke --workdir {a_file}", "is not a folder"),

@@ -127,3 +127,24 @@ def test_gsm8k_through_stage1_and_stage2(tiny_llama, tmp_path):
         assert set(sample["filters"]) == {"strict-match", "flexible-extract"} and isinstance(sample["generated"], str)
         assert sample["correct"] == sample["filters"]["strict-match"]["exact_match"]
     assert sum(s["correct"] for s in samples) / 3 == pytest.approx(task["acc"])
+
+
+def test_status_and_report_name_exact_match_for_generative_tasks(tiny_llama, tmp_path):
+    import json
+
+    from ablate.cli import main
+    from ablate.results.report import write_report
+    from ablate.results.status import render
+
+    data = tmp_path / "gsm8k.jsonl"
+    data.write_text(json.dumps({"question": "Tom has 2 apples and buys 3. How many?", "answer": "2 + 3 = 5\n#### 5"})
+                    + "\n")
+    runs = tmp_path / "runs"
+    common = ["--model", str(tiny_llama), "--tasks", "gsm8k,ablate_tiny", "--task-data", f"gsm8k={data}",
+              "--num-fewshot", "0", "--limit", "1", "--device", "cpu", "--runs-dir", str(runs)]
+    assert main(["stage1", *common]) == 0 and main(["stage2", *common]) == 0
+    status = render(runs)
+    assert "Macro score (accuracy; exact match for generative tasks)" in status
+    assert "- gsm8k (exact_match,strict-match): `" in status and "- ablate_tiny: `" in status
+    report = write_report(runs, tmp_path / "RESULTS.md").read_text()
+    assert "| gsm8k (exact_match,strict-match) |" in report and "| ablate_tiny |" in report

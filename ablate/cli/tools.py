@@ -95,6 +95,8 @@ def bench(
     check_runtime("causal", device, dtype, attn_implementation)
     if limit < 1 or repeats < 1:
         fail("--limit and --repeats must be at least 1")
+    if batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) > 0):
+        fail(f"--batch-size must be a positive integer or 'auto', got '{batch_size}'")
     data = parse_task_data(list(task_data or []))
     if "hellaswag" in names and "hellaswag" not in data:
         data["hellaswag"] = write_next_step(gsm8k(typer.echo), cache_root() / "data" / "gsm8k" / "next_step.jsonl")

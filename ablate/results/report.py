@@ -33,11 +33,15 @@ def stage12_section(s1: rundir.Run | None, s2: rundir.Run | None) -> list[str]:
     rows = []
     for name, t in [*m2["tasks"].items(), ("macro", m2["macro"])]:
         b = m2["baseline"]["macro"] if name == "macro" else m2["baseline"]["tasks"][name]
-        rows.append([name, number(b["acc_baseline"]), number(t["acc"]), number(b["delta"]), number(b["retention"], 3),
+        metric = t.get("metric", "acc") if name != "macro" else "acc"
+        rows.append([name if metric == "acc" else f"{name} ({metric})", number(b["acc_baseline"]), number(t["acc"]),
+                     number(b["delta"]), number(b["retention"], 3),
                      number(t.get("acc_stderr"), 4), number(t["chance"], 3), str(t.get("n", ""))])
     out += [f"Model `{m2['model']}`; stage 2 mask `{m2['mask']}`. Stage 1: `{m2['baseline']['run']}`; "
             f"stage 2: `{s2.path}`.", ""]
     out += _table(["task", "stage 1 acc", "stage 2 acc", "delta", "retention", "stage 2 stderr", "chance", "n"], rows)
+    out += ["", "acc is each task's primary metric: accuracy, or for a generative task the exact match of the "
+                "filter named beside it."] if any(t.get("metric", "acc") != "acc" for t in m2["tasks"].values()) else []
     return out + [""]
 
 

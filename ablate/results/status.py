@@ -63,11 +63,15 @@ def key_results(run: rundir.Run) -> list[str]:
     if not base.get("run"):
         return [f"- No stage 1 comparison for `{run.path}`: {base.get('reason', 'none recorded')}"]
     macro = base["macro"]
-    lines = [f"- Macro accuracy: `{number(macro['acc_baseline'])} -> {number(run.metrics['macro']['acc'])}` "
+    # A generative task contributes its primary filter's exact match, not an accuracy: say so.
+    exact = any(m != "acc" for m in (run.metrics["macro"].get("of") or {}).values())
+    label = "Macro score (accuracy; exact match for generative tasks)" if exact else "Macro accuracy"
+    lines = [f"- {label}: `{number(macro['acc_baseline'])} -> {number(run.metrics['macro']['acc'])}` "
              f"(delta `{number(macro['delta'])}`, retention `{number(macro['retention'], 3)}x`)"]
     for name, t in base["tasks"].items():
-        lines.append(f"- {name}: `{number(t['acc_baseline'])} -> {number(run.metrics['tasks'][name]['acc'])}` "
-                     f"(delta `{number(t['delta'])}`)")
+        metric = run.metrics["tasks"][name].get("metric", "acc")
+        lines.append(f"- {name}{'' if metric == 'acc' else f' ({metric})'}: `{number(t['acc_baseline'])} -> "
+                     f"{number(run.metrics['tasks'][name]['acc'])}` (delta `{number(t['delta'])}`)")
     lines.append(f"- From `{base['run']}` (stage 1) and `{run.path}` (stage 2), mask `{run.metrics['mask']}`.")
     return lines
 
