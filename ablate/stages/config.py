@@ -38,7 +38,7 @@ class EvalConfig:
         "help": "TASK=FILE: read a task's rows from a local file (repeatable)", "repeat": True})
     limit: float | None = field(default=None, metadata={"help": "documents per task (int) or fraction (<1), as lm-eval"})
     num_fewshot: int | None = field(default=None, metadata={"help": "few-shot examples (task default when unset)"})
-    batch_size: str = field(default="8", metadata={"help": "batch size, or 'auto' as lm-eval"})
+    batch_size: str = field(default="8", metadata={"help": "rows per forward (a row holds a context and all its choices), or 'auto'"})
     max_length: int | None = field(default=None, metadata={"help": "context window (model's own when unset)"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16"})
