@@ -76,3 +76,25 @@ def test_a_one_document_gap_is_noise_not_a_ratio():
     assert "not established" in r["undefined"]["gap_closed"]
     assert r["retention"] == pytest.approx(17 / 13) and r["retention_ci95"] is not None
     assert "above_chance_retention" in r["undefined"]  # 13/60 - 0.25 < 0: nothing above chance to retain
+
+
+def test_paired_difference_by_hand():
+    from ablate.results.recovery import paired_difference
+
+    before = {"a": np.array([1] * 60 + [0] * 40), "b": np.array([1, 0] * 10)}
+    after = {"a": np.array([1] * 40 + [0] * 60), "b": np.array([1, 0] * 10)}
+    d = paired_difference(before, after, seed=0)
+    a = d["tasks"]["a"]
+    assert (a["before"], a["after"], a["delta"]) == (0.6, 0.4, pytest.approx(-0.2))
+    assert a["mcnemar"]["lost"] == 20 and a["mcnemar"]["gained"] == 0 and a["mcnemar"]["p_value"] < 1e-5
+    lo, hi = a["delta_ci95"]
+    assert lo < -0.2 < hi < 0 and a["delta_excludes_0"]  # 20 of 100 documents lost, none gained
+    assert a["ratio"] == pytest.approx(2 / 3) and a["ratio_ci95"][0] < 2 / 3 < a["ratio_ci95"][1]
+    b = d["tasks"]["b"]
+    assert b["delta"] == 0 and b["delta_ci95"] == [0.0, 0.0] and not b["delta_excludes_0"]  # identical answers
+    m = d["macro"]
+    assert m["delta"] == pytest.approx(-0.1) and m["n"] == 120 and m["mcnemar"]["lost"] == 20
+    assert m["delta_ci95"][0] < -0.1 < m["delta_ci95"][1] < 0
+    assert paired_difference(before, after, seed=0) == d
+    with pytest.raises(ValueError, match="same ones"):
+        paired_difference({"a": np.array([1, 0])}, {"a": np.array([1])})

@@ -61,6 +61,15 @@ def test_stage4_on_both_save_formats(study):
     assert entries["prefill_bidir"]["save_format"] == "raw_state_dict"
     m1 = json.loads((s1 / "metrics.json").read_text())
     m2 = json.loads((s2 / "metrics.json").read_text())
+    paired = m2["baseline"]["paired"]["tasks"]["piqa"]  # stage 2 minus stage 1, document by document
+    assert paired["n"] == 8 and paired["delta"] == pytest.approx(m2["tasks"]["piqa"]["acc"] - m1["tasks"]["piqa"]["acc"])
+    assert paired["delta_ci95"][0] <= paired["delta"] <= paired["delta_ci95"][1]
+    h2h = metrics["head_to_head"]  # the prefill_bidir-finetuned model against the causal-finetuned one
+    assert (h2h["before"], h2h["after"]) == (entries["causal"]["label"], entries["prefill_bidir"]["label"])
+    for task in ("ablate_tiny", "piqa"):
+        r = h2h["tasks"][task]
+        assert (r["before"], r["after"]) == (entries["causal"]["tasks"][task]["acc"],
+                                             entries["prefill_bidir"]["tasks"][task]["acc"])
     for entry in entries.values():
         assert set(entry["tasks"]) == {"ablate_tiny", "piqa"} and entry["tasks"]["piqa"]["n"] == 8
         for task, r in entry["recovery"]["tasks"].items():
@@ -141,3 +150,51 @@ def test_a_model_replaced_at_the_same_path_is_another_model(tiny_models, tmp_pat
     (s2,) = (runs / "stage2_ablation_eval").iterdir()
     baseline = json.loads((s2 / "metrics.json").read_text())["baseline"]
     assert baseline["run"] is None and "differs in model" in baseline["reason"]
+
+
+def test_stage4_recovery_on_a_generative_task(tiny_llama, tmp_path):
+    """gsm8k (exact match on generated text) through stages 1-4, the report and its plot.
+
+    The tiny model cannot solve arithmetic, so stage 3 teaches it one answer: every row's answer is
+    "#### 7". Stage 1 and 2 then score 0 and the finetuned models score what they learned, which makes
+    the recovery block non-trivial: gains counted by McNemar, ratios over a zero baseline undefined.
+    """
+    from ablate.cli import main
+    from ablate.results.report import write_report
+
+    questions = [f"Tom has {n} apples and eats {n - 7}. How many are left?" for n in range(8, 14)]
+    evaluated = tmp_path / "gsm8k.jsonl"
+    evaluated.write_text("".join(json.dumps({"question": q, "answer": f"{q} 7\n#### 7"}) + "\n" for q in questions))
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"prompt": f"Question: {q}\nAnswer:", "response": " #### 7"}) + "\n"
+                             for q in questions * 4))
+    runs = tmp_path / "runs"
+    common = ["--model", str(tiny_llama), "--device", "cpu", "--runs-dir", str(runs)]
+    evals = [*common, "--tasks", "gsm8k", "--task-data", f"gsm8k={evaluated}", "--num-fewshot", "0"]
+    assert main(["stage1", *evals]) == 0 and main(["stage2", *evals]) == 0
+    for mask in ("causal", "prefill_bidir"):
+        assert main(["stage3", *common, "--mask", mask, "--data", str(train), "--max-steps", "60",
+                     "--learning-rate", "1e-2", "--lr-scheduler", "constant", "--warmup-steps", "0",
+                     "--batch-size", "8", "--gradient-accumulation-steps", "1", "--save-steps", "1000",
+                     "--eval-fraction", "0.1", "--probe-samples", "2"]) == 0
+    assert main(["stage4", "--device", "cpu", "--runs-dir", str(runs)]) == 0
+    (s4,) = (runs / "stage4_post_ft_eval").iterdir()
+    metrics = json.loads((s4 / "metrics.json").read_text())
+    (s1,) = (runs / "stage1_baseline_eval").iterdir()
+    assert json.loads((s1 / "metrics.json").read_text())["tasks"]["gsm8k"]["acc"] == 0.0
+    learned = 0
+    for entry in metrics["checkpoints"]:
+        task = entry["tasks"]["gsm8k"]
+        assert task["metric"] == "exact_match,strict-match" and task["chance"] == 0.0 and task["n"] == 6
+        rows = [json.loads(x) for x in (s4 / f"samples_{entry['label']}_gsm8k.jsonl").read_text().splitlines()]
+        assert [r["pred"] == "7" for r in rows] == [r["correct"] for r in rows]
+        r = entry["recovery"]["tasks"]["gsm8k"]
+        correct = sum(row["correct"] for row in rows)
+        assert (r["acc_stage1"], r["acc_stage2"], r["acc_stage4"]) == (0.0, 0.0, correct / 6)
+        assert r["vs_stage2"]["gained"] == correct and r["vs_stage2"]["lost"] == 0
+        assert r["retention"] is None and "under 0.01" in r["undefined"]["retention"]
+        learned += correct
+    assert learned > 0  # at least one finetune learned "#### 7" under the mask it is scored with
+    report = write_report(runs, tmp_path / "RESULTS.md")
+    assert "| gsm8k (exact_match,strict-match) |" in report.read_text()
+    assert (tmp_path / "RESULTS_accuracy.png").stat().st_size > 0

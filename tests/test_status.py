@@ -92,7 +92,7 @@ def test_report_is_reproducible_and_names_its_runs(tmp_path):
     write_report(tmp_path / "runs", out)
     assert (out.read_bytes(), (tmp_path / "docs" / "RESULTS_accuracy.png").read_bytes()) == first
     text = out.read_text()
-    assert "| piqa | 0.788 | 0.534 | -0.254 | 0.678 |" in text
+    assert "| piqa | 0.788 | 0.534 | -0.254 | n/a | 0.678 |" in text  # no per-document pairing in this fixture
     assert "20260214-145148" in text and "20260214-145456" in text
     assert "| prefill_bidir |" in text and "diverged" in text
     assert "No stage 4 run yet." in text and "![per-task accuracy](RESULTS_accuracy.png)" in text

@@ -65,6 +65,8 @@ def stage2(flags):
 STAGE3_EPILOG = """Example (offline, CPU):\n
   ablate tiny-model --out /tmp/tiny\n
   ablate stage3 --mask prefill_bidir --model /tmp/tiny --data tests/data/sft.jsonl --max-steps 20 --device cpu\n
+GSM8K-style rows, in lm-eval's gsm8k prompt:\n
+  ablate stage3 --data gsm8k.jsonl --prompt-template 'Question: {question}\\nAnswer:' --response-template ' {answer}'\n
 Study settings:\n
   ablate stage3 --mask prefill_bidir --model mistralai/Ministral-3-3B-Base-2512 --data <dataset> --max-steps 2000\n
   ablate stage3 --mask causal --model mistralai/Ministral-3-3B-Base-2512 --data <dataset> --max-steps 2000\n
@@ -105,7 +107,7 @@ def stage3(
         else:
             if run_dir:
                 raise BadInput("--run-dir only goes with --resume")
-            out = run_stage3(load_finetune_config(flags))
+            out = run_stage3(load_finetune_config(_read_escapes(flags)))
     finally:
         refresh_status(runs_dir)
     if out is None:  # a rank > 0 of torchrun / accelerate launch: rank 0 reports the run
@@ -122,6 +124,16 @@ def stage3(
     if summary["save"]:
         typer.echo(f"{'saved as':<24}{summary['save']['format']} in {summary['save']['path']}")
     typer.echo(f"run directory: {out}")
+
+
+def _read_escapes(flags: dict) -> dict:
+    """A shell passes `\\n` as two characters: the template flags read `\\n` and `\\t` as newline and tab.
+
+    Only those two, so a template stays what was typed otherwise; the YAML has its own escapes.
+    """
+    templates = ("prompt_template", "response_template")
+    return {k: v.replace("\\n", "\n").replace("\\t", "\t") if k in templates and v is not None else v
+            for k, v in flags.items()}
 
 
 STAGE4_EPILOG = """Examples:\n

@@ -18,7 +18,8 @@ tests/test_lm_eval_drift.py so an upgrade that changes one fails there first:
 - ``HFLM._loglikelihood_tokens`` and ``HFLM._model_call``
   (lm_eval/models/huggingface.py): re-stated by ``PrefillMaskLM._loglikelihood_tokens`` and ``_forward``;
 - ``HFLM._model_generate``: re-stated for non-causal masks (``ablate.core.generation``), called by upstream's
-  ``generate_until`` (batching, left padding, ``until``), with ``stop_sequences_criteria``;
+  ``generate_until`` (batching, left padding, ``until``, the output cut at the prompt's width), with
+  ``stop_sequences_criteria``; split in halves on out of memory (``ablate.core.oom``);
 - ``HFLM._detect_batch_size`` (``batch_size="auto"``): re-stated by ``_detect_rows``, with lm-eval's
   ``find_executable_batch_size`` and ``clear_torch_cache``;
 - ``TemplateLM.loglikelihood`` and ``_encode_pair`` (lm_eval/api/model.py), not re-stated but
@@ -51,7 +52,9 @@ from tqdm import tqdm
 
 from ablate.core.generation import masked_greedy
 from ablate.core.masks import check_attention_backend, get_mask, model_attention_mask
+from ablate.core.oom import generate_in_halves, half, is_out_of_memory, one_row_error, record_halving
 from ablate.core.packing import Row, pack, unique_tokens, unshared_tokens
+from ablate.faults import oom_fault
 
 log = logging.getLogger(__name__)
 
@@ -190,9 +193,11 @@ class PrefillMaskLM(HFLM):
         self.tokens_processed = 0  # tokens that went through the model (padding excluded)
         self.tokens_unique = 0  # distinct token prefixes of the requests' inputs: the least any loop computes
         self.tokens_unshared = 0  # what one forward per request (stock lm-eval) would process
+        self.oom_retries: list[dict] = []  # one entry per halving after an out-of-memory error (ablate.core.oom)
 
     def _forward(self, rows: list[Row]) -> torch.Tensor:
         """Logits of packed rows (right-padded), under this run's mask."""
+        oom_fault(len(rows))
         layouts = [row.layout() for row in rows]
         lengths = [len(seg) for seg, _ in layouts]
         width = max(lengths)
@@ -213,17 +218,43 @@ class PrefillMaskLM(HFLM):
         ):
             return self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
 
+    def _or_out_of_memory(self, call, during: str, rows: int, tokens: int):
+        """``call()``; None after an out-of-memory error on more than one row (recorded: the caller halves)."""
+        try:
+            return call()
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            if rows == 1:
+                raise one_row_error(during, tokens) from exc
+        clear_torch_cache()  # outside the except block: its traceback holds the failed batch's tensors
+        record_halving(self.oom_retries, during, rows, tokens)
+        return None
+
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
+        """Upstream's ``generate_until`` calls this once per batch; out of memory, the batch goes in halves."""
+        attention_mask = generation_kwargs.pop("attention_mask", None)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(context)
+
+        def generate(ids, mask):
+            # A fresh copy of the kwargs per attempt: upstream's _model_generate edits them in place.
+            return self._or_out_of_memory(
+                lambda: self._generate_rows(ids, mask, max_length, stop, dict(generation_kwargs)),
+                "generate_until", *ids.shape)
+
+        return generate_in_halves(generate, context, attention_mask, self.tokenizer.pad_token_id)
+
+    def _generate_rows(self, context, attention_mask, max_length: int, stop: list[str], generation_kwargs: dict):
         """Re-states ``HFLM._model_generate`` (lm-eval 0.4.13): the prompt is prefilled under the mask.
 
         The causal mask takes upstream's own path (``transformers.generate``), so it matches stock lm-eval token
         for token; any other mask decodes greedily from a cache prefilled with it (ablate.core.generation).
         """
+        oom_fault(context.shape[0])
         if self.mask == "causal":
-            return super()._model_generate(context, max_length, stop, **generation_kwargs)
-        attention_mask = generation_kwargs.pop("attention_mask", None)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(context)
+            return super()._model_generate(context, max_length, stop, attention_mask=attention_mask,
+                                           **generation_kwargs)
         if generation_kwargs.get("do_sample") or (generation_kwargs.get("temperature") or 0) > 0:
             raise ValueError(f"sampling under mask '{self.mask}' is not supported: greedy decoding only "
                              "(do_sample false, temperature 0)")
@@ -239,7 +270,7 @@ class PrefillMaskLM(HFLM):
                 self.tokenizer.pad_token_id, [eos] if isinstance(eos, int) else list(eos or []))
 
     def _detect_rows(self, row: Row) -> int:
-        """``batch_size="auto"``: the most rows like ``row`` (the longest of the call) that fit, halving on OOM."""
+        """``batch_size="auto"``: the most rows like ``row`` (the longest of the call) that fit (lm-eval's search)."""
         @find_executable_batch_size(starting_batch_size=self.max_batch_size)
         def probe(batch_size: int):
             for _ in range(2):  # as upstream, more than once: allocator growth shows on the second pass
@@ -263,7 +294,8 @@ class PrefillMaskLM(HFLM):
         computed once (upstream's "TODO: ... lumps together requests with the same context");
         each row's prompt length reaches the mask; the batch size counts rows; ``auto`` is detected
         afresh on every call (upstream's out-of-memory fix, lm-eval issue #1678) for the call's
-        longest row; the causal branch only (the backend is always "causal").
+        longest row; the causal branch only (the backend is always "causal"); out of memory, the batch is
+        halved and the call goes on with the smaller size (ablate.core.oom).
         """
         pairs = []
         for _, context_enc, continuation_enc in requests:
@@ -279,9 +311,15 @@ class PrefillMaskLM(HFLM):
         res: list = [None] * len(requests)
         pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
                     desc=f"loglikelihood ({self.mask})")
-        for start in range(0, len(rows), size):
+        start = 0
+        while start < len(rows):
             batch = rows[start: start + size]
-            logits = self._forward(batch)
+            logits = self._or_out_of_memory(lambda: self._forward(batch), "loglikelihood", len(batch),
+                                            max(len(row.tokens()) for row in batch))
+            if logits is None:  # out of memory: the same rows, fewer per forward, for the rest of the call
+                size = half(len(batch))
+                continue
+            start += len(batch)
             self.tokens_processed += sum(len(row.tokens()) for row in batch)
             # As upstream: skip "virtual tokens" a prompt-tuning adapter puts in front of the logits.
             offset = logits.shape[1] - max(len(row.tokens()) for row in batch)

@@ -1,17 +1,20 @@
 """Stage 3 training data: prompt/response pairs, tokenized with loss on the response only.
 
-    python -c "from ablate.core.sft_data import load_rows; print(load_rows('data.jsonl', 'prompt', 'response', None)[:2])"
+    python -c "from ablate.core.sft_data import RowFormat, load_rows; print(load_rows('data.jsonl', RowFormat())[:2])"
 
 Every example becomes ``input_ids``, ``labels`` (-100 on the prompt) and
-``prefix_len`` (the number of prompt tokens, which the mask reads). Plain text
-(``--text-field``) is split at a random point into prompt and response: a
-prefix-LM objective. The same examples and loss serve both masks, so a causal
-and a ``prefill_bidir`` run differ only by the mask.
+``prefix_len`` (the number of prompt tokens, which the mask reads). A row's
+prompt and response are two fields as they are, or ``str.format`` templates over
+its fields (``--prompt-template "Question: {question}\nAnswer:"``, lm-eval's gsm8k
+prompt). Plain text (``--text-field``) is split at a random point into prompt and
+response: a prefix-LM objective. The same examples and loss serve both masks, so
+a causal and a ``prefill_bidir`` run differ only by the mask.
 """
 
 from __future__ import annotations
 
 import random
+import string
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +25,82 @@ from ablate.errors import BadInput
 LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-def load_rows(data: str, prompt_field: str, response_field: str, text_field: str | None) -> list[dict]:
+def template_fields(template: str, option: str) -> list[str]:
+    """The row fields a ``str.format`` template names; BadInput for a template no row of strings can fill."""
+    names = _named(template, option)
+    try:  # conversions and format specs, checked on empty strings (every field a row supplies is a string)
+        template.format_map(dict.fromkeys(names, ""))
+    except (ValueError, TypeError) as exc:
+        raise BadInput(f"{option} {template!r}: {exc}") from None
+    return names
+
+
+def _named(template: str, option: str) -> list[str]:
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as exc:  # an unbalanced brace
+        raise BadInput(f"{option} {template!r}: {exc} (write a literal brace as {{{{ or }}}})") from None
+    names: list[str] = []
+    for _, name, spec, _ in parts:
+        if name is None:
+            continue
+        if name == "" or name.isdigit():
+            raise BadInput(f"{option} {template!r}: positional field {{{name}}}; name a field of the rows, "
+                           "e.g. {question}")
+        if "." in name or "[" in name:
+            raise BadInput(f"{option} {template!r}: field {{{name}}} reads an attribute or index; "
+                           "name a field of the rows as it is")
+        names += [n for n in [name] + (_named(spec, option) if spec else []) if n not in names]
+    return names
+
+
+@dataclass(frozen=True)
+class RowFormat:
+    """How a row becomes a prompt and a response: two fields as they are, templates over its fields, or plain text."""
+
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    text_field: str | None = None
+    prompt_template: str | None = None
+    response_template: str | None = None
+
+    def __post_init__(self):
+        if self.text_field and self.templates():
+            raise BadInput("--prompt-template and --response-template shape prompt/response rows; "
+                           "they do not go with --text-field")
+        for option, template in self.templates():
+            template_fields(template, option)
+
+    def templates(self) -> list[tuple[str, str]]:
+        return [(option, t) for option, t in (("--prompt-template", self.prompt_template),
+                                               ("--response-template", self.response_template)) if t is not None]
+
+    def fields(self) -> list[str]:
+        """The fields read from each row."""
+        if self.text_field:
+            return [self.text_field]
+        prompt = template_fields(self.prompt_template, "--prompt-template") if self.prompt_template is not None \
+            else [self.prompt_field]
+        response = template_fields(self.response_template, "--response-template") \
+            if self.response_template is not None else [self.response_field]
+        return list(dict.fromkeys(prompt + response))
+
+    def render(self, row: dict, where: str) -> tuple[str, str]:
+        """The prompt and response text of a prompt/response row (``where`` names the row in errors)."""
+        return (_fill("--prompt-template", self.prompt_template, self.prompt_field, row, where),
+                _fill("--response-template", self.response_template, self.response_field, row, where))
+
+
+def _fill(option: str, template: str | None, field: str, row: dict, where: str) -> str:
+    if template is None:
+        return row[field]
+    try:
+        return template.format_map(row)
+    except (ValueError, TypeError) as exc:  # a format spec nested from the row's own values
+        raise BadInput(f"{where}: {option} {template!r}: {' '.join(str(exc).split())}") from None
+
+
+def load_rows(data: str, fmt: RowFormat) -> list[dict]:
     """Rows from a local JSONL/JSON/Parquet/CSV file or a Hugging Face dataset id (train split)."""
     import datasets
 
@@ -45,15 +123,24 @@ def load_rows(data: str, prompt_field: str, response_field: str, text_field: str
         raise BadInput(f"cannot read --data {data}: {first}") from None
     if len(ds) == 0:
         raise BadInput(f"--data {data} has no rows")
-    needed = [text_field] if text_field else [prompt_field, response_field]
+    needed = fmt.fields()
     missing = [f for f in needed if f not in ds.column_names]
     if missing:
-        raise BadInput(f"--data {data} lacks field(s) {', '.join(missing)} (it has {', '.join(ds.column_names)})")
+        named = [f"{option} {t!r}" for option, t in fmt.templates() if set(template_fields(t, option)) & set(missing)]
+        raise BadInput(f"--data {data} lacks field(s) {', '.join(missing)}"
+                       + (f" named by {' and '.join(named)}" if named else "")
+                       + f" (it has {', '.join(ds.column_names)})")
     rows = ds.select_columns(needed).to_list()
     for i, row in enumerate(rows):
+        where = f"--data {data} row {i}"
         for f in needed:
-            if not isinstance(row[f], str) or (f != prompt_field and not row[f].strip()):
-                raise BadInput(f"--data {data} row {i}: field '{f}' must be a non-empty string")
+            if not isinstance(row[f], str):
+                raise BadInput(f"{where}: field '{f}' must be a string")
+        text = row[fmt.text_field] if fmt.text_field else fmt.render(row, where)[1]
+        if not text.strip():
+            field = fmt.text_field or (fmt.response_field if fmt.response_template is None else None)
+            raise BadInput(f"{where}: field '{field}' must be a non-empty string" if field else
+                           f"{where}: --response-template {fmt.response_template!r} renders an empty response")
     return rows
 
 
@@ -69,23 +156,25 @@ class Tokenized:
     prefix_len: int
 
 
-def tokenize(rows: list[dict], tokenizer, prompt_field: str, response_field: str, text_field: str | None,
-             max_length: int, split_range: tuple[float, float], truncate_prompts: bool, seed: int) -> list[Tokenized]:
+def tokenize(rows: list[dict], tokenizer, fmt: RowFormat, max_length: int, split_range: tuple[float, float],
+             truncate_prompts: bool, seed: int) -> list[Tokenized]:
     rng = random.Random(seed)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     out, too_long = [], []
     for i, row in enumerate(rows):
-        if text_field:
-            ids = tokenizer(row[text_field], add_special_tokens=False)["input_ids"]
+        if fmt.text_field:
+            ids = tokenizer(row[fmt.text_field], add_special_tokens=False)["input_ids"]
             if len(ids) < 2:
                 raise BadInput(f"--data row {i}: text has fewer than 2 tokens, nothing to split")
             lo, hi = split_range
             cut = min(max(1, int(len(ids) * rng.uniform(lo, hi))), len(ids) - 1)
             prompt, response = ids[:cut], ids[cut:] + eos
         else:
-            prompt = tokenizer(row[prompt_field], add_special_tokens=False)["input_ids"]
-            response = tokenizer(row[response_field], add_special_tokens=False)["input_ids"] + eos
+            # Prompt and response are encoded apart: the prompt's tokens are what the model reads at evaluation.
+            prompt_text, response_text = fmt.render(row, f"--data row {i}")
+            prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+            response = tokenizer(response_text, add_special_tokens=False)["input_ids"] + eos
         prompt = bos + prompt
         # Keep at least one response token inside the window.
         room = max_length - 1

@@ -31,15 +31,22 @@ def stage12_section(s1: rundir.Run | None, s2: rundir.Run | None) -> list[str]:
         return out + ["No completed stage 2 run with a stage 1 comparison yet.", ""]
     m2 = s2.metrics
     rows = []
+    paired = m2["baseline"].get("paired") or {}
     for name, t in [*m2["tasks"].items(), ("macro", m2["macro"])]:
         b = m2["baseline"]["macro"] if name == "macro" else m2["baseline"]["tasks"][name]
+        p = paired.get("macro") if name == "macro" else (paired.get("tasks") or {}).get(name)
         metric = t.get("metric", "acc") if name != "macro" else "acc"
         rows.append([name if metric == "acc" else f"{name} ({metric})", number(b["acc_baseline"]), number(t["acc"]),
-                     number(b["delta"]), number(b["retention"], 3),
-                     number(t.get("acc_stderr"), 4), number(t["chance"], 3), str(t.get("n", ""))])
+                     f"{number(b['delta'])} {_ci(p['delta_ci95']) if p else ''}".strip(),
+                     f"{number(p['mcnemar']['p_value'], 4)} (+{p['mcnemar']['gained']}/-{p['mcnemar']['lost']})"
+                     if p else "n/a", number(b["retention"], 3), number(t["chance"], 3), str(t.get("n", ""))])
     out += [f"Model `{m2['model']}`; stage 2 mask `{m2['mask']}`. Stage 1: `{m2['baseline']['run']}`; "
             f"stage 2: `{s2.path}`.", ""]
-    out += _table(["task", "stage 1 acc", "stage 2 acc", "delta", "retention", "stage 2 stderr", "chance", "n"], rows)
+    out += _table(["task", "stage 1 acc", "stage 2 acc", "delta [95% CI]", "p (McNemar)", "retention", "chance", "n"],
+                  rows)
+    out += ["", "delta: stage 2 minus stage 1 on the same documents, with its 95% paired bootstrap interval "
+                "(documents resampled; the macro resamples within each task); p: exact McNemar test, "
+                "(+gained/-lost) documents."]
     out += ["", "acc is each task's primary metric: accuracy, or for a generative task the exact match of the "
                 "filter named beside it."] if any(t.get("metric", "acc") != "acc" for t in m2["tasks"].values()) else []
     return out + [""]
@@ -91,7 +98,23 @@ def stage4_section(s4: rundir.Run | None) -> list[str]:
         if entry.get("causal"):
             out += ["", f"Same model with the causal mask: macro acc {number(entry['causal']['macro']['acc'], 4)}."]
         out += [""]
-    return out
+    return out + head_to_head_section(m)
+
+
+def head_to_head_section(m: dict) -> list[str]:
+    h = m.get("head_to_head")
+    if not h:
+        return []
+    train = {e["label"]: e["train_mask"] for e in m["checkpoints"]}
+    out = [f"### Finetuned with `{train[h['after']]}` vs finetuned with `causal`, both under `{m['mask']}`", "",
+           f"Same documents, same budget: `{h['after']}` against `{h['before']}`. Ratio: "
+           f"{train[h['after']]}-finetuned accuracy / causal-finetuned accuracy; delta: their difference.", ""]
+    rows = [[name, number(r["before"], 4), number(r["after"], 4), f"{number(r['delta'], 4)} {_ci(r['delta_ci95'])}",
+             f"{number(r['ratio'], 3)} {_ci(r['ratio_ci95'])}",
+             f"{number(r['mcnemar']['p_value'], 4)} (+{r['mcnemar']['gained']}/-{r['mcnemar']['lost']})"]
+            for name, r in [*h["tasks"].items(), ("macro", h["macro"])]]
+    return out + _table(["task", "causal-finetuned", f"{train[h['after']]}-finetuned", "delta [95% CI]",
+                         "ratio [95% CI]", "p (McNemar)"], rows) + [""]
 
 
 def seeds_section(runs_dir: Path) -> list[str]:
@@ -110,8 +133,18 @@ def seeds_section(runs_dir: Path) -> list[str]:
     return out
 
 
+def wilson(acc: float | None, n: int | None) -> tuple[float, float] | None:
+    """95% Wilson interval of an accuracy over ``n`` documents (scipy's binomtest)."""
+    from scipy.stats import binomtest
+
+    if acc is None or not n:
+        return None
+    ci = binomtest(round(acc * n), n).proportion_ci(confidence_level=0.95, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
 def plot(path: Path, s1, s2, s4) -> bool:
-    """Per-task accuracy across the stages, with each task's chance level; False when there is nothing to plot."""
+    """Per-task accuracy across the stages with 95% intervals and chance marks; False when nothing to plot."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -119,30 +152,38 @@ def plot(path: Path, s1, s2, s4) -> bool:
 
     series = []
     if s1 and s1.metrics:
-        series.append(("stage 1 (causal)", s1.metrics["tasks"]))
+        series.append(("stage 1: causal", s1.metrics["tasks"]))
     if s2 and s2.metrics:
-        series.append((f"stage 2 ({s2.metrics['mask']})", s2.metrics["tasks"]))
+        series.append((f"stage 2: {s2.metrics['mask']}", s2.metrics["tasks"]))
     for entry in (s4.metrics.get("checkpoints", []) if s4 and s4.metrics else []):
-        series.append((f"stage 4 (ft {entry['train_mask']})", entry["tasks"]))
+        series.append((f"stage 4: finetuned {entry['train_mask']}, read {s4.metrics['mask']}", entry["tasks"]))
     if not series:
         return False
     tasks = sorted(set().union(*(t.keys() for _, t in series)))
     width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks)), 4))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.8 * len(tasks)) + 3.2, 4.2))
+    colors = plt.get_cmap("tab10").colors
     for i, (label, per_task) in enumerate(series):
-        xs = [j + i * width for j, t in enumerate(tasks) if t in per_task]
-        ax.bar(xs, [per_task[t]["acc"] or 0 for t in tasks if t in per_task], width, label=label)
+        shown = [t for t in tasks if t in per_task]
+        xs = [tasks.index(t) + (i - (len(series) - 1) / 2) * width for t in shown]
+        accs = [per_task[t]["acc"] or 0.0 for t in shown]
+        cis = [wilson(per_task[t]["acc"], per_task[t].get("n")) or (a, a) for t, a in zip(shown, accs)]
+        err = [[a - lo for a, (lo, _) in zip(accs, cis)], [hi - a for a, (_, hi) in zip(accs, cis)]]
+        ax.bar(xs, accs, width * 0.92, color=colors[i % len(colors)], label=label)
+        ax.errorbar(xs, accs, yerr=err, fmt="none", ecolor="black", elinewidth=1, capsize=3)
     chance = series[0][1]
     for j, t in enumerate(tasks):
         if t in chance and chance[t].get("chance") is not None:
-            ax.hlines(chance[t]["chance"], j - width / 2, j + 0.8 - width / 2, colors="black",
-                      linestyles="dashed", linewidth=1, zorder=3, label="chance" if j == 0 else None)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks)
+            ax.hlines(chance[t]["chance"], j - 0.45, j + 0.45, colors="dimgray", linestyles="dashed", linewidth=1.2,
+                      zorder=3, label="chance" if j == 0 else None)
+    names = [t if (chance.get(t) or {}).get("metric", "acc") == "acc" else f"{t}\n(exact match)" for t in tasks]
+    ax.set_xticks(range(len(tasks)), names)
     ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy")
-    ax.legend(fontsize=8)
+    ax.set_ylabel("accuracy (95% Wilson interval)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside, never on, the bars
     fig.tight_layout()
-    fig.savefig(path, dpi=100, metadata={"Software": None})  # no version stamp: same runs, same bytes
+    fig.savefig(path, dpi=110, metadata={"Software": None})  # no version stamp: same runs, same bytes
     plt.close(fig)
     return True
 
@@ -157,6 +198,7 @@ def write_report(runs_dir: Path, out: Path) -> Path:
     lines += stage12_section(s1, s2) + stage3_section(stages) + stage4_section(s4) + seeds_section(runs_dir)
     if plot(image, s1, s2, s4):
         lines += ["## Accuracy across the stages", "", f"![per-task accuracy]({image.name})", "",
-                  "Dashed lines: chance (mean of 1 / number of choices over each task's documents).", ""]
+                  "Error bars: 95% Wilson intervals of each accuracy over its documents. Dashed lines: chance "
+                  "(mean of 1 / number of choices over each task's documents; 0 for exact match).", ""]
     rundir.write_text(out, "\n".join(lines))
     return out

@@ -209,6 +209,11 @@ class FinetuneConfig:
     response_field: str = field(default="response", metadata={"help": "field holding the response"})
     text_field: str | None = field(default=None, metadata={
         "help": "plain-text field, split at a random point into prompt and response (prefix-LM objective)"})
+    prompt_template: str | None = field(default=None, metadata={
+        "help": "str.format template over a row's fields, e.g. 'Question: {question}\\nAnswer:' (lm-eval's gsm8k); "
+                "replaces --prompt-field; the flag reads \\n and \\t as newline and tab"})
+    response_template: str | None = field(default=None, metadata={
+        "help": "the same for the response, e.g. ' {answer}'; replaces --response-field"})
     split_range: tuple[float, float] = field(default=(0.25, 0.75), metadata={
         "help": "where plain text is split, as fractions of its tokens: LO,HI"})
     eval_data: str | None = field(default=None, metadata={"help": "held-out file (default: a slice of --data)"})
@@ -258,6 +263,7 @@ class FinetuneConfig:
         if not self.data:
             raise BadInput("no training data given: pass --data FILE or a dataset id")
         check_runtime(self.mask, self.device, self.dtype, self.attn_implementation)
+        self.row_format()  # refuses a malformed template before any data is read
         schedulers = [t.value for t in SchedulerType]
         if self.lr_scheduler not in schedulers:
             raise BadInput(f"unknown --lr-scheduler '{self.lr_scheduler}'; use one of {', '.join(schedulers)}")
@@ -286,6 +292,12 @@ class FinetuneConfig:
     @property
     def stage(self) -> str:
         return STAGE3_PREFIX + self.mask
+
+    def row_format(self):
+        from ablate.core.sft_data import RowFormat
+
+        return RowFormat(self.prompt_field, self.response_field, self.text_field,
+                         self.prompt_template, self.response_template)
 
     def training_arguments(self, output_dir: Path, on_gpu: bool, is_main: bool = True):
         """The HF Trainer's arguments: the one place a stage 3 field becomes a Trainer setting."""

@@ -55,7 +55,8 @@ def check_inputs(config: EvalConfig):
 
 
 def evaluate(config: EvalConfig, model, tokenizer, device: str, mask: str, tasks, manager) -> dict:
-    """One lm-eval pass: ``{"tasks", "macro", "timing", "rows"}`` (rows: per-task sample rows); None on ranks > 0."""
+    """One lm-eval pass: ``{"tasks", "macro", "timing", "oom_retries", "rows"}`` (rows: per-task sample rows);
+    None on ranks > 0."""
     from lm_eval import simple_evaluate
 
     from ablate.core.lm_eval_model import PrefillMaskLM, sample_rows
@@ -87,6 +88,8 @@ def evaluate(config: EvalConfig, model, tokenizer, device: str, mask: str, tasks
             "waste": round(lm.tokens_processed / lm.tokens_unique, 4) if lm.tokens_unique else None,
             "tokens_per_second": round(lm.tokens_processed / seconds, 1) if seconds else None,
         },
+        # Each halving of a batch after an out-of-memory error (ablate.core.oom); empty when none.
+        "oom_retries": lm.oom_retries,
         "rows": rows,
     }
 
@@ -98,7 +101,8 @@ def write_samples(run_dir: Path, rows: dict, prefix: str = "") -> None:
 
 def run_eval(config: EvalConfig, compare=None) -> Path | None:
     """Evaluate ``config.model`` into a new run; ``compare(key)`` (stage 2) is called before the model loads
-    and returns what to add to ``metrics.json`` once the results are in (``finish(metrics) -> dict``).
+    and returns what to add to ``metrics.json`` once the results are in: ``finish(metrics, rows) -> dict``,
+    ``rows`` being each task's per-document rows.
 
     Under ``accelerate launch`` every process scores its share of the documents (lm-eval's data-parallel
     split) and rank 0 writes the run; the other ranks return None.
@@ -129,7 +133,8 @@ def run_eval(config: EvalConfig, compare=None) -> Path | None:
         result = evaluate(config, model, tokenizer, device, config.mask, tasks, manager)
         if result is None:  # another rank: its documents went to rank 0, which writes the run
             return None
-        write_samples(run_dir, result.pop("rows"))
+        rows = result.pop("rows")
+        write_samples(run_dir, rows)
         metrics = {
             "stage": config.stage,
             "run_id": run_dir.name,
@@ -142,7 +147,7 @@ def run_eval(config: EvalConfig, compare=None) -> Path | None:
         }
         metrics["timing"]["wall_seconds"] = round(time.time() - started, 3)
         if finish:
-            metrics["baseline"] = finish(metrics)
+            metrics["baseline"] = finish(metrics, rows)
         gated = check_gate(config.gate, metrics)
         if gated:
             metrics["status"] = rundir.GATED

@@ -28,7 +28,7 @@ def run_stage2(config: EvalConfig) -> Path:
 
 
 def _finisher(baseline: dict):
-    return lambda metrics: compare(metrics, baseline)
+    return lambda metrics, rows: compare(metrics, baseline, rows)
 
 
 def find_baseline(config: EvalConfig, key: dict) -> dict:
@@ -60,8 +60,12 @@ def find_baseline(config: EvalConfig, key: dict) -> dict:
                       f"({newest.run_id}) differs in {', '.join(differs)}"}
 
 
-def compare(metrics: dict, baseline: dict) -> dict:
-    """Per-task and macro delta and retention against the stage 1 run, or why there is none."""
+def compare(metrics: dict, baseline: dict, rows: dict | None = None) -> dict:
+    """Per-task and macro delta and retention against the stage 1 run, or why there is none.
+
+    With this run's per-document ``rows``, each delta gets its paired 95% bootstrap interval and an exact
+    McNemar test against stage 1's samples of the same documents (``paired``).
+    """
     run = baseline.get("run")
     if run is None:
         log.warning("no stage 1 baseline: %s", baseline["reason"])
@@ -74,9 +78,30 @@ def compare(metrics: dict, baseline: dict) -> dict:
         return {"acc_baseline": before, "delta": now - before,
                 "retention": now / before if before > 0 else None}
 
-    return {
+    out = {
         "run": str(run.path),
         "run_id": run.run_id,
         "tasks": {name: delta(t["acc"], run.metrics["tasks"][name]["acc"]) for name, t in metrics["tasks"].items()},
         "macro": delta(metrics["macro"]["acc"], run.metrics["macro"]["acc"]),
     }
+    if rows:
+        out["paired"] = paired(run.path, rows)
+    return out
+
+
+def paired(stage1_dir: Path, rows: dict) -> dict:
+    """Stage 2 minus stage 1 on the same documents: paired intervals and McNemar (ablate.results.recovery)."""
+    import numpy as np
+
+    from ablate.results.files import read_correct
+    from ablate.results.recovery import paired_difference
+
+    before, after = {}, {}
+    for task, task_rows in rows.items():
+        c1 = read_correct(stage1_dir, task)
+        c2 = {r["doc_id"]: bool(r["correct"]) for r in task_rows}
+        if set(c1) != set(c2):  # the comparison record matched, so this is a damaged or edited run
+            raise BadInput(f"stage 1 run {stage1_dir} scored other {task} documents than this run")
+        docs = sorted(c2)
+        before[task], after[task] = np.array([c1[d] for d in docs]), np.array([c2[d] for d in docs])
+    return paired_difference(before, after)

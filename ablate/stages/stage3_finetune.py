@@ -118,13 +118,12 @@ class TrainLog(TrainerCallback):
 
 def prepare(config: FinetuneConfig, tokenizer):
     """Read, tokenize and split the data; check the mask for leakage. Raises BadInput."""
-    rows = load_rows(config.data, config.prompt_field, config.response_field, config.text_field)
-    kw = dict(tokenizer=tokenizer, prompt_field=config.prompt_field, response_field=config.response_field,
-              text_field=config.text_field, max_length=config.max_length, split_range=config.split_range,
+    fmt = config.row_format()
+    kw = dict(tokenizer=tokenizer, fmt=fmt, max_length=config.max_length, split_range=config.split_range,
               truncate_prompts=config.truncate_prompts, seed=config.seed)
-    examples = tokenize(rows, **kw)
+    examples = tokenize(load_rows(config.data, fmt), **kw)
     if config.eval_data:
-        held = tokenize(load_rows(config.eval_data, config.prompt_field, config.response_field, config.text_field), **kw)
+        held = tokenize(load_rows(config.eval_data, fmt), **kw)
         train = examples
     else:
         train, held = split_eval(examples, config.eval_fraction, config.seed)

@@ -25,7 +25,8 @@ from ablate.stages.config import EvalConfig, Stage4Config
 from ablate.errors import BadInput
 from ablate.core.identity import describe, mismatch
 from ablate.stages.evaluation import check_inputs, comparison_key, evaluate, write_samples
-from ablate.results.recovery import macro_recovery, task_recovery
+from ablate.results.files import read_correct
+from ablate.results.recovery import macro_recovery, paired_difference, task_recovery
 
 log = logging.getLogger(__name__)
 
@@ -80,17 +81,12 @@ def find_stage2(config: Stage4Config, stage1: rundir.Run) -> tuple[rundir.Run | 
     return None, f"no completed stage 2 run with mask {config.mask} matches stage 1 run {stage1.run_id}"
 
 
-def _correct(run_dir: Path, prefix: str, task: str) -> dict[int, bool]:
-    path = run_dir / f"samples_{prefix}{task}.jsonl"
-    return {r["doc_id"]: bool(r["correct"]) for r in map(json.loads, path.read_text().splitlines())}
-
-
 def recovery_block(rows: dict, stage1: rundir.Run, stage2: rundir.Run | None, chance: dict) -> dict:
     per_task, arrays = {}, {}
     for task, task_rows in rows.items():
         c4 = {r["doc_id"]: r["correct"] for r in task_rows}
-        c1 = _correct(stage1.path, "", task)
-        c2 = _correct(stage2.path, "", task) if stage2 else None
+        c1 = read_correct(stage1.path, task)
+        c2 = read_correct(stage2.path, task) if stage2 else None
         if set(c1) != set(c4) or (c2 is not None and set(c2) != set(c4)):
             raise BadInput(f"task {task}: stage 4 scored other documents than stages 1/2; rerun them together")
         docs = sorted(c4)
@@ -99,6 +95,24 @@ def recovery_block(rows: dict, stage1: rundir.Run, stage2: rundir.Run | None, ch
         per_task[task] = task_recovery(a1, a2, a4, chance[task])
         arrays[task] = (a1, a2, a4)
     return {"tasks": per_task, "macro": macro_recovery(per_task, arrays)}
+
+
+def head_to_head(results: list[dict], correct: dict) -> dict | None:
+    """The ``prefill_bidir``-finetuned model against the causal-finetuned one, both under this stage's mask.
+
+    The study's question in one comparison: at the same budget, does training with the mask beat training
+    without it? Paired over the same documents (``ablate.results.recovery.paired_difference``: causal-
+    finetuned = before, mask-finetuned = after). None unless exactly one checkpoint of each mask was scored.
+    """
+    by_mask: dict[str, list[dict]] = {}
+    for entry in results:
+        by_mask.setdefault(entry["train_mask"], []).append(entry)
+    others = sorted(set(by_mask) - {"causal"})
+    if len(by_mask.get("causal", [])) != 1 or len(others) != 1 or len(by_mask[others[0]]) != 1:
+        return None
+    causal, masked = by_mask["causal"][0]["label"], by_mask[others[0]][0]["label"]
+    arrays = [{t: np.array([c[t][d] for d in sorted(c[t])]) for t in c} for c in (correct[causal], correct[masked])]
+    return {"before": causal, "after": masked, **paired_difference(*arrays)}
 
 
 def run_stage4(config: Stage4Config) -> Path:
@@ -132,7 +146,7 @@ def run_stage4(config: Stage4Config) -> Path:
     rundir.check_writable(Path(config.runs_dir), STAGE4)
 
     run_dir = rundir.new_run_dir(Path(config.runs_dir), STAGE4)
-    results = []
+    results, correct = [], {}
     with rundir.active(run_dir):
         rundir.write_json(run_dir / "config.json", {**config.__dict__, "evaluation": eval_config.to_dict()})
         rundir.write_json(run_dir / "env.json", environment(device))
@@ -143,6 +157,7 @@ def run_stage4(config: Stage4Config) -> Path:
             model, tokenizer = load_model(str(run.path / "final"), device, config.dtype, config.attn_implementation)
             ablated = evaluate(eval_config, model, tokenizer, device, config.mask, tasks, manager)
             write_samples(run_dir, ablated["rows"], prefix=f"{label}_")
+            correct[label] = {t: {r["doc_id"]: r["correct"] for r in rows} for t, rows in ablated["rows"].items()}
             chance = {t: m["chance"] for t, m in ablated["tasks"].items()}
             entry = {
                 "label": label,
@@ -156,13 +171,15 @@ def run_stage4(config: Stage4Config) -> Path:
                 "tasks": ablated["tasks"],
                 "macro": ablated["macro"],
                 "timing": ablated["timing"],
+                "oom_retries": ablated["oom_retries"],
                 "recovery": recovery_block(ablated["rows"], stage1, stage2, chance),
                 "causal": None,
             }
             if config.also_causal:
                 causal = evaluate(eval_config, model, tokenizer, device, "causal", tasks, manager)
                 write_samples(run_dir, causal["rows"], prefix=f"{label}_causal_")
-                entry["causal"] = {"tasks": causal["tasks"], "macro": causal["macro"], "timing": causal["timing"]}
+                entry["causal"] = {"tasks": causal["tasks"], "macro": causal["macro"], "timing": causal["timing"],
+                                   "oom_retries": causal["oom_retries"]}
             results.append(entry)
             del model
         metrics = {
@@ -176,6 +193,7 @@ def run_stage4(config: Stage4Config) -> Path:
             "stage2_reason": stage2_reason,
             "comparison": key,
             "checkpoints": results,
+            "head_to_head": head_to_head(results, correct),
             "timing": {"wall_seconds": round(time.time() - started, 3)},
         }
         rundir.write_json(run_dir / "metrics.json", metrics)
