@@ -64,6 +64,9 @@ def test_stage4_on_both_save_formats(study):
     paired = m2["baseline"]["paired"]["tasks"]["piqa"]  # stage 2 minus stage 1, document by document
     assert paired["n"] == 8 and paired["delta"] == pytest.approx(m2["tasks"]["piqa"]["acc"] - m1["tasks"]["piqa"]["acc"])
     assert paired["delta_ci95"][0] <= paired["delta"] <= paired["delta_ci95"][1]
+    from ablate.results.status import number, render
+
+    assert f"(delta `{number(paired['delta'])}` [95% CI {paired['delta_ci95'][0]:+.4f}" in render(runs)
     h2h = metrics["head_to_head"]  # the prefill_bidir-finetuned model against the causal-finetuned one
     assert (h2h["before"], h2h["after"]) == (entries["causal"]["label"], entries["prefill_bidir"]["label"])
     for task in ("ablate_tiny", "piqa"):

@@ -66,12 +66,19 @@ def key_results(run: rundir.Run) -> list[str]:
     # A generative task contributes its primary filter's exact match, not an accuracy: say so.
     exact = any(m != "acc" for m in (run.metrics["macro"].get("of") or {}).values())
     label = "Macro score (accuracy; exact match for generative tasks)" if exact else "Macro accuracy"
+    paired = base.get("paired") or {}
+
+    def ci(p: dict | None) -> str:  # the paired 95% interval of the delta, where the run has one
+        return f" [95% CI {p['delta_ci95'][0]:+.4f}, {p['delta_ci95'][1]:+.4f}]" if p else ""
+
     lines = [f"- {label}: `{number(macro['acc_baseline'])} -> {number(run.metrics['macro']['acc'])}` "
-             f"(delta `{number(macro['delta'])}`, retention `{number(macro['retention'], 3)}x`)"]
+             f"(delta `{number(macro['delta'])}`{ci(paired.get('macro'))}, "
+             f"retention `{number(macro['retention'], 3)}x`)"]
     for name, t in base["tasks"].items():
         metric = run.metrics["tasks"][name].get("metric", "acc")
         lines.append(f"- {name}{'' if metric == 'acc' else f' ({metric})'}: `{number(t['acc_baseline'])} -> "
-                     f"{number(run.metrics['tasks'][name]['acc'])}` (delta `{number(t['delta'])}`)")
+                     f"{number(run.metrics['tasks'][name]['acc'])}` (delta `{number(t['delta'])}`"
+                     f"{ci((paired.get('tasks') or {}).get(name))})")
     lines.append(f"- From `{base['run']}` (stage 1) and `{run.path}` (stage 2), mask `{run.metrics['mask']}`.")
     return lines
 
