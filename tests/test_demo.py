@@ -63,3 +63,32 @@ def test_same_seed_same_pretrained_model(tmp_path):
         paths.append(pretrain(world, tmp_path / name / "model", PRESETS["smoke"], seed=1, echo=lambda *_: None))
     a, b = (load_file(str(p / "model.safetensors")) for p in paths)
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_real_demo_data_is_split_by_problem_and_rendered_by_lm_evals_task(tmp_path):
+    import pytest
+
+    from ablate.core.assets import gsm8k
+    from ablate.demo.real import RealPreset, build, check_disjoint
+
+    preset = RealPreset(n_eval=40, n_train=60, n_heldout=8, finetune_steps=1, batch_size=1, learning_rate=1e-4,
+                        lora_r=None, max_length=64, max_steps_shown=2)
+    data = gsm8k()
+    paths = build(tmp_path, data, preset, seed=3)
+    problems = [json.loads(line) for line in data.read_text().splitlines()]
+    evaluated = [json.loads(line) for line in paths["eval"].read_text().splitlines()]
+    docs = [json.loads(line) for line in paths["train_docs"].read_text().splitlines()]
+    split = json.loads(paths["split"].read_text())
+    assert len(evaluated) == 40 and split["evaluated_ids"] == sorted(r["ind"] for r in evaluated)
+    assert not {r["ind"] for r in evaluated} & {r["ind"] for r in docs}
+    train = [json.loads(line) for line in paths["train"].read_text().splitlines()]
+    heldout = [json.loads(line) for line in paths["heldout"].read_text().splitlines()]
+    assert (len(train), len(heldout)) == (60, 8)
+    for doc, pair in zip(docs, train + heldout):
+        assert pair["response"] == " " + doc["endings"][0]  # HellaSwag's target delimiter and the true step
+        assert pair["prompt"].startswith("Math: " + " ".join(doc["ctx_a"].split()[:3]))
+    for pair in train:  # no evaluated question reaches stage 3
+        assert not any(problems[i]["question"].strip() in pair["prompt"] for i in split["evaluated_ids"])
+    assert build(tmp_path / "b", data, preset, seed=3)["eval"].read_text() == paths["eval"].read_text()
+    with pytest.raises(RuntimeError, match="overlap"):
+        check_disjoint(problems, evaluated, evaluated)

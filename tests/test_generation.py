@@ -119,6 +119,9 @@ def test_gsm8k_through_stage1_and_stage2(tiny_llama, tmp_path):
     assert set(task["exact_match"]) == {"strict-match", "flexible-extract"}
     assert task["acc"] == task["exact_match"]["strict-match"]["exact_match"]
     assert m1["macro"]["of"] == {"gsm8k": "exact_match,strict-match"}
+    timing = m1["timing"]  # no loglikelihood work: generation is counted on its own
+    assert timing["tokens"] == 0 and timing["tokens_per_second"] is None
+    assert timing["generation"]["prompt_tokens"] > 0 and timing["generation"]["decode_positions"] > 0
     assert m2["baseline"]["run_id"] == s1.name and m2["baseline"]["tasks"]["gsm8k"]["acc_baseline"] == task["acc"]
     samples = [json.loads(line) for line in (s1 / "samples_gsm8k.jsonl").read_text().splitlines()]
     assert [s["doc_id"] for s in samples] == [0, 1, 2]

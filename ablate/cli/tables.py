@@ -51,3 +51,44 @@ def recovery_table(metrics: dict) -> str:
                          f"{(_num(r['retention']) + ' ' + _ci(r['retention_ci95'])):<22}"
                          f"{(_num(r['gap_closed']) + ' ' + _ci(r['gap_closed_ci95'])):<22}{_num(p)}")
     return "\n".join(lines)
+
+
+def study_table(m1: dict, m2: dict, m4: dict, seconds: dict[str, float]) -> str:
+    """The real-model demo's closing summary: every accuracy with its interval, the two paired comparisons
+    the study asks about, a plain verdict on each, and each stage's wall time."""
+    from ablate.results.report import wilson
+
+    def acc(task: dict) -> str:
+        ci = wilson(task["acc"], task.get("n"))
+        return f"{_num(task['acc'])} {_ci(ci)}" if ci else _num(task["acc"])
+
+    def diff(r: dict) -> str:
+        test = r["mcnemar"]
+        return (f"{r['delta']:+.3f} [{r['delta_ci95'][0]:+.3f}, {r['delta_ci95'][1]:+.3f}], "
+                f"McNemar p={test['p_value']:.3g} (+{test['gained']}/-{test['lost']} documents)")
+
+    lines = []
+    for task in m1["tasks"]:
+        t1, t2 = m1["tasks"][task], m2["tasks"][task]
+        lines += [f"task {task}: n={t1['n']}, chance {_num(t1['chance'])}; accuracy with its 95% Wilson interval",
+                  f"  {'stage 1  causal':<54}{acc(t1)}", f"  {'stage 2  ' + m2['mask']:<54}{acc(t2)}"]
+        for entry in m4["checkpoints"]:
+            lines.append(f"  {'stage 4  finetuned ' + entry['train_mask'] + ', read ' + m4['mask']:<54}"
+                         f"{acc(entry['tasks'][task])}")
+        paired = ((m2.get("baseline") or {}).get("paired") or {}).get("tasks", {}).get(task)
+        if paired:
+            verdict = "the drop is established" if paired["delta"] < 0 and paired["delta_excludes_0"] else \
+                "NO established drop"
+            lines.append(f"  stage 2 - stage 1:\n    {diff(paired)}: {verdict} at 95%")
+        h2h = ((m4.get("head_to_head") or {}).get("tasks") or {}).get(task)
+        if h2h:
+            if h2h["delta"] > 0 and h2h["delta_excludes_0"]:
+                verdict = "finetuning with the mask beat causal finetuning"
+            elif h2h["delta"] < 0 and h2h["delta_excludes_0"]:
+                verdict = "causal finetuning beat finetuning with the mask"
+            else:
+                verdict = "no established difference between the two finetunes at this budget"
+            lines.append(f"  stage 4, prefill_bidir-finetuned - causal-finetuned, both read {m4['mask']}:\n"
+                         f"    {diff(h2h)}: {verdict}")
+    lines.append("wall time: " + ", ".join(f"{name} {s:.0f} s" for name, s in seconds.items()))
+    return "\n".join(lines)

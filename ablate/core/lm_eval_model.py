@@ -193,6 +193,8 @@ class PrefillMaskLM(HFLM):
         self.tokens_processed = 0  # tokens that went through the model (padding excluded)
         self.tokens_unique = 0  # distinct token prefixes of the requests' inputs: the least any loop computes
         self.tokens_unshared = 0  # what one forward per request (stock lm-eval) would process
+        self.tokens_prompted = 0  # generation: prompt tokens prefilled (padding excluded)
+        self.decode_positions = 0  # generation: rows x decoding steps of every batch
         self.oom_retries: list[dict] = []  # one entry per halving after an out-of-memory error (ablate.core.oom)
 
     def _forward(self, rows: list[Row]) -> torch.Tensor:
@@ -243,7 +245,10 @@ class PrefillMaskLM(HFLM):
                 lambda: self._generate_rows(ids, mask, max_length, stop, dict(generation_kwargs)),
                 "generate_until", *ids.shape)
 
-        return generate_in_halves(generate, context, attention_mask, self.tokenizer.pad_token_id)
+        out = generate_in_halves(generate, context, attention_mask, self.tokenizer.pad_token_id)
+        self.tokens_prompted += int(attention_mask.sum())
+        self.decode_positions += (out.shape[1] - context.shape[1]) * out.shape[0]
+        return out
 
     def _generate_rows(self, context, attention_mask, max_length: int, stop: list[str], generation_kwargs: dict):
         """Re-states ``HFLM._model_generate`` (lm-eval 0.4.13): the prompt is prefilled under the mask.

@@ -30,14 +30,24 @@ def solution_steps(answer: str) -> list[str]:
     return [line for line in lines if line and not line.startswith("####")]
 
 
-def next_step_rows(problems: list[dict], n: int, seed: int) -> list[dict]:
+def usable(problems: list[dict]) -> list[int]:
+    """Indices of the problems whose worked solution has at least two steps (a context step and a next one)."""
+    return [i for i, p in enumerate(problems) if len(solution_steps(p["answer"])) >= 2]
+
+
+def next_step_rows(problems: list[dict], n: int, seed: int, among: list[int] | None = None,
+                   max_steps_shown: int | None = None) -> list[dict]:
+    """``n`` next-step rows; with ``among``, questions and distractor lines come from those problems only;
+    ``max_steps_shown`` caps the solution steps in the context (shorter prompts, cheaper to score)."""
     rng = random.Random(seed)
-    usable = [(i, p) for i, p in enumerate(problems) if len(solution_steps(p["answer"])) >= 2]
-    pool = [(i, step) for i, p in usable for step in solution_steps(p["answer"])]
+    allowed = set(usable(problems)) if among is None else set(among) & set(usable(problems))
+    usable_ = [(i, p) for i, p in enumerate(problems) if i in allowed]
+    pool = [(i, step) for i, p in usable_ for step in solution_steps(p["answer"])]
     rows = []
-    for i, problem in rng.sample(usable, min(n, len(usable))):
+    for i, problem in rng.sample(usable_, min(n, len(usable_))):
         steps = solution_steps(problem["answer"])
-        k = rng.randrange(0, len(steps) - 1)  # context: the question and k steps; the answer: step k
+        last = len(steps) - 1 if max_steps_shown is None else min(len(steps) - 1, max_steps_shown + 1)
+        k = rng.randrange(0, last)  # context: the question and k steps; the answer: step k
         distractors = []
         while len(distractors) < 3:
             j, step = rng.choice(pool)

@@ -1,7 +1,9 @@
 """The offline demo: synthetic world -> tiny LM trained from scratch -> the four stages -> report.
 
-    ablate demo                  # full preset (the README's main command)
-    ablate demo --preset smoke   # the test suite's small preset, same path
+    ablate demo --preset synthetic   # the synthetic world's full size
+    ablate demo --preset smoke       # the test suite's small preset, same path
+
+(``ablate demo`` with no preset runs the study on a real pretrained model: ablate/demo/real.py.)
 
 Everything runs on CPU with no network. The tiny model (a Llama config from
 transformers, word-level tokenizer trained with ``tokenizers``) is pretrained on
@@ -37,7 +39,7 @@ class Preset:
 PRESETS = {
     # Chosen by measuring on a 2-core CPU: 2 layers x 128 at lr 1e-3 learned more recall (0.50) than
     # 3 x 96 at 3e-3 (0.22) or 3 x 128 at 1e-3 (0.40) in the same 800 steps (docs/demo.md).
-    "full": Preset(n_eval=60, n_corpus=30000, n_finetune=600, hidden=128, layers=2, pretrain_steps=800,
+    "synthetic": Preset(n_eval=60, n_corpus=30000, n_finetune=600, hidden=128, layers=2, pretrain_steps=800,
                    finetune_steps=100, pretrain_lr=1e-3),
     "smoke": Preset(n_eval=12, n_corpus=3000, n_finetune=80, hidden=32, layers=2, pretrain_steps=60,
                     finetune_steps=6, pretrain_lr=3e-3),
@@ -92,7 +94,7 @@ def pretrain(world: dict, out: Path, preset: Preset, seed: int, echo=print) -> P
     return out
 
 
-def run_demo(workdir: Path, preset_name: str = "full", seed: int = 0, echo=print) -> dict:
+def run_demo(workdir: Path, preset_name: str = "synthetic", seed: int = 0, echo=print) -> dict:
     from ablate.results.rundir import STAGE1, STAGE2
     from ablate.stages.config import load_eval_config, load_finetune_config
     from ablate.stages.stage1_baseline_eval import run_stage1

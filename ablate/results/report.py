@@ -176,7 +176,12 @@ def plot(path: Path, s1, s2, s4) -> bool:
         if t in chance and chance[t].get("chance") is not None:
             ax.hlines(chance[t]["chance"], j - 0.45, j + 0.45, colors="dimgray", linestyles="dashed", linewidth=1.2,
                       zorder=3, label="chance" if j == 0 else None)
-    names = [t if (chance.get(t) or {}).get("metric", "acc") == "acc" else f"{t}\n(exact match)" for t in tasks]
+    def name(t: str) -> str:
+        first = chance.get(t) or {}
+        what = "" if first.get("metric", "acc") == "acc" else ", exact match"
+        return f"{t}\n(n={first['n']}{what})" if first.get("n") else t
+
+    names = [name(t) for t in tasks]
     ax.set_xticks(range(len(tasks)), names)
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy (95% Wilson interval)")

@@ -86,7 +86,13 @@ def evaluate(config: EvalConfig, model, tokenizer, device: str, mask: str, tasks
             "tokens_unique": lm.tokens_unique,
             "tokens_unshared": lm.tokens_unshared,
             "waste": round(lm.tokens_processed / lm.tokens_unique, 4) if lm.tokens_unique else None,
-            "tokens_per_second": round(lm.tokens_processed / seconds, 1) if seconds else None,
+            # Loglikelihood tokens per second; None for a purely generative run (no such tokens).
+            "tokens_per_second": round(lm.tokens_processed / seconds, 1) if seconds and lm.tokens_processed else None,
+            # Generation: prompt tokens prefilled (padding excluded) and decode positions (rows x steps,
+            # rows that finished early included: what the batch computed).
+            "generation": {"prompt_tokens": lm.tokens_prompted, "decode_positions": lm.decode_positions,
+                           "decode_positions_per_second": round(lm.decode_positions / seconds, 1)
+                           if seconds and lm.decode_positions else None},
         },
         # Each halving of a batch after an out-of-memory error (ablate.core.oom); empty when none.
         "oom_retries": lm.oom_retries,
