@@ -47,9 +47,12 @@ def test_unknown_preset_is_bad_input(tmp_path):
     result = runner.invoke(app, ["demo", "--preset", "huge", "--workdir", str(tmp_path)])
     assert result.exit_code == 2 and "unknown preset 'huge'" in result.stderr
     (tmp_path / "file").write_text("keep me")
-    result = runner.invoke(app, ["demo", "--preset", "smoke", "--workdir", str(tmp_path / "file")])
-    assert result.exit_code == 2 and "is not a folder" in result.stderr
+    for preset in ("smoke", "real"):  # the real preset refuses before fetching anything
+        result = runner.invoke(app, ["demo", "--preset", preset, "--workdir", str(tmp_path / "file")])
+        assert result.exit_code == 2 and "is not a folder" in result.stderr, preset
     assert (tmp_path / "file").read_text() == "keep me"
+    result = runner.invoke(app, ["demo", "--device", "cuda:x", "--workdir", str(tmp_path / "new")])
+    assert result.exit_code == 2 and not (tmp_path / "new").exists()
 
 
 def test_same_seed_same_pretrained_model(tmp_path):

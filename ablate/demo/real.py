@@ -146,7 +146,11 @@ def run_real_demo(workdir: Path, preset_name: str = "real", seed: int = 0, devic
     from ablate.stages.stage3_finetune import run_stage3
     from ablate.stages.stage4_post_ft_eval import Stage4Config, run_stage4
 
+    from ablate.errors import BadInput
+
     preset = preset or REAL_PRESETS[preset_name]
+    if Path(workdir).exists() and not Path(workdir).is_dir():
+        raise BadInput(f"--workdir {workdir} exists and is not a folder")
     started = time.time()
     seconds: dict[str, float] = {}
 
