@@ -116,3 +116,9 @@ def test_aggregate_across_seeds(tmp_path):
     result = runner.invoke(app, ["aggregate", "--runs-dir", str(tmp_path), "--out", str(tmp_path / "agg.json")])
     assert result.exit_code == 0 and "piqa" in result.output and "n 3" in result.output
     assert json.loads((tmp_path / "agg.json").read_text())[0]["seeds"] == [1, 2, 3]
+
+
+def test_p_values_under_a_ten_thousandth_are_not_printed_as_zero():
+    from ablate.results.report import p_value
+
+    assert p_value(3e-7) == "< 0.0001" and p_value(0.0117) == "0.0117" and p_value(1.0) == "1" and p_value(None) == "n/a"

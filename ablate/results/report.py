@@ -21,6 +21,11 @@ def _ci(pair) -> str:
     return f"[{pair[0]:.3f}, {pair[1]:.3f}]" if pair else "n/a"
 
 
+def p_value(p: float | None) -> str:
+    """A p-value to 4 places; one under 0.0001 says so instead of printing 0."""
+    return "< 0.0001" if isinstance(p, (int, float)) and p < 1e-4 else number(p, 4)
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
@@ -38,7 +43,7 @@ def stage12_section(s1: rundir.Run | None, s2: rundir.Run | None) -> list[str]:
         metric = t.get("metric", "acc") if name != "macro" else "acc"
         rows.append([name if metric == "acc" else f"{name} ({metric})", number(b["acc_baseline"]), number(t["acc"]),
                      f"{number(b['delta'])} {_ci(p['delta_ci95']) if p else ''}".strip(),
-                     f"{number(p['mcnemar']['p_value'], 4)} (+{p['mcnemar']['gained']}/-{p['mcnemar']['lost']})"
+                     f"{p_value(p['mcnemar']['p_value'])} (+{p['mcnemar']['gained']}/-{p['mcnemar']['lost']})"
                      if p else "n/a", number(b["retention"], 3), number(t["chance"], 3), str(t.get("n", ""))])
     out += [f"Model `{m2['model']}`; stage 2 mask `{m2['mask']}`. Stage 1: `{m2['baseline']['run']}`; "
             f"stage 2: `{s2.path}`.", ""]
@@ -92,7 +97,7 @@ def stage4_section(s4: rundir.Run | None) -> list[str]:
                          f"{number(r['retention'], 3)} {_ci(r['retention_ci95'])}",
                          f"{number(r['gap_closed'], 3)} {_ci(r['gap_closed_ci95'])}",
                          f"{number(r['above_chance_retention'], 3)} {_ci(r['above_chance_retention_ci95'])}",
-                         f"{number(test['p_value'], 4)} (+{test['gained']}/-{test['lost']})" if test else "n/a"])
+                         f"{p_value(test['p_value'])} (+{test['gained']}/-{test['lost']})" if test else "n/a"])
         out += _table(["task", "stage 1", "stage 2", "stage 4", "retention", "gap closed",
                        "above-chance retention", "p vs stage 2"], rows)
         if entry.get("causal"):
@@ -111,7 +116,7 @@ def head_to_head_section(m: dict) -> list[str]:
            f"{train[h['after']]}-finetuned accuracy / causal-finetuned accuracy; delta: their difference.", ""]
     rows = [[name, number(r["before"], 4), number(r["after"], 4), f"{number(r['delta'], 4)} {_ci(r['delta_ci95'])}",
              f"{number(r['ratio'], 3)} {_ci(r['ratio_ci95'])}",
-             f"{number(r['mcnemar']['p_value'], 4)} (+{r['mcnemar']['gained']}/-{r['mcnemar']['lost']})"]
+             f"{p_value(r['mcnemar']['p_value'])} (+{r['mcnemar']['gained']}/-{r['mcnemar']['lost']})"]
             for name, r in [*h["tasks"].items(), ("macro", h["macro"])]]
     return out + _table(["task", "causal-finetuned", f"{train[h['after']]}-finetuned", "delta [95% CI]",
                          "ratio [95% CI]", "p (McNemar)"], rows) + [""]
