@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import time
@@ -165,7 +166,10 @@ def run_real_demo(workdir: Path, preset_name: str = "real", seed: int = 0, devic
     model = timed("fetch", lambda: smollm2(echo))
     data = gsm8k(echo)
     workdir = Path(workdir)
-    world = workdir / f"{preset_name}-seed{seed}"
+    # One folder per preset and seed, named by the preset's digest too: a changed budget never rewrites the
+    # files an earlier run's config.json points at.
+    digest = hashlib.sha256(json.dumps(asdict(preset), sort_keys=True).encode()).hexdigest()[:8]
+    world = workdir / f"{preset_name}-seed{seed}-{digest}"
     paths = timed("build tasks", lambda: build(world, data, preset, seed))
     split = json.loads(paths["split"].read_text())
     echo(f"{split['evaluated_problems']} evaluated problems -> {paths['eval']}; "
