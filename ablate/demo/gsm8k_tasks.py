@@ -35,6 +35,12 @@ def usable(problems: list[dict]) -> list[int]:
     return [i for i, p in enumerate(problems) if len(solution_steps(p["answer"])) >= 2]
 
 
+def step_index(rng: random.Random, steps: list[str], max_steps_shown: int | None) -> int:
+    """Which step is the answer: a random one with a step after it, at most ``max_steps_shown`` steps in."""
+    last = len(steps) - 1 if max_steps_shown is None else min(len(steps) - 1, max_steps_shown + 1)
+    return rng.randrange(0, last)
+
+
 def next_step_rows(problems: list[dict], n: int, seed: int, among: list[int] | None = None,
                    max_steps_shown: int | None = None) -> list[dict]:
     """``n`` next-step rows; with ``among``, questions and distractor lines come from those problems only;
@@ -46,8 +52,7 @@ def next_step_rows(problems: list[dict], n: int, seed: int, among: list[int] | N
     rows = []
     for i, problem in rng.sample(usable_, min(n, len(usable_))):
         steps = solution_steps(problem["answer"])
-        last = len(steps) - 1 if max_steps_shown is None else min(len(steps) - 1, max_steps_shown + 1)
-        k = rng.randrange(0, last)  # context: the question and k steps; the answer: step k
+        k = step_index(rng, steps, max_steps_shown)  # context: the question and k steps; the answer: step k
         distractors = []
         while len(distractors) < 3:
             j, step = rng.choice(pool)

@@ -28,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ablate.demo.gsm8k_tasks import next_step_rows, solution_steps, usable
+from ablate.demo.gsm8k_tasks import next_step_rows, solution_steps, step_index, usable
 from ablate.results.files import write_json, write_jsonl
 
 TASK = "hellaswag"  # lm-eval's task that scores the next-step rows (its hub schema, prompt and metrics)
@@ -69,8 +69,7 @@ def training_rows(problems: list[dict], ids: list[int], n: int, seed: int,
     rows = []
     for i in rng.sample(ids, min(n, len(ids))):
         steps = solution_steps(problems[i]["answer"])
-        last = len(steps) - 1 if max_steps_shown is None else min(len(steps) - 1, max_steps_shown + 1)
-        k = rng.randrange(0, last)
+        k = step_index(rng, steps, max_steps_shown)
         rows.append({"ind": i, "activity_label": "Math", "ctx_a": problems[i]["question"],
                      "ctx_b": " ".join(steps[:k]), "endings": [steps[k]], "label": "0",
                      "source_id": f"gsm8k-test-{i}", "split": "train", "split_type": "indomain"})
@@ -108,8 +107,9 @@ def check_disjoint(problems: list[dict], evaluated: list[dict], train: list[dict
     leaked = sorted(answers & train_lines)
     if leaked:
         raise RuntimeError(f"{len(leaked)} evaluated answers occur in training solutions, e.g. {leaked[0]!r}")
-    return {"evaluated_problems": len(eval_ids), "training_problems": len(train_ids), "shared_problems": 0,
-            "shared_questions": 0, "evaluated_answers_in_training": 0,
+    return {"evaluated_problems": len(eval_ids), "training_problems": len(train_ids),
+            "shared_problems": len(shared["problems"]), "shared_questions": len(shared["questions"]),
+            "evaluated_answers_in_training": len(leaked),
             "solution_lines_in_both": len(shared["solution_lines"]), "examples_of_lines_in_both":
             shared["solution_lines"][:5]}
 
