@@ -26,62 +26,11 @@ from ablate.remote.ssh import Box, Connection
 from ablate.results.rundir import RUN_NAME, load_run
 from ablate.remote.sync import sync
 
-SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
-pytestmark = pytest.mark.skipif(not (Path(SSHD).exists() and shutil.which("tmux") and os.geteuid() == 0),
-                                reason="needs OpenSSH server, tmux and root (installed by .ci/run)")
+from sshbox import AVAILABLE, WHY_NOT, Server
+
+pytestmark = pytest.mark.skipif(not AVAILABLE, reason=WHY_NOT)
 runner = CliRunner()
 PY = sys.executable
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, root: Path):
-        self.root, self.port = root, _free_port()
-        for name in ("host_key", "client_key", "other_key"):
-            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / name)], check=True)
-        shutil.copy(root / "client_key.pub", root / "authorized_keys")
-        (root / "sshd_config").write_text("\n".join([
-            f"Port {self.port}", "ListenAddress 127.0.0.1", f"HostKey {root / 'host_key'}",
-            f"PidFile {root / 'sshd.pid'}", f"AuthorizedKeysFile {root / 'authorized_keys'}", "StrictModes no",
-            "UsePAM no", "PasswordAuthentication no", "KbdInteractiveAuthentication no", "PermitRootLogin yes",
-            "Subsystem sftp internal-sftp", "LogLevel ERROR", ""]))
-        host_pub = (root / "host_key.pub").read_text().split()
-        other_pub = (root / "other_key.pub").read_text().split()
-        (root / "known_hosts").write_text(f"[127.0.0.1]:{self.port} {host_pub[0]} {host_pub[1]}\n")
-        (root / "wrong_known_hosts").write_text(f"[127.0.0.1]:{self.port} {other_pub[0]} {other_pub[1]}\n")
-        Path("/run/sshd").mkdir(parents=True, exist_ok=True)
-        self.proc = None
-        self.start()
-
-    def start(self):
-        log = open(self.root / "sshd.log", "a")  # the readiness probe makes sshd complain; keep it out of the output
-        self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(self.root / "sshd_config")], start_new_session=True,
-                                     stderr=log, stdout=log)
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("sshd did not start")
-
-    def stop(self):
-        """The box is lost: the listener and every connection it forked (tmux daemonized away from them)."""
-        import psutil
-
-        children = psutil.Process(self.proc.pid).children(recursive=True)
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        for child in children:
-            try:
-                child.kill()
-            except psutil.NoSuchProcess:
-                pass
-        self.proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -157,14 +106,14 @@ def test_non_zero_exit_is_a_crash_with_its_code_and_log(box, project):
     assert "exited with code 3" in watched.output and "boom-from-the-box" in watched.output
 
 
-def test_session_killed_mid_run(box, project):
+def test_session_killed_mid_run(server, box, project):
     result = cli("remote", "launch", *flags(box, "--session", "kill1", "--no-copy"), "--",
                  "sh", "-c", "echo started-working; sleep 60", cwd=project)
     assert result.exit_code == 0, result.output
 
     def kill():
         time.sleep(1.0)
-        subprocess.run(["tmux", "kill-session", "-t", "=kill1"], check=True)
+        subprocess.run(["tmux", "kill-session", "-t", "=kill1"], check=True, env=server.tmux_env)
 
     threading.Thread(target=kill).start()
     watched = cli("remote", "watch", *flags(box, "--session", "kill1", "--poll-seconds", "1", "--no-sync"))
@@ -282,12 +231,12 @@ def test_wait_or_crash_wrapper(box, project):
     assert missing.returncode == 2 and "VAST_HOST is not set" in missing.stderr
 
 
-def test_hand_started_session_as_in_the_study(box, tmp_path):
+def test_hand_started_session_as_in_the_study(server, box, tmp_path):
     """A session the user started by hand (no wrapper): completion file and session state only."""
     Path(box.workdir).mkdir(parents=True)
     subprocess.run(["tmux", "new-session", "-d", "-s", "byhand1",
                     f"sleep 1; mkdir -p '{box.workdir}/runs'; touch '{box.workdir}/runs/.complete-byhand1'"],
-                   check=True)
+                   check=True, env=server.tmux_env)
     watched = cli("remote", "watch", *flags(box, "--session", "byhand1", "--poll-seconds", "1", "--no-sync"))
     assert watched.exit_code == 0, watched.output
 
