@@ -14,6 +14,7 @@ time (``.lock``), is never overwritten, and callers find runs only through
 from __future__ import annotations
 
 import enum
+import json
 import errno
 import fcntl
 import logging
@@ -32,6 +33,9 @@ from pathlib import Path
 
 from ablate.errors import BadInput
 from ablate.results.files import read_json, write_json, write_text
+from ablate.results.liveness import PROCESS_FILE, REMOTE_FILE, heartbeat_seconds, stale_seconds, writer_gone
+
+__all__ = ["PROCESS_FILE", "REMOTE_FILE", "heartbeat_seconds", "stale_seconds"]  # re-exported: the run store's names
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +59,8 @@ USABLE = (COMPLETED, GATED)  # results a later stage may start from (a gated one
 STAGE1, STAGE2, STAGE3_PREFIX, STAGE4 = ("stage1_baseline_eval", "stage2_ablation_eval", "stage3_finetune_",
                                          "stage4_post_ft_eval")
 RUN_NAME = re.compile(r"^\d{8}-\d{6}(-[A-Za-z0-9_.-]+)?$")
-RUN_FILE, PROCESS_FILE, STATUS_FILE, LOCK_FILE = "run.json", "process.json", "status.txt", ".lock"
-
-
-def heartbeat_seconds() -> float:
-    return max(1.0, float(os.environ.get("ABLATE_HEARTBEAT_SECONDS", "30")))
-
-
-def stale_seconds() -> float:
-    """A run on another host whose heartbeat is older than this is taken for crashed."""
-    return max(120.0, 4 * heartbeat_seconds())
+RUN_FILE, STATUS_FILE, LOCK_FILE = "run.json", "status.txt", ".lock"
+HISTORY_FILE = "history.jsonl"  # one line per attempt (the run's start and each resume): its lineage
 
 
 # ---------------------------------------------------------------- writing a run
@@ -115,12 +111,26 @@ def _unlock(run_dir: Path) -> None:
         os.close(fd)  # closing the descriptor releases the flock
 
 
-def _process_record(heartbeat: float | None = None) -> dict:
+def _process_record(attempt: str) -> dict:
     import psutil
 
     me = psutil.Process()
-    return {"host": platform.node(), "pid": os.getpid(), "started": me.create_time(),
-            "heartbeat": heartbeat or time.time(), "argv": sys.argv[:1] + sys.argv[1:][:40]}
+    return {"host": platform.node(), "pid": os.getpid(), "started": me.create_time(), "attempt": attempt,
+            "heartbeat": time.time(), "argv": sys.argv[:1] + sys.argv[1:][:40]}
+
+
+def _begin_attempt(run_dir: Path, from_step: int) -> None:
+    """Record this process as the run's writer, and the attempt in the run's lineage (``history.jsonl``).
+
+    Copies of one run on two boxes are told apart by their lineage: a sync keeps the one that extends the other.
+    """
+    record = _process_record(uuid.uuid4().hex)
+    path = Path(run_dir) / HISTORY_FILE
+    previous = path.read_text() if path.is_file() else ""
+    line = json.dumps({"attempt": record["attempt"], "host": record["host"], "pid": record["pid"],
+                       "started": record["started"], "from_step": int(from_step)})
+    write_text(path, previous + ("" if not previous or previous.endswith("\n") else "\n") + line + "\n")
+    write_json(Path(run_dir) / PROCESS_FILE, record)
 
 
 def new_run_dir(runs_dir: Path, stage: str, **record) -> Path:
@@ -140,16 +150,16 @@ def new_run_dir(runs_dir: Path, stage: str, **record) -> Path:
         _lock(path)
         write_json(path / RUN_FILE, {"uid": uuid.uuid4().hex, "stage": stage, "created": time.time(),
                                      "host": platform.node(), **record})
-        write_json(path / PROCESS_FILE, _process_record())
+        _begin_attempt(path, 0)
         set_status(path, RUNNING)
         return path
     raise BadInput(f"could not create a run directory under {base}")
 
 
-def reopen(run_dir: Path) -> None:
-    """Take over an existing run (``--resume``): lock it, record this process, mark it running."""
+def reopen(run_dir: Path, from_step: int = 0) -> None:
+    """Take over an existing run (``--resume`` from checkpoint ``from_step``): lock it, record the attempt, mark it running."""
     _lock(run_dir)
-    write_json(Path(run_dir) / PROCESS_FILE, _process_record())
+    _begin_attempt(run_dir, from_step)
     set_status(run_dir, RUNNING)
 
 
@@ -201,7 +211,8 @@ def active(run_dir: Path, is_main: bool = True, log_file: str = "run.log"):
         while not stop.wait(heartbeat_seconds()):
             try:
                 record, _ = read_json(run_dir / PROCESS_FILE)
-                write_json(run_dir / PROCESS_FILE, {**(record or _process_record()), "heartbeat": time.time()})
+                if record is not None:
+                    write_json(run_dir / PROCESS_FILE, {**record, "heartbeat": time.time()})
             except OSError as exc:  # a full disk must not kill the run; the reader may call it crashed later
                 log.warning("heartbeat of %s failed: %s", run_dir, exc)
 
@@ -275,27 +286,6 @@ class Run:
         return self.metrics if self.metrics is not None else self.summary
 
 
-def _liveness(run_dir: Path) -> str | None:
-    """Why the writer of a ``running`` run is gone, or None while it (probably) lives."""
-    import psutil
-
-    proc, error = read_json(run_dir / PROCESS_FILE)
-    if proc is None:
-        return error or "no process record (process.json) for a running run"
-    age = time.time() - float(proc.get("heartbeat") or 0)
-    if proc.get("host") == platform.node():
-        try:
-            alive = abs(psutil.Process(int(proc["pid"])).create_time() - float(proc["started"])) < 1.0
-        except (psutil.Error, KeyError, TypeError, ValueError):
-            alive = False
-        if alive:
-            return None
-        return f"its process (pid {proc.get('pid')} on {proc.get('host')}) is gone; last heartbeat {age:.0f} s ago"
-    if age > stale_seconds():
-        return f"no heartbeat from {proc.get('host')} for {age:.0f} s (pid {proc.get('pid')} there)"
-    return None
-
-
 def load_run(path: Path) -> Run | None:
     """One run directory with its status and results; None when ``path`` is not a run directory."""
     path = Path(path)
@@ -305,9 +295,8 @@ def load_run(path: Path) -> Run | None:
     if status in Status._value2member_map_:
         status = Status(status)
     if status == RUNNING:
-        gone = _liveness(path)
-        if gone:
-            status, reason = CRASHED, gone
+        gone, why = writer_gone(path)
+        status, reason = (CRASHED if gone else status), (why or reason)
     metrics, error_m = read_json(path / "metrics.json")
     summary, error_s = read_json(path / "summary.json")
     run_info, _ = read_json(path / RUN_FILE)

@@ -154,7 +154,9 @@ def run_stage3(config: FinetuneConfig, resume_dir: Path | None = None) -> Path |
     else:
         resume.check_base(Path(resume_dir), config.model, model_identity(config.model))
         # Locked before the slow model load, so a second --resume of the run is refused at once.
-        run_dir = rundir.claim(state, lambda: rundir.reopen(resume_dir) or Path(resume_dir))
+        start = resume.newest_intact(Path(resume_dir))  # recorded in the run's lineage (history.jsonl)
+        run_dir = rundir.claim(state, lambda: rundir.reopen(resume_dir, resume.step_of(start) if start else 0)
+                               or Path(resume_dir))
     with rundir.active(run_dir, is_main=state.is_main_process):
         if state.is_main_process:
             if resume_dir is None:
