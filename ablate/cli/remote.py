@@ -23,29 +23,71 @@ def _check_seconds(**values: float) -> None:
             _fail(f"--{name.replace('_', '-')} must be at least 1 (seconds), got {value:g}")
 
 
-def _report_relocated(result, host, runs_dir):
+def print_sync(result, box, runs_dir, verbose: bool = True) -> None:
+    """What a sync did, one line per run or file that needs the user's eyes, then the counts."""
+    for rel, why in result.skipped.items() if verbose else ():
+        typer.echo(f"skipped {rel}: {why}")
+    for rel, why in getattr(result, "refused", {}).items():
+        typer.echo(f"refused {rel!r} from {box.host}: {why}")
     for remote, local in result.relocated.items():
-        typer.echo(f"run {remote} from {host} is kept in {Path(runs_dir) / local}: "
+        typer.echo(f"run {remote} from {box.host} is kept in {Path(runs_dir) / local}: "
                    f"{Path(runs_dir) / remote} here is another run")
+    for line in list(getattr(result, "behind", [])) + list(getattr(result, "diverged", [])):
+        typer.echo(line if isinstance(line, str) else str(line))
+    typer.echo(f"synced {len(result.copied)} file(s) from {box.host}:{box.port} into {runs_dir}; "
+               f"{len(result.unchanged)} unchanged" + (f", {len(result.skipped)} still being written"
+                                                       if result.skipped else ""))
 
 
 remote_app = typer.Typer(help="Run stages on a rented GPU box: launch in tmux, watch, sync results back.",
                          no_args_is_help=True, rich_markup_mode=None)
 
-HOST = typer.Option(..., "--host", envvar="VAST_HOST", help="SSH host of the box (env VAST_HOST)")
+HOST = typer.Option(None, "--host", envvar="VAST_HOST", help="SSH host of the box (env VAST_HOST)")
 PORT = typer.Option(22, "--port", envvar="VAST_PORT", help="SSH port (env VAST_PORT)")
 USER = typer.Option("root", "--user", envvar="VAST_USER", help="SSH user (env VAST_USER)")
 KEY = typer.Option(None, "--key", envvar="SSH_KEY", help="private key file (env SSH_KEY; default: agent and ~/.ssh)")
-WORKDIR = typer.Option("ablate", "--workdir", help="work directory on the box (relative to the remote home)")
+WORKDIR = typer.Option("ablate", "--workdir", envvar="REMOTE_WORKDIR",
+                       help="work directory on the box, absolute or relative to the login directory (env REMOTE_WORKDIR)")
 TOFU = typer.Option(False, "--trust-on-first-use", help="pin an unknown box's host key in .ablate/known_hosts")
 TIMEOUT = typer.Option(15.0, "--timeout", help="seconds for connect, banner, auth and each remote command")
 KNOWN = typer.Option(".ablate/known_hosts", "--known-hosts", envvar="ABLATE_KNOWN_HOSTS",
                      help="project known_hosts file (checked with ~/.ssh/known_hosts; --trust-on-first-use pins here)")
 
 
+def _one_host(host):
+    """``--host`` once: a second one would silently win over the first (watch several boxes by session name)."""
+    hosts = [h for h in (host or []) if h]
+    if len(hosts) > 1:
+        _fail(f"--host given {len(hosts)} times ({', '.join(hosts)}); one box per call, or watch sessions "
+              "launched with ablate by their --session names alone")
+    if not hosts:
+        _fail("--host is required (or VAST_HOST)")
+    return hosts[0]
+
+
+def connection_flags(box, complete_file: str | None = None, session: str | None = None) -> str:
+    """The options that reach ``box`` again, as a user types them (never an --env value)."""
+    import shlex
+
+    from ablate.remote.ssh import PROJECT_KNOWN_HOSTS
+
+    parts = ["--host", box.host, "--port", str(box.port)]
+    parts += ["--user", box.user] if box.user != "root" else []
+    parts += ["--key", box.key] if box.key else []
+    parts += ["--workdir", box.workdir] if box.workdir != "ablate" else []
+    parts += ["--known-hosts", box.known_hosts] if Path(box.known_hosts) != PROJECT_KNOWN_HOSTS else []
+    parts += ["--timeout", f"{box.timeout:g}"] if box.timeout != 15.0 else []
+    parts += ["--session", session] if session else []
+    parts += ["--complete-file", complete_file] if complete_file else []
+    return shlex.join(parts)
+
+
 def _box(host, port, user, key, workdir, tofu, timeout, known_hosts, env=()):
     from ablate.remote.ssh import Box
 
+    host = _one_host(host) if isinstance(host, list) else host
+    if not host:
+        _fail("--host is required (or VAST_HOST)")
     if not 1 <= port <= 65535:
         _fail(f"--port must be in 1..65535, got {port}")
     _check_seconds(timeout=timeout)
@@ -83,7 +125,7 @@ def remote_launch(
     env: Optional[List[str]] = typer.Option(None, "--env", help="NAME=VALUE passed to the command (repeatable)"),
     heartbeat_seconds: int = typer.Option(30, help="how often the box touches the heartbeat file"),
     copy: bool = typer.Option(True, "--copy/--no-copy", help="copy the project's code to the work directory"),
-    host: str = HOST, port: int = PORT, user: str = USER, key: Optional[str] = KEY, workdir: str = WORKDIR,
+    host: Optional[List[str]] = HOST, port: int = PORT, user: str = USER, key: Optional[str] = KEY, workdir: str = WORKDIR,
     trust_on_first_use: bool = TOFU, timeout: float = TIMEOUT, known_hosts: str = KNOWN,
 ):
     """Copy the code to the box and start a command in a detached tmux session there."""
@@ -96,13 +138,19 @@ def remote_launch(
         info = launch(conn, Path.cwd(), session, list(command or []),
                       complete_file or f"runs/.complete-{session}", heartbeat_seconds, copy)
     except Unreachable as exc:
-        typer.echo(f"ablate: lost {host}:{port} during launch: {exc}", err=True)
+        typer.echo(f"ablate: lost {box.host}:{port} during launch: {exc}", err=True)
         raise typer.Exit(3)
     finally:
         conn.close()
-    typer.echo(f"launched '{session}' on {host}:{port} (code copied by {info['copied']})")
+    typer.echo(f"launched '{session}' on {box.host}:{box.port} in {info['workdir']} (code copied by {info['copied']})")
+    source = info.get("source")
+    if source:
+        typer.echo(f"code: {source['git_sha'] or 'not a git checkout'}" + (" + uncommitted changes "
+                   f"(diff sha256 {source['diff_sha256'][:12]})" if source.get("git_dirty") else ""))
     typer.echo(f"log: {info['log']}\ncompletion file: {info['complete_file']}")
-    typer.echo(f"watch: ablate remote watch --host {host} --port {port} --session {session}")
+    flags = connection_flags(conn.box, complete_file, session)  # the work dir as resolved on the box
+    typer.echo(f"watch: ablate remote watch {flags}")
+    typer.echo(f"sync:  ablate remote sync {connection_flags(conn.box)}")
 
 
 @remote_app.command("watch", epilog="Example:\n\n  ablate remote watch --host ssh4.vast.ai --port 31234 "
@@ -120,21 +168,25 @@ def remote_watch(
                                         help="how long the box may be unreachable before exit 3"),
     sync_results: bool = typer.Option(True, "--sync/--no-sync", help="sync results when a session ends"),
     runs_dir: str = typer.Option("runs", help="local runs folder to sync into"),
-    host: str = HOST, port: int = PORT, user: str = USER, key: Optional[str] = KEY, workdir: str = WORKDIR,
+    host: Optional[List[str]] = HOST, port: int = PORT, user: str = USER, key: Optional[str] = KEY, workdir: str = WORKDIR,
     trust_on_first_use: bool = TOFU, timeout: float = TIMEOUT, known_hosts: str = KNOWN,
 ):
     """Poll remote sessions until each completes (0), crashes (1) or the box is lost (3)."""
     from ablate.remote.ssh import check_session
     from ablate.remote.sync import sync
-    from ablate.remote.watch import watch
+    from ablate.remote.watch import SessionState, Target, watch
 
-    box = _box(host, port, user, key, workdir, trust_on_first_use, timeout, known_hosts)
     _check_seconds(poll_seconds=poll_seconds, max_poll_seconds=max_poll_seconds, grace_seconds=grace_seconds)
     if max_poll_seconds < poll_seconds:
         _fail(f"--max-poll-seconds ({max_poll_seconds:g}) must be at least --poll-seconds ({poll_seconds:g})")
     if complete_file and len(session) > 1:
         _fail("--complete-file names one file; with several sessions each uses runs/.complete-SESSION")
-    sessions = [(check_session(s), complete_file or f"runs/.complete-{s}") for s in session]
+    names = [check_session(s) for s in session]
+    if host:
+        box = _box(host, port, user, key, workdir, trust_on_first_use, timeout, known_hosts)
+        targets = [Target(box, [SessionState(n, complete_file or f"runs/.complete-{n}") for n in names])]
+    else:  # sessions on any number of boxes, each found in the record `ablate remote launch` keeps
+        targets = _targets_from_record(names, complete_file)
 
     def on_done(conn, state):
         if sync_results:
@@ -143,14 +195,39 @@ def remote_watch(
             except BadInput as exc:  # the session's outcome still decides the exit code
                 typer.echo(f"nothing synced: {exc}")
                 return
-            _report_relocated(result, host, runs_dir)
-            typer.echo(f"synced {len(result.copied)} file(s) into {runs_dir} ({len(result.unchanged)} unchanged"
-                       + (f", {len(result.skipped)} still being written" if result.skipped else "") + ")")
+            print_sync(result, conn.box, runs_dir, verbose=False)
             _refresh_status(runs_dir)
 
-    code = watch(box, sessions, poll=poll_seconds, max_poll=max_poll_seconds, grace=grace_seconds,
+    code = watch(targets, poll=poll_seconds, max_poll=max_poll_seconds, grace=grace_seconds,
                  echo=typer.echo, on_done=on_done)
     raise typer.Exit(code)
+
+
+def _targets_from_record(names, complete_file):
+    from ablate.remote import sessions
+    from ablate.remote.watch import SessionState, Target
+
+    boxes = {}
+    for name in names:
+        record = sessions.find(name)
+        box = sessions.box_of(record)
+        key = (box.host, box.port, box.user, box.workdir)
+        target = boxes.setdefault(key, Target(box, [], triage=_triage_for(record)))
+        target.sessions.append(SessionState(name, complete_file or record.complete_file))
+    return list(boxes.values())
+
+
+def _triage_for(record):
+    instance = getattr(record, "vast_instance", None)
+    if not instance:
+        return None
+
+    def triage():
+        from ablate.remote import vast
+
+        return vast.triage(instance)
+
+    return triage
 
 
 @remote_app.command("sync", epilog="Example:\n\n  ablate remote sync --host ssh4.vast.ai --port 31234")
@@ -158,7 +235,7 @@ def remote_sync(
     runs_dir: str = typer.Option("runs", help="local runs folder"),
     remote_runs: str = typer.Option("runs", help="runs folder on the box (relative to the work directory)"),
     with_checkpoints: bool = typer.Option(False, "--with-checkpoints", help="also pull checkpoints and final models"),
-    host: str = HOST, port: int = PORT, user: str = USER, key: Optional[str] = KEY, workdir: str = WORKDIR,
+    host: Optional[List[str]] = HOST, port: int = PORT, user: str = USER, key: Optional[str] = KEY, workdir: str = WORKDIR,
     trust_on_first_use: bool = TOFU, timeout: float = TIMEOUT, known_hosts: str = KNOWN,
 ):
     """Pull the runs' metrics, summaries, configs, samples and logs from the box."""
@@ -169,12 +246,9 @@ def remote_sync(
     try:
         result = sync(conn, Path(runs_dir), remote_runs, with_checkpoints)
     except Unreachable as exc:
-        typer.echo(f"ablate: lost {host}:{port} during sync: {exc}", err=True)
+        typer.echo(f"ablate: lost {conn.box.host}:{port} during sync: {exc}", err=True)
         raise typer.Exit(3)
     finally:
         conn.close()
-    for rel, why in result.skipped.items():
-        typer.echo(f"skipped {rel}: {why}")
-    _report_relocated(result, host, runs_dir)
-    typer.echo(f"synced {len(result.copied)} file(s) into {runs_dir}; {len(result.unchanged)} unchanged")
+    print_sync(result, conn.box, runs_dir)
     _refresh_status(runs_dir)
