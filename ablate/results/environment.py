@@ -102,3 +102,24 @@ def environment(device: str) -> dict:
         env["cuda"] = {"version": torch.version.cuda, "gpus": [torch.cuda.get_device_name(i)
                                                               for i in range(torch.cuda.device_count())]}
     return env
+
+
+def provenance(run_dir: Path) -> str:
+    """One line: which code ran a run, and where (its env.json), e.g. ``code 1a2b3c4d5e6f + uncommitted ..., on box-one``."""
+    try:
+        env = json.loads((Path(run_dir) / "env.json").read_text())
+    except (OSError, ValueError):
+        return "no readable env.json"
+    if not isinstance(env, dict):
+        return "no readable env.json"
+    source = env.get("source") if isinstance(env.get("source"), dict) else {}
+    sha = env.get("git_sha")
+    code = f"code `{str(sha)[:12]}`" if sha else "code of unknown commit (no git, no provenance from a launch)"
+    if env.get("git_dirty"):
+        diff = source.get("diff_sha256")
+        code += " + uncommitted changes" + (f" (diff sha256 `{diff[:12]}`)" if diff else "")
+    if source.get("changed_since_copy"):
+        code += f", {len(source['changed_since_copy'])} file(s) edited on the box after the copy"
+    if source.get("from_host"):
+        code += f", copied from `{source['from_host']}`"
+    return f"{code}, ran on `{env.get('hostname') or 'unknown host'}`"

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ablate.results import rundir
+from ablate.results.environment import provenance
 from ablate.results.rundir import STAGE1, STAGE2, STAGE3_PREFIX, STAGE4
 
 TRAIN_MASKS = ("causal", "prefill_bidir")
@@ -150,6 +151,8 @@ def render(runs_dir: Path) -> str:
                  (s3["causal"], "Stage 3A summary", "summary.json"),
                  (s3["prefill_bidir"], "Stage 3B summary", "summary.json"), (s4, "Stage 4 metrics", "metrics.json")]
     out += [f"- {label}: `{run.path / name}`" for run, label, name in artifacts if run is not None] or ["- None yet."]
+    out += ["", "## Provenance"]
+    out += [f"- `{run.path}`: {provenance(run.path)}" for run, _, _ in artifacts if run is not None] or ["- None yet."]
     out += ["", "## Blockers"]
     out += [f"- {p}" for p in problems] or ["- None active."]
     out += ["", "## Next Steps"]
