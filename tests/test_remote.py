@@ -362,3 +362,60 @@ def test_bad_numbers_are_refused_before_connecting(box, tmp_path, command, extra
     tail = ["--", "true"] if command == "launch" else []
     result = cli("remote", command, *flags(unroutable, *session, *extra), *tail, cwd=tmp_path)
     assert result.exit_code == 2 and result.stderr == f"ablate: error: {message}\n"
+
+
+def _printed(output: str, prefix: str) -> list[str]:
+    """A command `launch` printed (``watch: ablate remote watch ...``), as the argv a user's shell would make."""
+    import shlex
+
+    line = next(line for line in output.splitlines() if line.startswith(prefix))
+    return shlex.split(line[len(prefix):].strip())[1:]  # drop the program name
+
+
+def test_printed_watch_command_works_as_typed_and_a_wrong_workdir_is_not_a_crash(box, project, tmp_path):
+    result = cli("remote", "launch", *flags(box, "--session", "hint1", "--heartbeat-seconds", "1"), "--",
+                 "sh", "-c", "echo hint-run; sleep 3", cwd=project)
+    assert result.exit_code == 0, result.output
+    typed = _printed(result.output, "watch:")
+    assert typed[:2] == ["remote", "watch"] and "--workdir" in typed and "--key" in typed
+    elsewhere = cli("remote", "watch", *flags(Box(**{**box.__dict__, "workdir": str(tmp_path / "elsewhere")}),
+                                              "--session", "hint1", "--poll-seconds", "1", "--no-sync"))
+    assert elsewhere.exit_code == 2, elsewhere.output
+    assert f"not from {tmp_path / 'elsewhere'}" in elsewhere.output and "CRASHED" not in elsewhere.output
+    watched = cli(*typed, "--poll-seconds", "1", "--no-sync", cwd=project)
+    assert watched.exit_code == 0, watched.output
+
+
+def test_a_relaunched_session_starts_a_fresh_log(box, project):
+    for word in ("first-attempt-line", "second-attempt-line"):
+        result = cli("remote", "launch", *flags(box, "--session", "again1", "--no-copy"), "--",
+                     "sh", "-c", f"echo {word}", cwd=project)
+        assert result.exit_code == 0, result.output
+        watched = cli("remote", "watch", *flags(box, "--session", "again1", "--poll-seconds", "1", "--no-sync"))
+        assert watched.exit_code == 0 and word in watched.output
+    log = (Path(box.workdir) / ".ablate-remote" / "again1" / "log").read_text()
+    assert log == "second-attempt-line\n" and "first-attempt-line" not in watched.output
+
+
+def test_an_env_secret_is_never_in_a_readable_file_a_log_or_a_printed_line(server, box, project, tmp_path):
+    secret = "hf_s3cr3t-Value-9f2"
+    digest = hashlib.sha256(secret.encode()).hexdigest()  # the command itself must not hold the secret
+    script = (f"test \"$(printf %s \"$HF_TOKEN\" | sha256sum | cut -c1-64)\" = {digest} && echo token-arrived; "
+              "python3 -c \"import os; open('runs/seen.txt', 'w').write(str(sorted(os.environ)))\"; sleep 2")
+    result = cli("remote", "launch", *flags(box, "--session", "secret1", "--heartbeat-seconds", "1",
+                                            "--env", f"HF_TOKEN={secret}"), "--", "sh", "-c", script, cwd=project)
+    assert result.exit_code == 0, result.output
+    state = Path(box.workdir) / ".ablate-remote" / "secret1"
+    time.sleep(1.0)  # the command has started: the wrapper has read and removed the secret
+    start = subprocess.run(["tmux", "display-message", "-p", "-t", "=secret1:", "#{pane_start_command}"],
+                           env=server.tmux_env, capture_output=True, text=True).stdout
+    watched = cli("remote", "watch", *flags(box, "--session", "secret1", "--poll-seconds", "1",
+                                            "--runs-dir", tmp_path / "home-runs"))
+    assert watched.exit_code == 0, watched.output
+    assert "token-arrived" in (state / "log").read_text()
+    assert oct(state.stat().st_mode & 0o777) == "0o700" and not (state / "secrets").exists()
+    everywhere = [p for root in (Path(box.workdir), project, tmp_path / "home-runs", server.root)
+                  for p in root.rglob("*") if p.is_file()]
+    assert [p for p in everywhere if secret.encode() in p.read_bytes()] == []
+    assert secret not in result.output + watched.output + start
+    assert "HF_TOKEN" in (Path(box.workdir) / "runs" / "seen.txt").read_text()  # it did reach the command

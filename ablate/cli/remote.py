@@ -252,3 +252,37 @@ def remote_sync(
         conn.close()
     print_sync(result, conn.box, runs_dir)
     _refresh_status(runs_dir)
+
+
+@remote_app.command("push", epilog="Example (the box of a stage 3 run is gone; continue on another):\n\n"
+                    "  ablate remote push runs/stage3_finetune_prefill_bidir/20260214-201019 --lost "
+                    "--host ssh5.vast.ai --port 40022\n\n"
+                    "  ablate remote launch --host ssh5.vast.ai --port 40022 --session stage3b-resume -- "
+                    "ablate stage3 --resume --run-dir runs/stage3_finetune_prefill_bidir/20260214-201019")
+def remote_push(
+    run_dir: Path = typer.Argument(..., help="the local run folder to copy (checkpoints included)"),
+    lost: bool = typer.Option(False, "--lost", help="the run's box is gone: the copy reads crashed there, so "
+                                                    "--resume may take it over"),
+    remote_runs: str = typer.Option("runs", help="runs folder on the box (relative to the work directory)"),
+    host: Optional[List[str]] = HOST, port: int = PORT, user: str = USER, key: Optional[str] = KEY,
+    workdir: str = WORKDIR, trust_on_first_use: bool = TOFU, timeout: float = TIMEOUT, known_hosts: str = KNOWN,
+):
+    """Copy a local run to a box, at the same relative path, so that it can be resumed there."""
+    from ablate.remote.push import push
+    from ablate.remote.ssh import Unreachable
+
+    box = _box(host, port, user, key, workdir, trust_on_first_use, timeout, known_hosts)
+    conn = _connect(box)
+    try:
+        info = push(conn, run_dir, remote_runs, lost)
+    except Unreachable as exc:
+        typer.echo(f"ablate: lost {box.host}:{port} during push: {exc}", err=True)
+        raise typer.Exit(3)
+    finally:
+        conn.close()
+    typer.echo(f"pushed {info['files']} file(s) of {run_dir} to {box.host}:{box.port}:{info['remote']} "
+               f"({info['how']})")
+    if info["verdict"]:
+        typer.echo(f"the copy there reads crashed: {info['verdict']['why']}")
+    if info["resume"]:
+        typer.echo(f"resume: ablate remote launch {connection_flags(conn.box)} --session <name> -- {info['resume']}")
