@@ -312,3 +312,35 @@ def test_vast_prints_the_address(vast_env, tmp_path):
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines()[:2] == ["VAST_HOST=ssh4.vast.ai", "VAST_PORT=31234"]
     assert KEY not in result.output
+
+
+def test_watch_finds_sessions_on_several_boxes_through_the_record(boxes, project, tmp_path, vast_env):
+    """The record is what `ablate remote watch --session A --session B` (no --host) reads: the lead's caller."""
+    one, two = boxes
+    lost = Server(tmp_path / "sshd-away", hostname="box-away")
+    launch(one, tmp_path / "w1", "pair1", "sh", "-c", "sleep 1; echo one-done", project=project)
+    launch(two, tmp_path / "w2", "pair2", "sh", "-c", "sleep 1; echo two-done", project=project)
+    watched = cli("remote", "watch", "--session", "pair1", "--session", "pair2", "--poll-seconds", "1", "--no-sync",
+                  cwd=project)
+    assert watched.exit_code == 0, watched.output
+    assert f"pair1 on 127.0.0.1:{one.port}: completed" in watched.output
+    assert f"pair2 on 127.0.0.1:{two.port}: completed" in watched.output
+    launch(lost, tmp_path / "w3", "away1", "sleep", "60", project=project, vast_instance=1002)
+    lost.kill_tmux()
+    lost.stop()
+    gone = cli("remote", "watch", "--session", "away1", "--poll-seconds", "1", "--grace-seconds", "1", "--no-sync",
+               cwd=project, env=vast_env)
+    assert gone.exit_code == 3, gone.output
+    assert "Vast says instance 1002 is exited (stopped or outbid), meant to be running" in gone.output
+    assert KEY not in gone.output
+
+
+def test_nothing_recorded_yet(project):
+    result = cli("remote", "status", cwd=project)
+    assert result.exit_code == 0 and result.output == f"no sessions recorded in {SESSIONS_DIR} " \
+                                                      "(`ablate remote launch` records them)\n"
+    for args in (["logs", "any1"], ["stop", "any1"]):
+        refused = cli("remote", *args, cwd=project)
+        assert refused.exit_code == 2 and "no session any1 recorded" in refused.stderr
+    bad = cli("remote", "logs", "any1", "--lines", "0", cwd=project)
+    assert bad.exit_code == 2 and bad.stderr == "ablate: error: --lines must be in 1..100000, got 0\n"
