@@ -91,14 +91,16 @@ def record_launch(*, session: str, host: str, port: int, user: str, key: str | N
                   launched_at: float | None = None, root: Path | None = None) -> Path:
     """Write (or replace: a relaunch of one session name on one box) the record of a launch; its path.
 
-    ``workdir`` is the absolute work directory on the box (``Connection.box.workdir`` after ``connect``).
+    ``workdir`` is the absolute work directory on the box (``Connection.box.workdir`` after ``connect``);
+    a field of the wrong type or shape is a ValueError (a caller's bug, not the user's input).
     """
     record = _check({
         "session": session, "host": host, "port": port, "user": user,
         "key": str(Path(key).expanduser().resolve()) if key else None, "workdir": workdir,
         "known_hosts": str(Path(known_hosts).expanduser().resolve()), "complete_file": complete_file,
         "command": [str(c) for c in command], "env_names": sorted(set(env_names)),
-        "launched_at": time.time() if launched_at is None else launched_at, "vast_instance": vast_instance,
+        "launched_at": time.time() if launched_at is None else launched_at,
+        "vast_instance": int(vast_instance) if vast_instance is not None else None,  # `--vast-instance 1234`
     })
     folder = _folder(root)
     folder.mkdir(parents=True, exist_ok=True)
