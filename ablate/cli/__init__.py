@@ -11,7 +11,7 @@ import sys
 import typer
 from typer.core import TyperGroup
 
-from ablate.cli import remote, results, stages, tools
+from ablate.cli import remote, remote_fleet, results, stages, tools  # noqa: F401 (remote_fleet adds to remote)
 from ablate.errors import BadInput
 from ablate.results.rundir import Terminated
 

@@ -50,6 +50,9 @@ WORKDIR = typer.Option("ablate", "--workdir", envvar="REMOTE_WORKDIR",
                        help="work directory on the box, absolute or relative to the login directory (env REMOTE_WORKDIR)")
 TOFU = typer.Option(False, "--trust-on-first-use", help="pin an unknown box's host key in .ablate/known_hosts")
 TIMEOUT = typer.Option(15.0, "--timeout", help="seconds for connect, banner, auth and each remote command")
+VAST = typer.Option(None, "--vast-instance", envvar="VAST_INSTANCE",
+                    help="a Vast instance id: host and port from the Vast API (VAST_API_KEY), and Vast's own "
+                         "status when the box does not answer (needs ablate[vast])")
 KNOWN = typer.Option(".ablate/known_hosts", "--known-hosts", envvar="ABLATE_KNOWN_HOSTS",
                      help="project known_hosts file (checked with ~/.ssh/known_hosts; --trust-on-first-use pins here)")
 
@@ -82,12 +85,16 @@ def connection_flags(box, complete_file: str | None = None, session: str | None 
     return shlex.join(parts)
 
 
-def _box(host, port, user, key, workdir, tofu, timeout, known_hosts, env=()):
+def _box(host, port, user, key, workdir, tofu, timeout, known_hosts, env=(), vast_instance=None):
     from ablate.remote.ssh import Box
 
+    if vast_instance and not host:
+        from ablate.remote import vast
+
+        host, port = vast.ssh_address(vast_instance)
     host = _one_host(host) if isinstance(host, list) else host
     if not host:
-        _fail("--host is required (or VAST_HOST)")
+        _fail("--host is required (or VAST_HOST, or --vast-instance)")
     if not 1 <= port <= 65535:
         _fail(f"--port must be in 1..65535, got {port}")
     _check_seconds(timeout=timeout)
@@ -103,7 +110,7 @@ def _box(host, port, user, key, workdir, tofu, timeout, known_hosts, env=()):
                trust_on_first_use=tofu, timeout=timeout, known_hosts=known_hosts, env=pairs)
 
 
-def _connect(box):
+def _connect(box, vast_instance=None):
     from ablate.remote.ssh import Connection, Fatal, Unreachable
 
     try:
@@ -111,7 +118,8 @@ def _connect(box):
     except Fatal as exc:
         _fail(str(exc))
     except Unreachable as exc:
-        typer.echo(f"ablate: {box.host}:{box.port} unreachable: {exc}", err=True)
+        verdict = f"; {_triage_for(vast_instance)()}" if vast_instance else ""
+        typer.echo(f"ablate: {box.host}:{box.port} unreachable: {exc}{verdict}", err=True)
         raise typer.Exit(3)
 
 
@@ -127,16 +135,21 @@ def remote_launch(
     copy: bool = typer.Option(True, "--copy/--no-copy", help="copy the project's code to the work directory"),
     host: Optional[List[str]] = HOST, port: int = PORT, user: str = USER, key: Optional[str] = KEY, workdir: str = WORKDIR,
     trust_on_first_use: bool = TOFU, timeout: float = TIMEOUT, known_hosts: str = KNOWN,
+    vast_instance: Optional[str] = VAST,
 ):
     """Copy the code to the box and start a command in a detached tmux session there."""
     from ablate.remote.ssh import Unreachable, launch
 
-    box = _box(host, port, user, key, workdir, trust_on_first_use, timeout, known_hosts, env or ())
+    box = _box(host, port, user, key, workdir, trust_on_first_use, timeout, known_hosts, env or (), vast_instance)
     _check_seconds(heartbeat_seconds=heartbeat_seconds)
-    conn = _connect(box)
+    conn = _connect(box, vast_instance)
     try:
         info = launch(conn, Path.cwd(), session, list(command or []),
                       complete_file or f"runs/.complete-{session}", heartbeat_seconds, copy)
+        from ablate.remote.sessions import record_box_launch
+
+        # What `remote status`, `watch --session` alone, `logs` and `stop` find the session by (no --env values).
+        record_box_launch(conn.box, session, list(command or []), info["complete_file"], vast_instance=vast_instance)
     except Unreachable as exc:
         typer.echo(f"ablate: lost {box.host}:{port} during launch: {exc}", err=True)
         raise typer.Exit(3)
@@ -170,6 +183,7 @@ def remote_watch(
     runs_dir: str = typer.Option("runs", help="local runs folder to sync into"),
     host: Optional[List[str]] = HOST, port: int = PORT, user: str = USER, key: Optional[str] = KEY, workdir: str = WORKDIR,
     trust_on_first_use: bool = TOFU, timeout: float = TIMEOUT, known_hosts: str = KNOWN,
+    vast_instance: Optional[str] = VAST,
 ):
     """Poll remote sessions until each completes (0), crashes (1) or the box is lost (3)."""
     from ablate.remote.ssh import check_session
@@ -182,9 +196,10 @@ def remote_watch(
     if complete_file and len(session) > 1:
         _fail("--complete-file names one file; with several sessions each uses runs/.complete-SESSION")
     names = [check_session(s) for s in session]
-    if host:
-        box = _box(host, port, user, key, workdir, trust_on_first_use, timeout, known_hosts)
-        targets = [Target(box, [SessionState(n, complete_file or f"runs/.complete-{n}") for n in names])]
+    if host or vast_instance:
+        box = _box(host, port, user, key, workdir, trust_on_first_use, timeout, known_hosts, (), vast_instance)
+        targets = [Target(box, [SessionState(n, complete_file or f"runs/.complete-{n}") for n in names],
+                          triage=_triage_for(vast_instance))]
     else:  # sessions on any number of boxes, each found in the record `ablate remote launch` keeps
         targets = _targets_from_record(names, complete_file)
 
@@ -212,13 +227,12 @@ def _targets_from_record(names, complete_file):
         record = sessions.find(name)
         box = sessions.box_of(record)
         key = (box.host, box.port, box.user, box.workdir)
-        target = boxes.setdefault(key, Target(box, [], triage=_triage_for(record)))
+        target = boxes.setdefault(key, Target(box, [], triage=_triage_for(record.vast_instance)))
         target.sessions.append(SessionState(name, complete_file or record.complete_file))
     return list(boxes.values())
 
 
-def _triage_for(record):
-    instance = getattr(record, "vast_instance", None)
+def _triage_for(instance):
     if not instance:
         return None
 
@@ -237,12 +251,14 @@ def remote_sync(
     with_checkpoints: bool = typer.Option(False, "--with-checkpoints", help="also pull checkpoints and final models"),
     host: Optional[List[str]] = HOST, port: int = PORT, user: str = USER, key: Optional[str] = KEY, workdir: str = WORKDIR,
     trust_on_first_use: bool = TOFU, timeout: float = TIMEOUT, known_hosts: str = KNOWN,
+    vast_instance: Optional[str] = VAST,
 ):
     """Pull the runs' metrics, summaries, configs, samples and logs from the box."""
     from ablate.remote.ssh import Unreachable
     from ablate.remote.sync import sync
 
-    conn = _connect(_box(host, port, user, key, workdir, trust_on_first_use, timeout, known_hosts))
+    box = _box(host, port, user, key, workdir, trust_on_first_use, timeout, known_hosts, (), vast_instance)
+    conn = _connect(box, vast_instance)
     try:
         result = sync(conn, Path(runs_dir), remote_runs, with_checkpoints)
     except Unreachable as exc:
@@ -266,13 +282,14 @@ def remote_push(
     remote_runs: str = typer.Option("runs", help="runs folder on the box (relative to the work directory)"),
     host: Optional[List[str]] = HOST, port: int = PORT, user: str = USER, key: Optional[str] = KEY,
     workdir: str = WORKDIR, trust_on_first_use: bool = TOFU, timeout: float = TIMEOUT, known_hosts: str = KNOWN,
+    vast_instance: Optional[str] = VAST,
 ):
     """Copy a local run to a box, at the same relative path, so that it can be resumed there."""
     from ablate.remote.push import push
     from ablate.remote.ssh import Unreachable
 
-    box = _box(host, port, user, key, workdir, trust_on_first_use, timeout, known_hosts)
-    conn = _connect(box)
+    box = _box(host, port, user, key, workdir, trust_on_first_use, timeout, known_hosts, (), vast_instance)
+    conn = _connect(box, vast_instance)
     try:
         info = push(conn, run_dir, remote_runs, lost)
     except Unreachable as exc:

@@ -55,9 +55,12 @@ def api_url(url: str | None = None) -> str:
 
 def instance(instance_id, api_key: str | None = None, url: str | None = None, timeout: float = 10.0) -> dict:
     """The instance's row as the API returns it; BadInput (one line, never the key) when it cannot be had."""
-    import requests
-    from vastai.api.client import VastClient
-    from vastai.api.instances import show_instance
+    try:
+        import requests
+        from vastai.api.client import VastClient
+        from vastai.api.instances import show_instance
+    except ImportError:
+        raise BadInput("--vast-instance needs the vastai package: pip install 'ablate[vast]'") from None
 
     number = _check_id(instance_id)
     key = api_key or os.environ.get("VAST_API_KEY")

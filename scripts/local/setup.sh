@@ -4,6 +4,7 @@
 # On a machine without an NVIDIA GPU it installs the CPU build of torch (torch==2.13.0 resolves
 # to a CPU wheel on the project's machines; set TORCH_SPEC to choose another). On a GPU box whose
 # Python already has torch, the venv sees that install (--system-site-packages) and keeps it.
+# ABLATE_EXTRAS picks the optional extras (default: test; the laptop's test.sh adds vast).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-python3}
@@ -24,5 +25,5 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     .venv/bin/python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
   fi
 fi
-.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -m pip install -q -e ".[${ABLATE_EXTRAS:-test}]"
 echo "setup: ready ($(.venv/bin/python -c 'import torch, transformers, lm_eval; print("torch", torch.__version__, "transformers", transformers.__version__)'))"
