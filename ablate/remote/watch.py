@@ -93,7 +93,7 @@ def update(conn: Connection, s: SessionState) -> None:
     s.seen_alive = s.seen_alive or v.get("ALIVE") == "1"
     box = conn.box
     ours = f"{box.path(STATE_DIR)}/{s.name}/run.sh"
-    start = v.get("START", "")
+    start = printable(v.get("START", ""))
     if v.get("ALIVE") == "1" and f"/{STATE_DIR}/{s.name}/run.sh" in start and ours not in start:
         # tmux sessions belong to the user, not to a folder: this one was launched from another work dir
         s.outcome, s.detail = NEVER_LAUNCHED, (f"session {s.name} on {box.host}:{box.port} runs {start.strip(chr(34))}, "
@@ -103,7 +103,7 @@ def update(conn: Connection, s: SessionState) -> None:
     elif v.get("STOPPED") == "1" and v.get("ALIVE") != "1":
         s.outcome, s.detail = STOPPED, "stopped with `ablate remote stop`"
     elif v.get("FAILED"):
-        s.outcome, s.detail = CRASHED, f"command exited with code {v['FAILED']}"
+        s.outcome, s.detail = CRASHED, f"command exited with code {printable(v['FAILED'][:40])}"
     elif not s.seen_alive and v.get("STATE") != "1":
         s.outcome, s.detail = NEVER_LAUNCHED, (f"no session {s.name} was ever launched in {box.workdir} on "
                                                f"{box.host}:{box.port} (no tmux session, no {STATE_DIR}/{s.name})")
