@@ -1,41 +1,49 @@
-"""Bring a box's run results home, never storing a file half-written and never over another run's files.
+"""Bring a box's runs home: confined to the local runs folder, streamed, verified, one history per run.
 
-    ablate remote sync --host ssh4.vast.ai --port 31234
+    ablate remote sync --host ssh4.vast.ai --port 31234 --with-checkpoints
 
-Small files of every run directory (identity, process record, metrics,
-summaries, configs, env, samples, logs, status) are pulled into local
-``runs/``; checkpoints only with ``--with-checkpoints``. Each file is downloaded
-to a temporary file, checked (unchanged on the box while it was read; JSON and
-JSONL parse), fsynced and renamed into place. A file whose remote hash equals
-the local one is skipped.
-
-A run is known by the ``uid`` in its ``run.json``, not by its folder name: two
-boxes (or a box and this machine) can start a run in the same second. A box's
-run goes into the local folder holding its uid, else into the folder of the
-same name when that is free, else under a new name (``<name>-<host>``,
-``<name>-<host>-2``, ...) reported in ``SyncResult.relocated``. ``run.json`` is
-stored first, so a half-synced run is still recognised on the next sync.
+One remote command lists the box's runs folder (NUL-separated: a newline in a
+name cannot forge an entry) with the box's hostname and clock. Every path it
+names is checked by ``confine`` before anything is written; refused entries are
+listed in ``SyncResult.refused``. A file unchanged on the box and here since the
+last sync (the manifest in ``<runs parent>/.ablate/synced/``) is not read at all.
+The small files of a run (identity, lineage, status, metrics, logs, samples) are
+downloaded into a staging folder inside the local runs folder and compared with
+the local run of the same uid (``ablate.results.lineage``): a box copy that is
+ahead is installed file by file (atomically, ``run.json`` first); one that is
+behind leaves the local run alone; one that diverged goes into a side folder
+``<name>-<host>``. Checkpoints and ``final/`` (``--with-checkpoints``) follow only
+then, by rsync where both ends have it, else by resumable streamed SFTP. For
+every run still ``running`` there, ``.remote.json`` records what the box said
+about its writer (alive, heartbeat age on the box's own clock).
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import fnmatch
 import hashlib
 import itertools
-import json
 import os
 import re
 import shlex
+import shutil
+import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ablate.errors import BadInput
+from ablate.remote import confine, transfer
+from ablate.remote.confine import Entry, Refused
 from ablate.remote.ssh import Connection
-from ablate.results.files import read_json, write_bytes
-from ablate.results.rundir import LOCK_FILE, RUN_FILE, RUN_NAME, RUNNING, read_status
+from ablate.results.files import read_json, write_json
+from ablate.results.lineage import AHEAD, BEHIND, DIVERGED, LINEAGE_FILES, SAME, compare, progress
+from ablate.results.rundir import (HISTORY_FILE, LOCK_FILE, PROCESS_FILE, REMOTE_FILE, RUN_FILE, RUN_NAME, RUNNING,
+                                   STATUS_FILE, read_status)
 
-SMALL = (RUN_FILE, "process.json", "metrics.json", "summary.json", "config.json", "env.json", "status.txt",
+SMALL = (RUN_FILE, HISTORY_FILE, PROCESS_FILE, STATUS_FILE, "metrics.json", "summary.json", "config.json", "env.json",
          "train_log.jsonl", "*.log", "samples_*.jsonl", "checkpoint_meta.json")
 HEAVY_DIRS = ("checkpoints", "final")
 NO_RUNS = 66  # the listing's exit code when the runs folder is missing
@@ -45,51 +53,46 @@ NO_RUNS = 66  # the listing's exit code when the runs folder is missing
 class SyncResult:
     copied: list[str] = field(default_factory=list)  # local paths, relative to the local runs folder
     unchanged: list[str] = field(default_factory=list)
-    skipped: dict[str, str] = field(default_factory=dict)  # path -> why (e.g. still being written)
+    skipped: dict[str, str] = field(default_factory=dict)  # box path -> why (e.g. still being written)
     relocated: dict[str, str] = field(default_factory=dict)  # box's run folder -> the local one it went to
+    refused: dict[str, str] = field(default_factory=dict)  # repr(path as the box named it) -> why; nothing written
+    behind: dict[str, str] = field(default_factory=dict)  # local run -> why the box's older copy was not installed
+    diverged: dict[str, str] = field(default_factory=dict)  # box's run folder -> where its other history is kept
+    remote_state: dict[str, dict] = field(default_factory=dict)  # local run -> the .remote.json written for it
+    host: str | None = None  # the box's hostname, as it says
+    transport: str = ""  # how heavy files moved: "rsync" or "sftp"
+    bytes_transferred: int = 0  # bytes that came over the wire
+    bytes_read_locally: int = 0  # bytes of local files read to compare or resume (0 for a sync with nothing to do)
 
 
-@dataclass(frozen=True)
-class Entry:
-    size: int
-    mtime: float
-    digest: str
-    rel: str  # relative to the box's runs folder
-
-
-def _listing_command(runs: str, with_checkpoints: bool) -> str:
+def _listing_command(root: str, with_checkpoints: bool) -> str:
+    heavy = " -o ".join(f"-name {d}" for d in HEAVY_DIRS)
+    prune = "" if with_checkpoints else f" -o -type d \\( {heavy} \\) -prune"
     names = " -o ".join(f"-name {shlex.quote(p)}" for p in SMALL)
-    prune = "" if with_checkpoints else " ".join(f"-not -path {shlex.quote(f'*/{d}/*')}" for d in HEAVY_DIRS)
-    select = "" if with_checkpoints else f"\\( {names} \\)"
-    # size, mtime and sha256 of every file, relative to runs/; temporary files are never listed
-    return (f"cd {shlex.quote(runs)} 2>/dev/null || exit {NO_RUNS}; find . -type f {select} {prune} -not -name '.*' "
-            "-printf '%s %T@ %P\\n' | while read -r size mtime path; do "
-            "printf '%s %s %s %s\\n' \"$size\" \"$mtime\" \"$(sha256sum \"$path\" | cut -d' ' -f1)\" \"$path\"; done")
+    select = "" if with_checkpoints else f" \\( {names} \\)"
+    # hostname and clock first; then size, mtime and path of each file, NUL-terminated; dot names never listed
+    return (f"cd {shlex.quote(root)} 2>/dev/null || exit {NO_RUNS}; "
+            "printf '%s\\0%s\\0' \"$(hostname 2>/dev/null || cat /proc/sys/kernel/hostname)\" \"$(date +%s)\"; "
+            f"find . -mindepth 1 \\( -name '.*' -prune{prune} \\) -o -type f{select} -printf '%s %T@ %P\\0'")
 
 
-def _valid(path: str, data: bytes) -> bool:
+def _small(inner: str) -> bool:
+    parts = inner.split("/")
+    return not any(p in HEAVY_DIRS for p in parts[:-1]) and any(fnmatch.fnmatchcase(parts[-1], p) for p in SMALL)
+
+
+def _stat(path: Path) -> list | None:
     try:
-        if path.endswith(".json"):
-            json.loads(data)
-        elif path.endswith(".jsonl"):
-            if data and not data.endswith(b"\n"):
-                return False  # a line still being appended
-            for line in data.splitlines():
-                if line.strip():
-                    json.loads(line)
-    except (ValueError, UnicodeDecodeError):
-        return False
-    return True
-
-
-def _sha(path: Path) -> str | None:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
 
 
 def _held(run_dir: Path) -> bool:
     """Whether a local process holds the run's write lock now (a live local run)."""
     try:
-        fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY)
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
         return False
     try:
@@ -110,116 +113,284 @@ def _names(name: str, host: str):
 
 
 def _rewritten_while_running(rel: str) -> bool:
-    return rel in ("status.txt", "process.json", "train_log.jsonl") or rel.endswith(".log")
+    return rel in (STATUS_FILE, PROCESS_FILE, "train_log.jsonl", HISTORY_FILE) or rel.endswith(".log")
 
 
-def _fits(path: Path, files: dict[str, Entry]) -> bool:
-    """Whether a box run's files may go into the existing local folder ``path`` (checked when uids cannot tell)."""
-    if not path.is_dir() or _held(path) or (path / RUN_FILE).exists():
-        return False  # a run with a uid is found by its uid, so one here is another run
-    # A copy synced while the run lived (by an older ablate) lags behind in what a live run rewrites.
-    lagging = read_status(path)[0] == RUNNING
-    return all((lagging and _rewritten_while_running(rel)) or _sha(path / rel) in (None, e.digest)
-               for rel, e in files.items())
+class _Sync:
+    def __init__(self, conn: Connection, root: Path, remote_root: str, result: SyncResult):
+        self.conn, self.box, self.root, self.remote_root, self.result = conn, conn.box, root, remote_root, result
+        key = f"{self.box.user}@{self.box.host}:{self.box.port}:{remote_root}"
+        tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.box.host)[:40]
+        self.manifest_path = (root.parent / ".ablate" / "synced" /
+                              f"{root.name}-{tag}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json")
+        data, _ = read_json(self.manifest_path)
+        self.manifest = data if data and data.get("box") == key else {"box": key, "runs": {}, "loose": {}}
+        self.staging = Path(tempfile.mkdtemp(prefix=".sync-", dir=root))
+        self.views = itertools.count()
+        self.uids: dict[Path, list[tuple[Path, str]]] = {}
+        self.running: list[tuple[Path, dict]] = []
+        self.pull = transfer.Puller(conn, remote_root, root, result)
 
+    @property
+    def label(self) -> str:  # the box as the user knows it
+        return f"{self.result.host or self.box.host} ({self.box.user}@{self.box.host}:{self.box.port})"
 
-def _local_uids(stage_dir: Path) -> list[tuple[Path, str, str]]:
-    """(folder, uid, sha256 of run.json) of every local run of a stage that has a uid."""
-    found = []
-    for path in sorted(stage_dir.iterdir()) if stage_dir.is_dir() else ():
-        info, _ = read_json(path / RUN_FILE) if RUN_NAME.match(path.name) else (None, None)
-        if info and info.get("uid"):
-            found.append((path, info["uid"], _sha(path / RUN_FILE)))
-    return found
+    def close(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.pull.close()
+        try:
+            self.manifest_path.parent.mkdir(parents=True, exist_ok=True)
+            write_json(self.manifest_path, self.manifest)
+        except OSError:
+            pass  # without the manifest the next sync reads more, nothing worse
 
+    def rel(self, path: Path) -> str:
+        return str(path.relative_to(self.root))
 
-def _place(stage_dir: Path, name: str, uid: str | None, files: dict[str, Entry], host: str,
-           known: list[tuple[Path, str, str]]) -> Path:
-    """The local folder for a box's run: its uid's, else the first free or matching name."""
-    for path, local_uid, _ in known:
-        if uid and local_uid == uid and not _held(path):
-            return path
-    for candidate in _names(name, host):
-        path = stage_dir / candidate
-        if not path.exists() or _fits(path, files):
-            return path
+    # -------------------------------------------------------------- loose files (outside run folders)
 
+    def loose(self, entries: list[Entry]) -> None:
+        records, todo = self.manifest["loose"], []
+        for e in entries:
+            try:
+                dest = confine.local_path(self.root, e.rel)
+            except Refused as exc:
+                self.result.refused[repr(e.rel)] = str(exc)
+                continue
+            seen = records.get(e.rel)
+            if seen and seen["box"] == e.mark and seen["here"] == _stat(dest):
+                self.result.unchanged.append(e.rel)
+            else:
+                todo.append((e.rel, e, self.staging / "loose" / str(len(todo)), dest))
+        arrived = self.pull.fetch([t[:3] for t in todo])
+        for box_rel, e, staged, dest in todo:
+            if box_rel not in arrived:
+                continue
+            try:
+                stored = confine.install(self.root, staged, dest, self.result)
+            except (Refused, OSError) as exc:
+                self.result.skipped[box_rel] = f"could not be stored here: {exc}"
+                continue
+            (self.result.copied if stored else self.result.unchanged).append(box_rel)
+            records[box_rel] = {"box": e.mark, "here": _stat(dest)}
 
-def _pull(sftp, remote_root: str, e: Entry, result: SyncResult) -> bytes | None:
-    """The file's bytes if they are whole and still what was listed; else None with the reason in ``skipped``."""
-    remote = f"{remote_root}/{e.rel}"
-    try:
-        with sftp.open(remote, "rb") as fh:
-            data = fh.read()
-        after = sftp.stat(remote)
-    except FileNotFoundError:
-        result.skipped[e.rel] = "removed since it was listed"
-        return None
-    if after.st_size != e.size or int(after.st_mtime) != int(e.mtime) or hashlib.sha256(data).hexdigest() != e.digest:
-        result.skipped[e.rel] = "changed since it was listed (still being written)"
-        return None
-    if not _valid(e.rel, data):
-        result.skipped[e.rel] = "not valid JSON yet (still being written)"
-        return None
-    return data
+    # -------------------------------------------------------------- run folders
 
+    def note(self, key: str, record: dict) -> None:
+        for kind, where, message in record.get("notes", []):
+            getattr(self.result, kind)[where] = message
 
-def _store(sftp, remote_root: str, e: Entry, local_runs: Path, rel: str, result: SyncResult,
-           data: bytes | None = None) -> None:
-    local = local_runs / rel
-    if _sha(local) == e.digest:
-        result.unchanged.append(rel)
-        return
-    data = data if data is not None else _pull(sftp, remote_root, e, result)
-    if data is not None:
-        write_bytes(local, data)
-        result.copied.append(rel)
+    def shortcut(self, key: str, small: dict[str, Entry], record: dict | None):
+        """(local folder, verdict) when nothing changed on the box or here since the last sync; else None."""
+        if not record or record["box"] != {r: e.mark for r, e in small.items()}:
+            return None
+        try:
+            local = confine.local_path(self.root, record["local"])
+        except Refused:
+            return None
+        if any(_stat(local / r) != mark for r, mark in record["here"].items()):
+            return None
+        self.note(key, record)
+        if record["verdict"] == SAME:
+            self.result.unchanged.extend(f"{record['local']}/{r}" for r in small)
+        return local, record["verdict"]
+
+    def local_uids(self, stage_dir: Path) -> list[tuple[Path, str]]:
+        if stage_dir not in self.uids:
+            found = []
+            for path in sorted(stage_dir.iterdir()) if stage_dir.is_dir() and not stage_dir.is_symlink() else ():
+                if RUN_NAME.match(path.name) and not path.is_symlink() and (path / RUN_FILE).is_file():
+                    self.result.bytes_read_locally += (path / RUN_FILE).stat().st_size
+                    info, _ = read_json(path / RUN_FILE)
+                    if info and isinstance(info.get("uid"), str):
+                        found.append((path, info["uid"]))
+            self.uids[stage_dir] = found
+        return self.uids[stage_dir]
+
+    def fits(self, path: Path, view: Path, rels) -> bool:
+        """Whether a box run without a uid may go into the existing local folder ``path`` (its files agree)."""
+        if path.is_symlink() or not path.is_dir() or _held(path) or (path / RUN_FILE).exists():
+            return False  # a run with a uid is found by its uid, so one here is another run
+        # A copy synced while the run lived (by an older ablate) lags behind in what a live run rewrites.
+        lagging = read_status(path)[0] == RUNNING
+        return all((lagging and _rewritten_while_running(r)) or not (path / r).exists()
+                   or confine.same_content(view / r, path / r, self.result) for r in rels)
+
+    def free(self, stage_dir: Path, name: str, view: Path, rels) -> Path:
+        for candidate in _names(name, self.box.host):
+            path = stage_dir / candidate
+            if not os.path.lexists(path) or self.fits(path, view, rels):
+                return path
+
+    def by_uid(self, key: str, stage_dir: Path, name: str, uid: str, view: Path, record: dict | None):
+        """(local folder, verdict, notes) for a box run with a uid: the local copy on its lineage, else a new one."""
+        found = [p for p, u in self.local_uids(stage_dir) if u == uid and not _held(p)]
+        found.sort(key=lambda p: not record or self.rel(p) != record["local"])
+        for local in found:
+            verdict = compare(local, view)
+            if verdict == BEHIND:
+                why = (f"{self.label} has it {progress(view).describe()}, behind {progress(local).describe()} here; "
+                       "the local run is left as it is")
+                return local, BEHIND, [["behind", self.rel(local), why]]
+            if verdict != DIVERGED:
+                return local, verdict, []
+        target = self.free(stage_dir, name, view, ())
+        self.local_uids(stage_dir).append((target, uid))
+        if found:
+            why = (f"{self.label} holds a history of run {uid} ({progress(view).describe()}) that diverged from "
+                   f"{self.rel(found[0])} ({progress(found[0]).describe()}): kept beside it in {self.rel(target)}")
+            return target, AHEAD, [["diverged", key, why]]
+        return target, AHEAD, [["relocated", key, self.rel(target)]] if target.name != name else []
+
+    def run(self, stage: str, name: str, files: dict[str, Entry]) -> None:
+        key = f"{stage}/{name}"
+        try:
+            stage_dir = confine.local_path(self.root, stage)
+            confine.local_path(self.root, key)
+        except Refused as exc:
+            for rel in files:
+                self.result.refused[repr(f"{key}/{rel}")] = str(exc)
+            return
+        small = {r: e for r, e in files.items() if _small(r)}
+        record = self.manifest["runs"].get(key)
+        placed = self.shortcut(key, small, record) or self.place(key, stage_dir, name, small, record)
+        if placed is None or placed[1] == BEHIND:
+            return
+        target = placed[0]
+        heavy = {r: e for r, e in files.items() if r not in small}
+        if heavy:
+            self.heavy(key, target, heavy)
+        if read_status(target)[0] == RUNNING:
+            proc, _ = read_json(target / PROCESS_FILE)
+            self.running.append((target, proc or {}))
+
+    def place(self, key: str, stage_dir: Path, name: str, small: dict[str, Entry], record: dict | None):
+        """Stage the box run's small files, find its local folder, install what is newer: (folder, verdict)."""
+        view = self.staging / f"run{next(self.views)}"
+        view.mkdir()
+        reuse = None
+        if record and record["verdict"] == SAME:
+            try:
+                reuse = confine.local_path(self.root, record["local"])
+            except Refused:
+                pass
+        linked, todo = set(), []
+        for rel, e in small.items():
+            dest = confine.local_path(view, rel)
+            if reuse is not None and record["box"].get(rel) == e.mark and record["here"].get(rel) is not None \
+                    and _stat(reuse / rel) == record["here"][rel]:
+                confine.make_parents(view, dest)
+                try:
+                    os.link(reuse / rel, dest)  # unchanged on both sides: the local copy is the box's file
+                    linked.add(rel)
+                    continue
+                except OSError:
+                    pass
+            todo.append((f"{key}/{rel}", e, dest))
+        arrived = linked | {r[len(key) + 1:] for r in self.pull.fetch(todo)}
+        missing = [r for r in small if r not in arrived and (r == RUN_FILE or r in LINEAGE_FILES)]
+        if missing:
+            self.result.skipped.setdefault(key, f"run not synced this time: {', '.join(missing)} still being written")
+            return None
+        uid, notes = None, []
+        if RUN_FILE in small:
+            info, _ = read_json(view / RUN_FILE)
+            uid = (info or {}).get("uid")
+            why = confine.uid_problem(uid)
+            if why:
+                self.result.refused[repr(key)] = why
+                return None
+        if uid:
+            target, verdict, notes = self.by_uid(key, stage_dir, name, uid, view, record)
+        else:
+            target, verdict = self.free(stage_dir, name, view, arrived), AHEAD
+            notes = [["relocated", key, self.rel(target)]] if target.name != name else []
+        agreed = set()
+        if verdict != BEHIND:
+            for rel in sorted(arrived, key=lambda r: r != RUN_FILE):  # run.json first: a half-synced run is known
+                local = f"{self.rel(target)}/{rel}"
+                dest = confine.local_path(self.root, local)
+                if verdict == SAME and not confine.same_content(view / rel, dest, self.result):
+                    self.result.skipped[f"{key}/{rel}"] = "differs from the local copy of the same moment; kept local"
+                    continue
+                (self.result.copied if verdict != SAME and confine.install(self.root, view / rel, dest, self.result)
+                 else self.result.unchanged).append(local)
+                agreed.add(rel)
+        same_folder = record is not None and record["local"] == self.rel(target)
+        self.manifest["runs"][key] = record = {
+            "local": self.rel(target), "verdict": BEHIND if verdict == BEHIND else SAME, "notes": notes,
+            "box": {r: (e.mark if r in agreed or verdict == BEHIND else None) for r, e in small.items()},
+            "here": {r: _stat(target / r) for r in sorted(set(small) | set(LINEAGE_FILES))},
+            "heavy": record.get("heavy", {}) if same_folder else {}}
+        self.note(key, record)
+        return target, verdict
+
+    def heavy(self, key: str, target: Path, heavy: dict[str, Entry]) -> None:
+        """Checkpoints and final models, into the chosen local folder, unless unchanged since the last sync."""
+        marks = self.manifest["runs"][key].setdefault("heavy", {})
+        todo = {}
+        for rel, e in sorted(heavy.items()):
+            try:
+                dest = confine.local_path(self.root, f"{self.rel(target)}/{rel}")
+                seen = marks.get(rel)
+                if seen and seen["box"] == e.mark and seen["here"] == _stat(dest):
+                    self.result.unchanged.append(self.rel(dest))
+                    continue
+                confine.make_parents(self.root, dest)  # here, not by rsync: no folder is made through a symlink
+            except Refused as exc:
+                self.result.refused[repr(f"{key}/{rel}")] = str(exc)
+                continue
+            todo[rel] = (e, dest)
+        for rel in sorted(self.pull.heavy(key, target, todo)) if todo else ():
+            e, dest = todo[rel]
+            self.result.copied.append(self.rel(dest))
+            marks[rel] = {"box": e.mark, "here": _stat(dest)}
+
+    # -------------------------------------------------------------- the writer of a running run
+
+    def liveness(self, box_now: float | None) -> None:
+        """``.remote.json`` for each run running there: is its pid alive and the same process, heartbeat age."""
+        procs = [proc for _, proc in self.running]
+        for (target, proc), alive in zip(self.running, self.pull.alive(procs, self.result.host)):
+            beat = proc.get("heartbeat")
+            known = box_now is not None and isinstance(beat, (int, float)) and not isinstance(beat, bool)
+            record = {"host": self.result.host, "pid": proc.get("pid") if transfer.is_pid(proc.get("pid")) else None,
+                      "attempt": proc.get("attempt") if isinstance(proc.get("attempt"), str) else None,
+                      "synced_at": time.time(), "box": f"{self.box.user}@{self.box.host}:{self.box.port}",
+                      "heartbeat_age": box_now - beat if known else None, "alive": alive}
+            write_json(target / REMOTE_FILE, record)
+            self.result.remote_state[self.rel(target)] = record
 
 
 def sync(conn: Connection, local_runs: Path, remote_runs: str = "runs", with_checkpoints: bool = False) -> SyncResult:
     box = conn.box
-    local_runs = Path(local_runs)
     remote_root = box.path(remote_runs)
     result = SyncResult()
-    code, out, _ = conn.run(_listing_command(remote_root, with_checkpoints), timeout=max(box.timeout, 120))
+    code, out, err = conn.run(_listing_command(remote_root, with_checkpoints), timeout=max(box.timeout, 300))
     if code == NO_RUNS:
         raise BadInput(f"{box.host}:{box.port} has no runs folder {remote_root} (check --workdir and --remote-runs)")
+    result.host, box_now, entries = confine.parse_listing(out, result.refused)
+    root = Path(local_runs)
+    root.mkdir(parents=True, exist_ok=True)
+    root = root.resolve()
     loose: list[Entry] = []
     runs: dict[tuple[str, str], dict[str, Entry]] = {}
-    for line in out.splitlines():
-        parts = line.split(" ", 3)
-        if len(parts) != 4:
-            continue
-        e = Entry(int(parts[0]), float(parts[1]), parts[2], parts[3])
-        where = e.rel.split("/", 2)  # stage, run folder, path inside the run
-        if len(where) == 3 and RUN_NAME.match(where[1]):
-            runs.setdefault((where[0], where[1]), {})[where[2]] = e
-        else:
+    for e in entries:
+        parts = e.rel.split("/")
+        inner = "/".join(parts[2:])
+        if len(parts) >= 2 and RUN_NAME.match(parts[1]):
+            if len(parts) == 2:
+                result.refused[repr(e.rel)] = "a file where a run folder belongs"
+            elif with_checkpoints or _small(inner):
+                runs.setdefault((parts[0], parts[1]), {})[inner] = e
+        elif with_checkpoints or _small(e.rel):
             loose.append(e)  # not inside a run folder: no identity to check, kept by path
-    sftp = conn.sftp()
-    known: dict[str, list] = {}
+    job = _Sync(conn, root, remote_root, result)
     try:
-        for e in loose:
-            _store(sftp, remote_root, e, local_runs, e.rel, result)
+        job.loose(loose)
         for (stage, name), files in sorted(runs.items()):
-            if stage not in known:
-                known[stage] = _local_uids(local_runs / stage)
-            uid, data, ident = None, None, files.get(RUN_FILE)
-            if ident:
-                # run.json never changes: a local one with the same hash names the uid without a download
-                uid = next((u for _, u, digest in known[stage] if digest == ident.digest), None)
-                if uid is None:
-                    data = _pull(sftp, remote_root, ident, result)
-                    if data is None:
-                        continue  # without its identity the run could land on another one; next sync
-                    info = json.loads(data)
-                    uid = info.get("uid") if isinstance(info, dict) else None
-            target = _place(local_runs / stage, name, uid, files, box.host, known[stage])
-            if target.name != name:
-                result.relocated[f"{stage}/{name}"] = f"{stage}/{target.name}"
-            for rel in sorted(files, key=lambda r: r != RUN_FILE):  # run.json first
-                _store(sftp, remote_root, files[rel], local_runs, f"{stage}/{target.name}/{rel}", result,
-                       data if rel == RUN_FILE else None)
+            job.run(stage, name, files)
+        job.liveness(box_now)
     finally:
-        sftp.close()
+        job.close()
     return result
