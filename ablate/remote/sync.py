@@ -137,7 +137,10 @@ class _Sync:
 
     def close(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
-        self.pull.close()
+        try:
+            self.pull.close()
+        except Exception:  # noqa: BLE001 - a connection already lost must not hide why
+            pass
         try:
             self.manifest_path.parent.mkdir(parents=True, exist_ok=True)
             write_json(self.manifest_path, self.manifest)

@@ -158,11 +158,11 @@ def _bar(total: int, done: int, label: str, show: bool):
                 file=sys.stderr, mininterval=1.0, leave=False, disable=not show)
 
 
-def sftp_pull(sftp, remote: str, partial: Path, size: int, tally: Tally, show: bool = False) -> str:
+def sftp_pull(sftp, remote: str, partial: Path, size: int, tally: Tally, show: str = "") -> str:
     """Stream ``remote`` into ``partial``, resuming the bytes it already holds; the sha256 of the whole file.
 
     Raises Changed for a file that is gone or shorter than listed, Unreachable when the connection drops
-    (``partial`` keeps what arrived, for the next try).
+    (``partial`` keeps what arrived, for the next try). ``show``: the name a progress bar on stderr shows.
     """
     have = partial.stat().st_size if partial.exists() else 0
     digest = hashlib.sha256()
@@ -171,7 +171,7 @@ def sftp_pull(sftp, remote: str, partial: Path, size: int, tally: Tally, show: b
     flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_APPEND if have else os.O_TRUNC)
     if have:
         _hash_prefix(partial, digest, tally)
-    with os.fdopen(os.open(partial, flags, 0o644), "wb") as out, _bar(size, have, partial.name, show) as bar:
+    with os.fdopen(os.open(partial, flags, 0o644), "wb") as out, _bar(size, have, show, bool(show)) as bar:
         try:
             with sftp.open(remote, "rb") as src:
                 offset = have
@@ -343,7 +343,7 @@ class Puller:
             if old != partial:
                 old.unlink()  # the bytes of another version of the file
         try:
-            sha = sftp_pull(self.sftp(), f"{self.remote_root}/{box_rel}", partial, e.size, self.result, show=True)
+            sha = sftp_pull(self.sftp(), f"{self.remote_root}/{box_rel}", partial, e.size, self.result, show=box_rel)
         except Changed as exc:
             partial.unlink(missing_ok=True)
             self.result.skipped[box_rel] = str(exc)
