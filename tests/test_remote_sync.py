@@ -299,7 +299,7 @@ def rsyncless(tmp_path):
     """A box whose PATH holds the tools sync uses, but not rsync."""
     tools = tmp_path / "box-bin"
     tools.mkdir()
-    for tool in ("find", "sha256sum", "hostname", "date", "cat", "getconf", "sleep"):
+    for tool in ("find", "sha256sum", "hostname", "date", "cat", "getconf", "mkdir"):
         (tools / tool).symlink_to(shutil.which(tool))
     srv = Server(tmp_path / "sshd-no-rsync", setenv={"PATH": str(tools)})
     yield srv
@@ -426,3 +426,60 @@ def test_a_running_run_records_what_the_box_says_about_its_writer(server, tmp_pa
         assert seen["host"] == platform.node() and 49 <= seen["heartbeat_age"] <= 120
         assert seen["box"] == f"{getpass.getuser()}@127.0.0.1:{server.port}"
         assert result.remote_state[f"s/{name}"] == seen
+
+
+@needs_sshd
+@pytest.mark.parametrize("how", ["rsync", "sftp"])
+def test_push_files_copies_a_run_byte_for_byte(request, tmp_path, how):
+    from ablate.remote.transfer import push_files
+
+    server = request.getfixturevalue("server" if how == "rsync" else "rsyncless")
+    local = tmp_path / "runs" / RUN
+    lineage_run(local, [(A1, 0)], "failed", 3)
+    (local / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (local / "checkpoints" / "checkpoint-2" / "optimizer.pt").write_bytes(os.urandom(9 << 20))
+    rels = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
+    conn = Connection(box_at(server, tmp_path / "box")).connect()
+    try:
+        how_moved = push_files(conn, local, rels, str(tmp_path / "box" / "runs" / RUN))
+    finally:
+        conn.close()
+    assert how_moved.startswith(how)
+    remote = tmp_path / "box" / "runs" / RUN
+    assert hashes(remote) == hashes(local)
+    assert all(int((remote / r).stat().st_mtime) == int((local / r).stat().st_mtime) for r in rels)
+
+
+def _p(attempts=(A1,), status="running", step=10, heartbeat=100.0, writer=(A1,), from_steps=None):
+    from ablate.results.lineage import Progress
+
+    return Progress(tuple(attempts), tuple(from_steps or [0] * len(attempts)), status, step, heartbeat, writer)
+
+
+@pytest.mark.parametrize("local, remote, expected", [
+    (_p(), _p(), "same"),
+    (_p(), _p(step=11), "ahead"),  # more steps
+    (_p(step=11), _p(), "behind"),
+    (_p(), _p(status="failed"), "ahead"),  # a terminal status over running, at the same step
+    (_p(status="completed"), _p(), "behind"),
+    (_p(), _p(heartbeat=130.0), "ahead"),  # a newer heartbeat of the same attempt
+    (_p(heartbeat=130.0), _p(), "behind"),
+    (_p(writer=("x",)), _p(heartbeat=130.0), "same"),  # heartbeats of two writers are not compared
+    (_p(status="completed"), _p(status="gated"), "diverged"),  # two outcomes of one moment
+    ((), (), "same"),  # older runs without history.jsonl
+    (_p(), _p((A1, A2), from_steps=[0, 8], step=5), "ahead"),  # resumed from a checkpoint before the crash
+    (_p(status="failed", step=47), _p((A1, A2), from_steps=[0, 40], status="completed", step=153), "ahead"),
+    (_p(status="completed", step=47), _p((A1, A2), from_steps=[0, 40], step=41), "diverged"),  # a result skipped
+    (_p(status="completed", step=40), _p((A1, A2), from_steps=[0, 40], step=41), "ahead"),
+    (_p((A1, A2), from_steps=[0, 40], step=41), _p(status="completed", step=47), "diverged"),
+    (_p((A1, A2), from_steps=[0, 40], step=41), _p(status="failed", step=47), "behind"),
+    (_p((), writer=None), _p(), "ahead"),  # a copy from before history.jsonl existed, continued
+    (_p((A1, A2)), _p((A1, "c" * 32)), "diverged"),  # two resumes of one run
+    (_p((A2,)), _p((A1,)), "diverged"),
+])
+def test_lineage_verdicts(local, remote, expected):
+    from ablate.results.lineage import verdict
+
+    local = local if not isinstance(local, tuple) else _p(local, status="completed", writer=None)
+    remote = remote if not isinstance(remote, tuple) else _p(remote, status="completed", writer=None)
+    assert verdict(local, remote) == expected

@@ -82,11 +82,9 @@ def _small(inner: str) -> bool:
 
 
 def _stat(path: Path) -> list | None:
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return None
-    return [st.st_size, st.st_mtime_ns]
+    """What a later sync compares to tell a local file unchanged without reading it."""
+    st = os.lstat(path) if os.path.lexists(path) else None
+    return [st.st_size, st.st_mtime_ns] if st else None
 
 
 def _held(run_dir: Path) -> bool:
@@ -147,12 +145,12 @@ class _Sync:
         except OSError:
             pass  # without the manifest the next sync reads more, nothing worse
 
-    def rel(self, path: Path) -> str:
+    def rel(self, path: Path) -> str:  # a local path as results name it: relative to the local runs folder
         return str(path.relative_to(self.root))
 
-    # -------------------------------------------------------------- loose files (outside run folders)
 
     def loose(self, entries: list[Entry]) -> None:
+        """Files outside run folders: no identity to check, kept by their (confined) path."""
         records, todo = self.manifest["loose"], []
         for e in entries:
             try:
@@ -177,7 +175,6 @@ class _Sync:
             (self.result.copied if stored else self.result.unchanged).append(box_rel)
             records[box_rel] = {"box": e.mark, "here": _stat(dest)}
 
-    # -------------------------------------------------------------- run folders
 
     def note(self, key: str, record: dict) -> None:
         for kind, where, message in record.get("notes", []):
@@ -312,12 +309,16 @@ class _Sync:
         if verdict != BEHIND:
             for rel in sorted(arrived, key=lambda r: r != RUN_FILE):  # run.json first: a half-synced run is known
                 local = f"{self.rel(target)}/{rel}"
-                dest = confine.local_path(self.root, local)
-                if verdict == SAME and not confine.same_content(view / rel, dest, self.result):
-                    self.result.skipped[f"{key}/{rel}"] = "differs from the local copy of the same moment; kept local"
+                try:
+                    dest = confine.local_path(self.root, local)
+                    if verdict == SAME and not confine.same_content(view / rel, dest, self.result):
+                        self.result.skipped[f"{key}/{rel}"] = "differs from the local copy of the same moment; kept"
+                        continue
+                    stored = verdict != SAME and confine.install(self.root, view / rel, dest, self.result)
+                except (Refused, OSError) as exc:
+                    self.result.skipped[f"{key}/{rel}"] = f"could not be stored here: {exc}"
                     continue
-                (self.result.copied if verdict != SAME and confine.install(self.root, view / rel, dest, self.result)
-                 else self.result.unchanged).append(local)
+                (self.result.copied if stored else self.result.unchanged).append(local)
                 agreed.add(rel)
         same_folder = record is not None and record["local"] == self.rel(target)
         self.manifest["runs"][key] = record = {
@@ -349,7 +350,6 @@ class _Sync:
             self.result.copied.append(self.rel(dest))
             marks[rel] = {"box": e.mark, "here": _stat(dest)}
 
-    # -------------------------------------------------------------- the writer of a running run
 
     def liveness(self, box_now: float | None) -> None:
         """``.remote.json`` for each run running there: is its pid alive and the same process, heartbeat age."""
