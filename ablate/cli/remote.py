@@ -27,16 +27,20 @@ def print_sync(result, box, runs_dir, verbose: bool = True) -> None:
     """What a sync did, one line per run or file that needs the user's eyes, then the counts."""
     for rel, why in result.skipped.items() if verbose else ():
         typer.echo(f"skipped {rel}: {why}")
-    for rel, why in getattr(result, "refused", {}).items():
-        typer.echo(f"refused {rel!r} from {box.host}: {why}")
+    for rel, why in result.refused.items():  # keys are repr()'d already: control characters shown, not obeyed
+        typer.echo(f"refused {rel} from {box.host}: {why}")
     for remote, local in result.relocated.items():
         typer.echo(f"run {remote} from {box.host} is kept in {Path(runs_dir) / local}: "
                    f"{Path(runs_dir) / remote} here is another run")
-    for line in list(getattr(result, "behind", [])) + list(getattr(result, "diverged", [])):
-        typer.echo(line if isinstance(line, str) else str(line))
+    for local, why in result.behind.items():
+        typer.echo(f"kept {Path(runs_dir) / local} as it is: {why}")
+    for remote, why in result.diverged.items():
+        typer.echo(f"DIVERGED: {remote} on {box.host}: {why}")
+    moved = (f", {result.bytes_transferred / 1e6:.1f} MB over {result.transport}" if result.bytes_transferred
+             else "")
     typer.echo(f"synced {len(result.copied)} file(s) from {box.host}:{box.port} into {runs_dir}; "
                f"{len(result.unchanged)} unchanged" + (f", {len(result.skipped)} still being written"
-                                                       if result.skipped else ""))
+                                                       if result.skipped else "") + moved)
 
 
 remote_app = typer.Typer(help="Run stages on a rented GPU box: launch in tmux, watch, sync results back.",

@@ -158,6 +158,19 @@ class Connection:
             self.client = None
 
 
+def ssh_command(box: Box) -> list[str]:
+    """``ssh`` with the settings paramiko connects with; append the host and a command, or hand it to ``rsync -e``."""
+    known = [str(Path(box.known_hosts).expanduser().resolve()), "~/.ssh/known_hosts"]
+    quoted = " ".join(f'"{k}"' if " " in k else k for k in known)
+    command = ["ssh", "-F", "none", "-p", str(box.port), "-l", box.user, "-o", "BatchMode=yes",
+               "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={quoted}",
+               "-o", f"ConnectTimeout={max(1, int(box.timeout))}", "-o", "ServerAliveInterval=15",
+               "-o", "ServerAliveCountMax=4"]
+    if box.key:
+        command += ["-i", str(box.key), "-o", "IdentitiesOnly=yes"]
+    return command
+
+
 def project_files(root: Path) -> list[str]:
     """The project's files, relative to ``root``: git's view where there is one, minus COPY_EXCLUDES."""
     try:
@@ -176,13 +189,9 @@ def copy_code(conn: Connection, root: Path, files: list[str]) -> str:
     remote_rsync = conn.run("command -v rsync")[0] == 0
     local_rsync = subprocess.run(["sh", "-c", "command -v rsync"], capture_output=True).returncode == 0
     if remote_rsync and local_rsync:
-        ssh = ["ssh", "-p", str(box.port), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
-               "-o", f"UserKnownHostsFile={Path(box.known_hosts).resolve()} ~/.ssh/known_hosts",
-               "-o", f"ConnectTimeout={int(box.timeout)}"]
-        if box.key:
-            ssh += ["-i", box.key]
-        proc = subprocess.run(["rsync", "-a", "--files-from=-", "-e", shlex.join(ssh), "./",
-                               f"{box.user}@{box.host}:{box.workdir}/"],
+        host = f"[{box.host}]" if ":" in box.host else box.host
+        proc = subprocess.run(["rsync", "-a", "--files-from=-", "-e", shlex.join(ssh_command(box)), "./",
+                               f"{host}:{box.workdir}/"],
                               input="\n".join(files).encode(), cwd=root, capture_output=True, timeout=3600)
         if proc.returncode == 0:
             return f"rsync ({len(files)} files)"

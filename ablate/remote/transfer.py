@@ -1,6 +1,6 @@
 """Moving files between this machine and a box at any size: memory bounded, resumable, verified.
 
-    python -c "from ablate.remote.ssh import Box; from ablate.remote.transfer import ssh_command; print(ssh_command(Box('ssh4.vast.ai', 31234)))"
+    python -c "from ablate.remote.ssh import Box, ssh_command; print(ssh_command(Box('ssh4.vast.ai', 31234)))"
 
 Where both ends have rsync, rsync runs over ``ssh`` with the connection settings
 paramiko uses (port, user, key, the project's known_hosts pinned with
@@ -30,7 +30,7 @@ import paramiko
 
 from ablate.errors import BadInput
 from ablate.remote import confine
-from ablate.remote.ssh import Box, Connection, Unreachable
+from ablate.remote.ssh import Box, Connection, Unreachable, ssh_command  # noqa: F401 (re-exported)
 
 WINDOW = 4 << 20  # bytes of one SFTP read window: the most a download holds in memory at once
 REQUESTS = 64  # concurrent SFTP read requests within a window (32 KiB each)
@@ -53,19 +53,6 @@ class Fact:
     size: int
     mtime: float
     sha256: str | None
-
-
-def ssh_command(box: Box) -> list[str]:
-    """``ssh`` with the settings paramiko connects with; append the host and a command, or hand it to ``rsync -e``."""
-    known = [str(Path(box.known_hosts).expanduser().resolve()), "~/.ssh/known_hosts"]
-    quoted = " ".join(f'"{k}"' if " " in k else k for k in known)
-    command = ["ssh", "-F", "none", "-p", str(box.port), "-l", box.user, "-o", "BatchMode=yes",
-               "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={quoted}",
-               "-o", f"ConnectTimeout={max(1, int(box.timeout))}", "-o", "ServerAliveInterval=15",
-               "-o", "ServerAliveCountMax=4"]
-    if box.key:
-        command += ["-i", str(box.key), "-o", "IdentitiesOnly=yes"]
-    return command
 
 
 def have_rsync(conn: Connection) -> bool:
