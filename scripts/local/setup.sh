@@ -9,6 +9,16 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-python3}
 
+# rsync moves checkpoints home at line speed (`ablate remote sync` falls back to slower SFTP without it).
+if ! command -v rsync >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    (DEBIAN_FRONTEND=noninteractive apt-get update -qq && apt-get install -y -qq rsync >/dev/null) \
+      || echo "setup: could not install rsync; syncs from this box use SFTP"
+  else
+    echo "setup: rsync is not installed; syncs from this box use SFTP"
+  fi
+fi
+
 if [ ! -x .venv/bin/python ]; then
   if "$PYTHON" -c "import torch" 2>/dev/null; then
     echo "setup: reusing the torch already installed for $PYTHON"
