@@ -419,3 +419,32 @@ def test_an_env_secret_is_never_in_a_readable_file_a_log_or_a_printed_line(serve
     assert [p for p in everywhere if secret.encode() in p.read_bytes()] == []
     assert secret not in result.output + watched.output + start
     assert "HF_TOKEN" in (Path(box.workdir) / "runs" / "seen.txt").read_text()  # it did reach the command
+
+
+def test_push_refuses_a_live_run_takes_a_lost_one_and_never_overwrites(box, project, tmp_path):
+    from ablate.results import rundir
+
+    runs = project / "runs"
+    run = rundir.new_run_dir(runs, "stage3_finetune_prefill_bidir")
+    rundir._unlock(run)
+    (run / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (run / "checkpoints" / "checkpoint-2" / "model.safetensors").write_bytes(os.urandom(1 << 16))
+    record = json.loads((run / "process.json").read_text())
+    rundir.write_json(run / "process.json", {**record, "host": "box-gone"})
+    seen = {"host": "box-gone", "pid": record["pid"], "attempt": record["attempt"], "synced_at": time.time(),
+            "alive": True, "heartbeat_age": 3.0}
+    rundir.write_json(run / rundir.REMOTE_FILE, seen)
+    rel = f"runs/stage3_finetune_prefill_bidir/{run.name}"
+    alive = cli("remote", "push", rel, *flags(box), cwd=project)
+    assert alive.exit_code == 2 and "running on box-gone" in alive.stderr and "--lost" in alive.stderr
+    assert not (Path(box.workdir) / rel).exists()
+    lost = cli("remote", "push", rel, "--lost", *flags(box), cwd=project)
+    assert lost.exit_code == 0, lost.output
+    assert f"ablate stage3 --resume --run-dir {rel}" in lost.output
+    there = Path(box.workdir) / rel
+    assert hashes(there) == {k: v for k, v in hashes(run).items() if not k.startswith(".")} | {
+        rundir.REMOTE_FILE: hashes(there)[rundir.REMOTE_FILE]}
+    copy = rundir.load_run(there)  # read as the new box reads it: its writer on box-gone is declared lost
+    assert copy.status == rundir.CRASHED and "declared lost" in copy.reason
+    again = cli("remote", "push", rel, "--lost", *flags(box), cwd=project)
+    assert again.exit_code == 2 and "already holds this run" in again.stderr
