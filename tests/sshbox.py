@@ -109,3 +109,24 @@ class Server:
         """The connection options of every `ablate remote` command for this box."""
         return ["--host", "127.0.0.1", "--port", str(self.port), "--user", self.user, "--key", self.key,
                 "--workdir", workdir, "--timeout", "5", "--known-hosts", self.known_hosts, *map(str, extra)]
+
+
+def make_run(path: Path, uid, status="completed", files=()):
+    """A run folder as ablate writes it (``uid=None``: as an older ablate did, without run.json)."""
+    import json
+
+    path.mkdir(parents=True)
+    if uid:
+        (path / "run.json").write_text(json.dumps({"uid": uid, "stage": path.parent.name, "created": 0, "host": "h"}))
+    (path / "status.txt").write_text(status + "\n")
+    for name, content in dict(files).items():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_text(content)
+
+
+def hashes(root: Path) -> dict:
+    """Every regular file under ``root`` by its sha256 (what a test compares before and after)."""
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(root).rglob("*")) if p.is_file() and not p.is_symlink()}

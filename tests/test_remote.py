@@ -26,7 +26,7 @@ from ablate.remote.ssh import Box, Connection
 from ablate.results.rundir import RUN_NAME, load_run
 from ablate.remote.sync import sync
 
-from sshbox import AVAILABLE, WHY_NOT, Server
+from sshbox import AVAILABLE, WHY_NOT, Server, hashes, make_run
 
 pytestmark = pytest.mark.skipif(not AVAILABLE, reason=WHY_NOT)
 runner = CliRunner()
@@ -241,21 +241,6 @@ def test_hand_started_session_as_in_the_study(server, box, tmp_path):
     assert watched.exit_code == 0, watched.output
 
 
-def make_run(path: Path, uid, status="completed", files=()):
-    """A run folder as ablate writes it (``uid=None``: as an older ablate did, without run.json)."""
-    path.mkdir(parents=True)
-    if uid:
-        (path / "run.json").write_text(json.dumps({"uid": uid, "stage": path.parent.name, "created": 0, "host": "h"}))
-    (path / "status.txt").write_text(status + "\n")
-    for name, content in dict(files).items():
-        (path / name).write_text(content)
-
-
-def hashes(root: Path) -> dict:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 def test_runs_sharing_a_folder_name_both_survive(box, tmp_path):
     name = "stage1_baseline_eval/20250101-120000"
     local_runs = tmp_path / "local runs"
@@ -448,3 +433,42 @@ def test_push_refuses_a_live_run_takes_a_lost_one_and_never_overwrites(box, proj
     assert copy.status == rundir.CRASHED and "declared lost" in copy.reason
     again = cli("remote", "push", rel, "--lost", *flags(box), cwd=project)
     assert again.exit_code == 2 and "already holds this run" in again.stderr
+
+
+@pytest.mark.parametrize("offset", [-600, 600])  # the box's clock 10 minutes behind, then ahead of this machine's
+def test_liveness_of_a_synced_run_does_not_depend_on_clocks_agreeing(tmp_path, offset):
+    import psutil
+
+    from ablate.results import rundir
+
+    fake = tmp_path / "box-bin"
+    fake.mkdir()
+    (fake / "date").write_text(f'#!/bin/sh\nexec /bin/date -d "@$(( $(/bin/date +%s) + {offset} ))" "$@"\n')
+    (fake / "date").chmod(0o755)
+    srv = Server(tmp_path / "sshd-skew", hostname="box-skew", setenv={"PATH": f"{fake}:/usr/bin:/bin"})
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        box = Box(host="127.0.0.1", port=srv.port, user=srv.user, key=srv.key, workdir=str(tmp_path / "work"),
+                  known_hosts=srv.known_hosts, timeout=5)
+        box_now = time.time() + offset  # what a process on the box writes as its heartbeat
+        started = psutil.Process(sleeper.pid).create_time()
+        for name, heartbeat_age in (("20250101-000001", 5), ("20250101-000002", 600)):
+            make_run(Path(box.workdir) / "runs" / "s" / name, f"skew{name[-1]}", status="running", files={
+                "process.json": json.dumps({"host": "box-skew", "pid": sleeper.pid, "started": started,
+                                            "attempt": "a" * 32, "heartbeat": box_now - heartbeat_age})})
+        synced = cli("remote", "sync", *flags(box, "--runs-dir", tmp_path / "home"))
+        assert synced.exit_code == 0, synced.output
+        fresh = rundir.load_run(tmp_path / "home" / "s" / "20250101-000001")
+        stale = rundir.load_run(tmp_path / "home" / "s" / "20250101-000002")
+        assert fresh.status == rundir.RUNNING and "running on box-skew, heartbeat" in fresh.reason
+        assert int(fresh.reason.split("heartbeat ")[1].split(" s")[0]) < 60, fresh.reason
+        assert stale.status == rundir.CRASHED and "measured on the box's own clock" in stale.reason
+        sleeper.kill()
+        sleeper.wait()
+        gone = cli("remote", "sync", *flags(box, "--runs-dir", tmp_path / "home"))
+        assert gone.exit_code == 0, gone.output
+        after = rundir.load_run(tmp_path / "home" / "s" / "20250101-000001")
+        assert after.status == rundir.CRASHED and "is gone" in after.reason  # the box's word, not elapsed time
+    finally:
+        sleeper.kill()
+        srv.stop()

@@ -26,26 +26,11 @@ from ablate.remote.ssh import Box, Connection, Unreachable
 from ablate.remote.sync import sync
 from ablate.results.lineage import compare
 
-from sshbox import AVAILABLE, WHY_NOT, Server
+from sshbox import AVAILABLE, WHY_NOT, Server, hashes, make_run
 
 PY = sys.executable
 LOCAL_RUN = "stage1_baseline_eval/20250101-120000"
 MANIFESTS = ".ablate/synced/"  # sync's own record of what it saw, beside the runs folder
-
-
-def hashes(root: Path) -> dict:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()}
-
-
-def make_run(path: Path, uid, status="completed", files=()):
-    path.mkdir(parents=True)
-    if uid:
-        (path / "run.json").write_text(json.dumps({"uid": uid, "stage": path.parent.name, "created": 0, "host": "h"}))
-    (path / "status.txt").write_text(status + "\n")
-    for name, content in dict(files).items():
-        (path / name).parent.mkdir(parents=True, exist_ok=True)
-        (path / name).write_text(content)
 
 
 # ---------------------------------------------------------------- a hostile box (stand-in connection)
