@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
@@ -127,6 +128,22 @@ def _connect(box, vast_instance=None):
         raise typer.Exit(3)
 
 
+@contextmanager
+def connected(box, doing: str, vast_instance=None):
+    """One connection for one command; a box lost on the way is exit 3, with Vast's word when there is an instance."""
+    from ablate.remote.ssh import Unreachable
+
+    conn = _connect(box, vast_instance)
+    try:
+        yield conn
+    except Unreachable as exc:
+        verdict = f"; {_triage_for(vast_instance)()}" if vast_instance else ""
+        typer.echo(f"ablate: lost {box.host}:{box.port} during {doing}: {exc}{verdict}", err=True)
+        raise typer.Exit(3)
+    finally:
+        conn.close()
+
+
 @remote_app.command("launch", epilog="Example:\n\n  ablate remote launch --host ssh4.vast.ai --port 31234 "
                     "--session stage3b -- ablate stage3 --mask prefill_bidir")
 def remote_launch(
@@ -142,23 +159,17 @@ def remote_launch(
     vast_instance: Optional[str] = VAST,
 ):
     """Copy the code to the box and start a command in a detached tmux session there."""
-    from ablate.remote.ssh import Unreachable, launch
+    from ablate.remote.ssh import launch
 
     box = _box(host, port, user, key, workdir, trust_on_first_use, timeout, known_hosts, env or (), vast_instance)
     _check_seconds(heartbeat_seconds=heartbeat_seconds)
-    conn = _connect(box, vast_instance)
-    try:
+    from ablate.remote.sessions import record_box_launch
+
+    with connected(box, "launch", vast_instance) as conn:
         info = launch(conn, Path.cwd(), session, list(command or []),
                       complete_file or f"runs/.complete-{session}", heartbeat_seconds, copy)
-        from ablate.remote.sessions import record_box_launch
-
         # What `remote status`, `watch --session` alone, `logs` and `stop` find the session by (no --env values).
         record_box_launch(conn.box, session, list(command or []), info["complete_file"], vast_instance=vast_instance)
-    except Unreachable as exc:
-        typer.echo(f"ablate: lost {box.host}:{port} during launch: {exc}", err=True)
-        raise typer.Exit(3)
-    finally:
-        conn.close()
     typer.echo(f"launched '{session}' on {box.host}:{box.port} in {info['workdir']} (code copied by {info['copied']})")
     source = info.get("source")
     if source:
@@ -258,18 +269,11 @@ def remote_sync(
     vast_instance: Optional[str] = VAST,
 ):
     """Pull the runs' metrics, summaries, configs, samples and logs from the box."""
-    from ablate.remote.ssh import Unreachable
     from ablate.remote.sync import sync
 
     box = _box(host, port, user, key, workdir, trust_on_first_use, timeout, known_hosts, (), vast_instance)
-    conn = _connect(box, vast_instance)
-    try:
+    with connected(box, "sync", vast_instance) as conn:
         result = sync(conn, Path(runs_dir), remote_runs, with_checkpoints)
-    except Unreachable as exc:
-        typer.echo(f"ablate: lost {conn.box.host}:{port} during sync: {exc}", err=True)
-        raise typer.Exit(3)
-    finally:
-        conn.close()
     print_sync(result, conn.box, runs_dir)
     _refresh_status(runs_dir)
 
@@ -290,17 +294,10 @@ def remote_push(
 ):
     """Copy a local run to a box, at the same relative path, so that it can be resumed there."""
     from ablate.remote.push import push
-    from ablate.remote.ssh import Unreachable
 
     box = _box(host, port, user, key, workdir, trust_on_first_use, timeout, known_hosts, (), vast_instance)
-    conn = _connect(box, vast_instance)
-    try:
+    with connected(box, "push", vast_instance) as conn:
         info = push(conn, run_dir, remote_runs, lost)
-    except Unreachable as exc:
-        typer.echo(f"ablate: lost {box.host}:{port} during push: {exc}", err=True)
-        raise typer.Exit(3)
-    finally:
-        conn.close()
     typer.echo(f"pushed {info['files']} file(s) of {run_dir} to {box.host}:{box.port}:{info['remote']} "
                f"({info['how']})")
     if info["verdict"]:

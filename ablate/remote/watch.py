@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from ablate.remote.ssh import STATE_DIR, Box, Connection, Fatal, Unreachable, check_session
+from ablate.remote.ssh import STATE_DIR, Box, Connection, Fatal, Unreachable
 
 COMPLETED, CRASHED, UNREACHABLE, USAGE, STOPPED = 0, 1, 3, 2, 4
 NEVER_LAUNCHED = USAGE  # a wrong host, work dir or session name, not a crash
