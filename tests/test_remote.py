@@ -340,6 +340,10 @@ def test_watching_a_session_never_launched(box):
      "--max-poll-seconds (30) must be at least --poll-seconds (60)"),
     ("watch", ["--grace-seconds", "-5"], "--grace-seconds must be at least 1 (seconds), got -5"),
     ("launch", ["--heartbeat-seconds", "0"], "--heartbeat-seconds must be at least 1 (seconds), got 0"),
+    ("sync", ["--host", "second.box"], "--host given 2 times (192.0.2.1, second.box); one box per call, or watch "
+                                       "sessions launched with ablate by their --session names alone"),
+    ("watch", ["--host", "second.box"], "--host given 2 times (192.0.2.1, second.box); one box per call, or watch "
+                                        "sessions launched with ablate by their --session names alone"),
 ])
 def test_bad_numbers_are_refused_before_connecting(box, tmp_path, command, extra, message):
     unroutable = Box(**{**box.__dict__, "host": "192.0.2.1"})  # contacting it would take --timeout, then exit 3
@@ -472,3 +476,11 @@ def test_liveness_of_a_synced_run_does_not_depend_on_clocks_agreeing(tmp_path, o
     finally:
         sleeper.kill()
         srv.stop()
+
+
+def test_push_of_a_folder_that_is_not_a_run_is_one_line_before_connecting(box, tmp_path):
+    (tmp_path / "not-a-run").mkdir()
+    unroutable = Box(**{**box.__dict__, "host": "192.0.2.1"})  # contacting it would take --timeout, then exit 3
+    for path in (tmp_path / "not-a-run", tmp_path / "missing"):
+        result = cli("remote", "push", path, *flags(unroutable), cwd=tmp_path)
+        assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "is not a run directory" in result.stderr

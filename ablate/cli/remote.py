@@ -44,7 +44,7 @@ def print_sync(result, box, runs_dir, verbose: bool = True) -> None:
                                                        if result.skipped else "") + moved)
 
 
-remote_app = typer.Typer(help="Run stages on a rented GPU box: launch in tmux, watch, sync results back.",
+remote_app = typer.Typer(help="Run stages on rented GPU boxes: launch in tmux, watch, sync results home, push a run to another box, status of every session.",
                          no_args_is_help=True, rich_markup_mode=None)
 
 HOST = typer.Option(None, "--host", envvar="VAST_HOST", help="SSH host of the box (env VAST_HOST)")
@@ -293,11 +293,12 @@ def remote_push(
     vast_instance: Optional[str] = VAST,
 ):
     """Copy a local run to a box, at the same relative path, so that it can be resumed there."""
-    from ablate.remote.push import push
+    from ablate.remote.push import prepare, push
 
     box = _box(host, port, user, key, workdir, trust_on_first_use, timeout, known_hosts, (), vast_instance)
+    prepared = prepare(run_dir, lost)
     with connected(box, "push", vast_instance) as conn:
-        info = push(conn, run_dir, remote_runs, lost)
+        info = push(conn, prepared, remote_runs)
     typer.echo(f"pushed {info['files']} file(s) of {run_dir} to {box.host}:{box.port}:{info['remote']} "
                f"({info['how']})")
     if info["verdict"]:

@@ -54,15 +54,20 @@ def _verdict(run: rundir.Run, lost: bool) -> dict | None:
             "why": why, "synced_at": time.time()}
 
 
-def push(conn: Connection, run_dir: Path, remote_runs: str = "runs", lost: bool = False) -> dict:
-    from ablate.remote.transfer import push_files
-
+def prepare(run_dir: Path, lost: bool = False) -> tuple[rundir.Run, dict | None]:
+    """The run to push and what its copy will say of its old writer; checked here before any connection."""
     run = rundir.load_run(Path(run_dir))
     if run is None:
         raise BadInput(f"{run_dir} is not a run directory (runs/<stage>/<YYYYmmdd-HHMMSS>/ with a status.txt)")
     if not run.uid:
         raise BadInput(f"{run_dir} has no run.json uid (made by an older ablate); a sync could not tell its copies apart")
-    verdict = _verdict(run, lost)
+    return run, _verdict(run, lost)
+
+
+def push(conn: Connection, prepared: tuple[rundir.Run, dict | None], remote_runs: str = "runs") -> dict:
+    from ablate.remote.transfer import push_files
+
+    run, verdict = prepared
     box = conn.box
     rel = f"{remote_runs.strip('/')}/{run.stage}/{run.path.name}"
     remote = box.path(rel)
