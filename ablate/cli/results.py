@@ -14,6 +14,8 @@ from ablate.cli.console import fail
 
 
 def _runs(runs_dir: str) -> Path:
+    if not runs_dir.strip():
+        fail("--runs-dir must name a folder, got ''")
     if not Path(runs_dir).is_dir():
         fail(f"runs folder '{runs_dir}' does not exist")
     return Path(runs_dir)

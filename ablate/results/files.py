@@ -10,14 +10,27 @@ import os
 import tempfile
 from pathlib import Path
 
+from ablate.errors import BadInput
+
 
 def write_json(path: Path, data) -> None:
     write_text(path, json.dumps(data, indent=2, allow_nan=False, default=str) + "\n")
 
 
+def check_target(path: Path) -> None:
+    """A file is written where it says: never onto a symlink (which the rename would replace, or a reader follow
+    out of its folder) or a folder, device or pipe."""
+    path = Path(path)
+    if path.is_symlink():
+        raise BadInput(f"{path} is a symlink; not writing through it (remove it, or name the file it points to)")
+    if path.exists() and not path.is_file():
+        raise BadInput(f"{path} exists and is not a regular file; not replacing it")
+
+
 def write_bytes(path: Path, data: bytes) -> None:
     """Write atomically: temporary file in the same folder, fsync, rename. Readers never see half a file."""
     path = Path(path)
+    check_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -39,13 +52,17 @@ def write_jsonl(path: Path, rows) -> None:
     write_text(path, "".join(json.dumps(row, default=str) + "\n" for row in rows))
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number a run records")
+
+
 def read_json(path: Path) -> tuple[dict | None, str | None]:
     """``(object, None)``, ``(None, None)`` when absent, ``(None, why)`` when unreadable."""
     path = Path(path)
     if not path.is_file():
         return None, None
     try:
-        data = json.loads(path.read_bytes())
+        data = json.loads(path.read_bytes(), parse_constant=_no_constant)  # NaN and Infinity are damage, not numbers
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         return None, f"{path}: unreadable ({exc})"
     if not isinstance(data, dict):

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from ablate.errors import BadInput
 from ablate.results.files import read_json, write_json, write_text
+from ablate.results.runlog import run_log
 from ablate.results.liveness import PROCESS_FILE, REMOTE_FILE, heartbeat_seconds, stale_seconds, writer_gone
 
 __all__ = ["PROCESS_FILE", "REMOTE_FILE", "heartbeat_seconds", "stale_seconds"]  # re-exported: the run store's names
@@ -149,7 +150,7 @@ def new_run_dir(runs_dir: Path, stage: str, **record) -> Path:
             continue
         _lock(path)
         write_json(path / RUN_FILE, {"uid": uuid.uuid4().hex, "stage": stage, "created": time.time(),
-                                     "host": platform.node(), **record})
+                                     "name": path.name, "host": platform.node(), **record})
         _begin_attempt(path, 0)
         set_status(path, RUNNING)
         return path
@@ -304,18 +305,54 @@ def load_run(path: Path) -> Run | None:
     return Run(path, status, reason, metrics, summary, error_m or error_s, config, run_info)
 
 
-def find_runs(runs_dir: Path, stage: str) -> list[Run]:
-    """All runs of a stage, oldest first; folders that are not runs (backups, notebooks' caches) are skipped."""
+def started(run: Run) -> float:
+    """When a run began: the UTC time its run.json records; for an older run, its folder's (local) time stamp."""
+    created = (run.info or {}).get("created")
+    if isinstance(created, (int, float)) and not isinstance(created, bool) and created == created:
+        return float(created)
+    try:
+        return time.mktime(time.strptime(run.path.name[:15], "%Y%m%d-%H%M%S"))
+    except ValueError:
+        return 0.0
+
+
+def copies(runs: list[Run]) -> dict[Path, Path]:
+    """Folders holding another copy of a run (same uid): copy -> the run's own folder, the one named as recorded.
+
+    A backup (``RUN-backup``) or a diverged copy kept beside by a sync is never taken for the run itself.
+    """
+    by_uid: dict[str, list[Run]] = {}
+    for run in runs:
+        if run.uid:
+            by_uid.setdefault(run.uid, []).append(run)
+    found = {}
+    for same in by_uid.values():
+        if len(same) > 1:
+            own = next((r for r in same if (r.info or {}).get("name") == r.path.name), None)
+            own = own or min(same, key=lambda r: (len(r.path.name), r.path.name))  # older runs record no name
+            found.update({r.path: own.path for r in same if r is not own})
+    return found
+
+
+def find_runs(runs_dir: Path, stage: str, with_copies: bool = False) -> list[Run]:
+    """All runs of a stage, oldest first by recorded start time; folders that are not runs (backups, notebooks'
+    caches) are skipped, and so are copies of a run (``with_copies`` keeps them)."""
     base = Path(runs_dir) / stage
     if not base.is_dir():
         return []
-    runs = (load_run(p) for p in sorted(base.iterdir(), key=lambda p: p.name))
-    return [r for r in runs if r is not None]
+    runs = [r for r in (load_run(p) for p in sorted(base.iterdir(), key=lambda p: p.name)) if r is not None]
+    runs.sort(key=lambda r: (started(r), r.path.name))
+    if not with_copies:
+        extra = copies(runs)
+        runs = [r for r in runs if r.path not in extra]
+    return runs
 
 
 def stages_with_prefix(runs_dir: Path, prefix: str) -> list[str]:
+    """Stage folders such as ``stage3_finetune_<mask>``; a renamed copy (``stage3_finetune_causal.bak``) is not one."""
     base = Path(runs_dir)
-    return sorted(p.name for p in base.iterdir() if p.is_dir() and p.name.startswith(prefix)) if base.is_dir() else []
+    pattern = re.compile(re.escape(prefix) + r"[a-z0-9_]+$")
+    return sorted(p.name for p in base.iterdir() if p.is_dir() and pattern.match(p.name)) if base.is_dir() else []
 
 
 def latest(runs_dir: Path, stage: str, where=None, statuses=(COMPLETED,), need_results: bool = True) -> Run | None:
@@ -346,23 +383,3 @@ def explicit_run(path: str | Path, stage: str, flag: str, statuses=USABLE, need_
     if need_results and (run.error or run.results is None):
         raise BadInput(f"{flag} {path} has no readable results" + (f": {run.error}" if run.error else ""))
     return run
-
-
-@contextmanager
-def run_log(path: Path):
-    """Copy ablate's and lm-eval's log records (INFO and up) and transformers' (at its own level) into the run's log."""
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    loggers = [logging.getLogger(n) for n in ("ablate", "lm_eval", "transformers")]
-    previous = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.addHandler(handler)
-    for lg in loggers[:2]:  # transformers' INFO would also reach its own console handler
-        lg.setLevel(min(lg.level or logging.INFO, logging.INFO))
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, previous):
-            lg.removeHandler(handler)
-            lg.setLevel(level)
-        handler.close()

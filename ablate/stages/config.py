@@ -67,6 +67,7 @@ class EvalConfig:
         if self.max_length is not None and self.max_length < 2:
             raise BadInput(f"--max-length must be at least 2 tokens, got {self.max_length}")
         check_seed(self.seed)
+        check_runs_dir(self.runs_dir)
         _check_gate(self.gate)
         if self.batch_size != "auto" and not (str(self.batch_size).isdigit() and int(self.batch_size) > 0):
             raise BadInput(f"--batch-size must be a positive integer or 'auto', got '{self.batch_size}'")
@@ -113,6 +114,12 @@ def _check_gate(gate) -> None:
 def check_seed(seed: int) -> None:
     if not 0 <= seed < 2**32:  # numpy's seed range; lm-eval seeds numpy with it
         raise BadInput(f"--seed must be in 0..{2**32 - 1}, got {seed}")
+
+
+def check_runs_dir(runs_dir: str) -> None:
+    """An empty --runs-dir would put runs into the current folder, beside the code."""
+    if not str(runs_dir).strip():
+        raise BadInput("--runs-dir must name a folder, got ''")
 
 
 def _is_number(value) -> bool:
@@ -257,6 +264,7 @@ class FinetuneConfig:
 
         check_types(self)
         check_seed(self.seed)
+        check_runs_dir(self.runs_dir)
         _check_gate(self.gate)
         if not self.model:
             raise BadInput("no model given: pass --model (a hub id or a local path)")
@@ -371,6 +379,7 @@ class Stage4Config:
 
     def __post_init__(self):
         check_types(self)
+        check_runs_dir(self.runs_dir)
         check_runtime(self.mask, self.device, self.dtype, self.attn_implementation)
         if self.batch_size is not None and self.batch_size != "auto" and not (
                 self.batch_size.isdigit() and int(self.batch_size) > 0):
