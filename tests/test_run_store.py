@@ -98,3 +98,12 @@ def test_an_empty_runs_dir_is_refused(tmp_path, args, capsys, monkeypatch):
     code = main(args)
     err = capsys.readouterr().err
     assert code == 2 and "--runs-dir must name a folder" in err and not list(tmp_path.iterdir())
+
+
+def test_a_diverged_run_summary_prints_without_a_type_error():
+    from ablate.cli.stages import stage3_summary
+
+    text = stage3_summary({"status": "diverged", "train_loss": None, "eval_loss": None, "global_step": 3,
+                           "grad_norm": {"last": None, "max": 102.0}, "probe": {"before": None, "after": {}},
+                           "mask": "prefill_bidir", "leaky": False, "save": None})
+    assert "diverged" in text and "102.0000" in text and "n/a" in text

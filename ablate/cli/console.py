@@ -34,6 +34,8 @@ class _Stderr(logging.StreamHandler):
 
 def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # A full disk makes every log handler fail; the run's own error says it once, not a traceback per record.
+    logging.raiseExceptions = False
     root = logging.getLogger()
     if not any(isinstance(h, _Stderr) for h in root.handlers):
         handler = _Stderr()

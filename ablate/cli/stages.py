@@ -112,18 +112,30 @@ def stage3(
         refresh_status(runs_dir)
     if out is None:  # a rank > 0 of torchrun / accelerate launch: rank 0 reports the run
         return
-    summary = json.loads((out / "summary.json").read_text())
-    if summary["leaky"]:
-        typer.echo("LEAKY: this run trained with a mask that lets supervised positions see their labels")
-    for key in ("status", "train_loss", "eval_loss", "train_steps_per_second", "global_step"):
-        typer.echo(f"{key:<24}{summary[key]}")
-    typer.echo(f"{'grad_norm last/max':<24}{summary['grad_norm']['last']} / {summary['grad_norm']['max']}")
-    for when in ("before", "after"):
-        p = summary["probe"][when]
-        typer.echo(f"probe {when:<18}loss[{summary['mask']}]={p['loss_mask']:.4f}  loss[causal]={p['loss_causal']:.4f}")
-    if summary["save"]:
-        typer.echo(f"{'saved as':<24}{summary['save']['format']} in {summary['save']['path']}")
+    typer.echo(stage3_summary(json.loads((out / "summary.json").read_text())))
     typer.echo(f"run directory: {out}")
+
+
+def _shown(value, digits: int = 4) -> str:
+    """A summary number as printed; a diverged run's null (a non-finite loss) prints as n/a, not a TypeError."""
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "n/a"
+
+
+def stage3_summary(summary: dict) -> str:
+    lines = ["LEAKY: this run trained with a mask that lets supervised positions see their labels"] \
+        if summary.get("leaky") else []
+    for key in ("status", "train_loss", "eval_loss", "train_steps_per_second", "global_step"):
+        value = summary.get(key)
+        lines.append(f"{key:<24}{value if isinstance(value, (str, int)) else _shown(value)}")
+    grad = summary.get("grad_norm") or {}
+    lines.append(f"{'grad_norm last/max':<24}{_shown(grad.get('last'))} / {_shown(grad.get('max'))}")
+    for when in ("before", "after"):
+        p = (summary.get("probe") or {}).get(when) or {}
+        lines.append(f"probe {when:<18}loss[{summary.get('mask')}]={_shown(p.get('loss_mask'))}  "
+                     f"loss[causal]={_shown(p.get('loss_causal'))}")
+    if summary.get("save"):
+        lines.append(f"{'saved as':<24}{summary['save'].get('format')} in {summary['save'].get('path')}")
+    return "\n".join(lines)
 
 
 def _read_escapes(flags: dict) -> dict:
