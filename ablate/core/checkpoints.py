@@ -64,7 +64,32 @@ def save_final(model, tokenizer, out: Path) -> dict:
         dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
     )
     write_json(out / META, {**info, "config": model.config.to_dict()})
+    from ablate.core.identity import folder_fingerprint
+
+    info["fingerprint"] = folder_fingerprint(out)  # what stage 4 checks final/ against (verify_final)
     return info
+
+
+def verify_final(model_dir: Path, summary: dict, what: str) -> dict:
+    """The identity of a stage 3 model folder, refused in one line unless it is what its run recorded.
+
+    ``summary["save"]["fingerprint"]`` is the digest of ``final/`` as saved; a LoRA adapter's base model (the
+    path its adapter_config.json names) must still be the model it was trained on (``summary["model_identity"]``).
+    """
+    from ablate.core.identity import describe, model_identity
+
+    recorded = (summary.get("save") or {}).get("fingerprint")
+    if not recorded:
+        raise BadInput(f"{what} does not record the digest of its final/ model (made by an older ablate); "
+                       "rerun stage 3")
+    identity = model_identity(str(model_dir))
+    if identity["local"] != recorded:
+        raise BadInput(f"{model_dir} changed after stage 3 saved it (digest {identity['local'][:12]}, recorded "
+                       f"{recorded[:12]}): its weights or config were replaced; restore it or rerun stage 3")
+    if "base" in identity and identity["base"] != summary.get("model_identity"):
+        raise BadInput(f"the LoRA adapter {model_dir} was trained on {describe(summary.get('model_identity'))}, but "
+                       f"its base model path now holds {describe(identity['base'])}; restore that base model")
+    return identity
 
 
 def save_raw(model, file: Path) -> None:

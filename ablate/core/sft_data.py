@@ -144,6 +144,17 @@ def load_rows(data: str, fmt: RowFormat) -> list[dict]:
     return rows
 
 
+def data_identity(data: str, eval_data: str | None = None) -> dict:
+    """What the training data was: a local file's sha256, or a dataset id (not digested)."""
+    from ablate.core.identity import file_digest
+
+    def one(name):
+        path = Path(name).expanduser()
+        return {"sha256": file_digest(path)} if path.is_file() else {"hub": name}
+
+    return {"data": one(data), "eval_data": one(eval_data) if eval_data else None}
+
+
 def _has_text(path: Path) -> bool:
     with open(path) as fh:
         return any(line.strip() for line in fh)
@@ -182,7 +193,7 @@ def tokenize(rows: list[dict], tokenizer, fmt: RowFormat, max_length: int, split
             if not truncate_prompts:
                 too_long.append((i, len(prompt)))
                 continue
-            prompt = prompt[-room:]  # keep the prompt's end, next to the response
+            prompt = prompt[len(prompt) - room:]  # keep the prompt's end, next to the response (none when room is 0)
         response = response[: max_length - len(prompt)]
         out.append(Tokenized(prompt + response, [-100] * len(prompt) + response, len(prompt)))
     if too_long:
@@ -193,6 +204,20 @@ def tokenize(rows: list[dict], tokenizer, fmt: RowFormat, max_length: int, split
             "(responses are cut at the end)"
         )
     return out
+
+
+def supervised_tokens(examples: list[Tokenized]) -> int:
+    """Positions the loss is computed on: labels other than -100 after the first token (the model shifts by one)."""
+    return sum(sum(1 for label in e.labels[1:] if label != -100) for e in examples)
+
+
+def refuse_unsupervised(examples: list[Tokenized], n_rows: int, what: str, max_length: int) -> int:
+    """The supervised token count of ``examples``; BadInput before step 1 when there is none to learn from."""
+    n = supervised_tokens(examples)
+    if n == 0:
+        raise BadInput(f"{what}: {n_rows} row(s) give {len(examples)} example(s) with 0 supervised (response) "
+                       f"tokens at --max-length {max_length}; training would change nothing (raise --max-length)")
+    return n
 
 
 def split_eval(examples: list, eval_fraction: float, seed: int) -> tuple[list, list]:

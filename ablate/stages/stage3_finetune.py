@@ -35,10 +35,12 @@ from ablate.stages.config import FinetuneConfig
 from ablate.errors import BadInput
 from ablate.core.leakage import find_leak, probe
 from ablate.core.masks import model_attention_mask
-from ablate.core.sft_data import Collator, load_rows, split_eval, tokenize
+from ablate.core.sft_data import Collator, data_identity, load_rows, refuse_unsupervised, split_eval, supervised_tokens, tokenize
 
 log = logging.getLogger(__name__)
 GUARD_EXAMPLES = 256  # examples the structural guard inspects (the mask is per-row, so a sample suffices)
+LOSS_RISE, UNIFORM_X = 10.0, 3.0  # loss_ceiling's factors
+ZERO_GRAD, ZERO_GRAD_LOSS = 1e-10, 1e-3  # a grad norm this small while the loss is above this: saturated, not converged
 
 
 class MaskedTrainer(Trainer):
@@ -75,10 +77,14 @@ class MaskedTrainer(Trainer):
 class TrainLog(TrainerCallback):
     """Appends every log (loss, grad norm, learning rate, eval) to ``train_log.jsonl``; stops on divergence."""
 
-    def __init__(self, path: Path, spike_factor: float, window: int, is_main: bool, history: list[dict] = ()):
+    def __init__(self, path: Path, spike_factor: float, window: int, is_main: bool, history: list[dict] = (),
+                 vocab_size: int = 0):
         self.path, self.spike_factor, self.window, self.is_main = path, spike_factor, window, is_main
-        # A resumed run judges its next steps against the same recent grad norms as an uninterrupted one.
+        # A resumed run judges its next steps against the same recent grad norms and first loss as an uninterrupted one.
         self.grad_norms: list[float] = [e["grad_norm"] for e in history if "grad_norm" in e]
+        first = next((e["loss"] for e in history if "loss" in e), None)
+        self.first_loss, self.loss_ceiling = first, None if first is None else loss_ceiling(first, vocab_size)
+        self.vocab_size = vocab_size
         self.diverged: str | None = None
         self.last_good_step = max((e["step"] for e in history if "loss" in e), default=0)
 
@@ -94,9 +100,17 @@ class TrainLog(TrainerCallback):
             log.info("step %d: %s", state.global_step, " ".join(
                 f"{k}={v:.4g}" for k, v in logs.items() if isinstance(v, (int, float)) and k != "epoch"))
         loss, norm = logs.get("loss"), logs.get("grad_norm")
+        if loss is not None and math.isfinite(loss) and self.loss_ceiling is None:
+            self.first_loss, self.loss_ceiling = loss, loss_ceiling(loss, self.vocab_size)
         reason = None
         if loss is not None and not math.isfinite(loss):
             reason = f"non-finite loss {loss} at step {state.global_step}"
+        elif loss is not None and loss > self.loss_ceiling:
+            reason = (f"loss {loss:.4g} at step {state.global_step} rose over {self.loss_ceiling:.4g} ({LOSS_RISE:g}x "
+                      f"the first logged loss {self.first_loss:.4g}, kept within ln(vocab) and {UNIFORM_X:g} ln(vocab))")
+        elif norm is not None and math.isfinite(norm) and norm <= ZERO_GRAD and loss is not None and loss > ZERO_GRAD_LOSS:
+            reason = (f"grad norm collapsed to {norm:.3g} at step {state.global_step} while the loss stays at "
+                      f"{loss:.4g}: the model is saturated, not converged")
         elif norm is not None:
             if not math.isfinite(norm):
                 reason = f"non-finite grad norm at step {state.global_step}"
@@ -116,17 +130,33 @@ class TrainLog(TrainerCallback):
         return control
 
 
+def loss_ceiling(first_loss: float, vocab_size: int) -> float:
+    """The logged loss past which a run is diverged: ``LOSS_RISE`` x its first logged loss, kept within [ln V, 3 ln V].
+
+    ln V is the loss of a uniform guess over the vocabulary: a loss under it is never called diverged (a
+    finetune's first loss may be tiny), one over ``UNIFORM_X`` x it always is (worse than guessing, far).
+    """
+    uniform = math.log(vocab_size) if vocab_size > 1 else math.inf
+    return max(uniform, min(LOSS_RISE * first_loss, UNIFORM_X * uniform))
+
+
 def prepare(config: FinetuneConfig, tokenizer):
     """Read, tokenize and split the data; check the mask for leakage. Raises BadInput."""
     fmt = config.row_format()
     kw = dict(tokenizer=tokenizer, fmt=fmt, max_length=config.max_length, split_range=config.split_range,
               truncate_prompts=config.truncate_prompts, seed=config.seed)
-    examples = tokenize(load_rows(config.data, fmt), **kw)
+    rows = load_rows(config.data, fmt)
+    examples = tokenize(rows, **kw)
+    refuse_unsupervised(examples, len(rows), f"--data {config.data}", config.max_length)
     if config.eval_data:
-        held = tokenize(load_rows(config.eval_data, fmt), **kw)
+        eval_rows = load_rows(config.eval_data, fmt)
+        held = tokenize(eval_rows, **kw)
+        refuse_unsupervised(held, len(eval_rows), f"--eval-data {config.eval_data}", config.max_length)
         train = examples
     else:
         train, held = split_eval(examples, config.eval_fraction, config.seed)
+        refuse_unsupervised(train, len(train), f"--data {config.data} (training split)", config.max_length)
+        refuse_unsupervised(held, len(held), f"--data {config.data} (held-out split)", config.max_length)
     collate = Collator(tokenizer.pad_token_id)
     leak = find_leak(config.mask, collate([asdict(e) for e in train[:GUARD_EXAMPLES]]))
     if leak and not config.allow_label_leakage:
@@ -150,9 +180,10 @@ def run_stage3(config: FinetuneConfig, resume_dir: Path | None = None) -> Path |
         rundir.check_writable(Path(config.runs_dir), config.stage)
         setup = _setup(config, device)  # data and mask are checked before a run directory exists
         run_dir = rundir.claim(state, lambda: rundir.new_run_dir(Path(config.runs_dir), config.stage,
-                                                           model_identity=setup[-1]))
+                                                           model_identity=setup[-2], data_identity=setup[-1]))
     else:
         resume.check_base(Path(resume_dir), config.model, model_identity(config.model))
+        resume.check_data(Path(resume_dir), config, data_identity(config.data, config.eval_data))
         # Locked before the slow model load, so a second --resume of the run is refused at once.
         start = resume.newest_intact(Path(resume_dir))  # recorded in the run's lineage (history.jsonl)
         run_dir = rundir.claim(state, lambda: rundir.reopen(resume_dir, resume.step_of(start) if start else 0)
@@ -178,15 +209,16 @@ def _setup(config: FinetuneConfig, device: str):
     from ablate.core.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(config.model)
+    data_id = data_identity(config.data, config.eval_data)  # digested before it is read: what --resume checks
     train, held, collate, leak = prepare(config, tokenizer)  # before the (slow) fingerprint and model load
     identity = model_identity(config.model)
     model, tokenizer = load_model(config.model, device, config.dtype, config.attn_implementation, tokenizer)
     probe_batch = collate([asdict(e) for e in held[: config.probe_samples]])
-    return model, tokenizer, train, held, collate, leak, probe_batch, identity
+    return model, tokenizer, train, held, collate, leak, probe_batch, identity, data_id
 
 
 def _train(config, setup, run_dir, resuming, started, is_main):
-    model, tokenizer, train, held, collate, leak, probe_batch, identity = setup
+    model, tokenizer, train, held, collate, leak, probe_batch, identity, data_id = setup
     log.info("data: %d training, %d held-out examples from %s", len(train), len(held), config.data)
     on_gpu = next(model.parameters()).is_cuda
     model.config.use_cache = False
@@ -198,8 +230,16 @@ def _train(config, setup, run_dir, resuming, started, is_main):
         model = get_peft_model(model, LoraConfig(
             r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
             target_modules=config.lora_target_modules, task_type="CAUSAL_LM"))
-    probe_before = probe(model, probe_batch, config.mask)
     args = config.training_arguments(run_dir / "checkpoints", on_gpu, is_main)
+    mask_check = None
+    if config.mask != "causal":  # the mask must take effect on this stack (backend, dtype, versions) before step 1
+        import torch
+
+        from ablate.core.mask_check import check_training_mask
+
+        mask_check = check_training_mask(model, collate([asdict(e) for e in train[:GUARD_EXAMPLES]]), config.mask,
+                                         autocast_dtype=torch.bfloat16 if args.bf16 else None)
+    probe_before = probe(model, probe_batch, config.mask)
     checkpoint, saved, history = None, None, []
     if resuming:
         checkpoint = resume.newest_intact(run_dir)
@@ -211,7 +251,8 @@ def _train(config, setup, run_dir, resuming, started, is_main):
         if is_main:
             resume.trim_train_log(run_dir / "train_log.jsonl", history)
             shutil.rmtree(run_dir / "final", ignore_errors=True)  # a killed attempt's half-written save
-    train_log = TrainLog(run_dir / "train_log.jsonl", config.spike_factor, config.spike_window, is_main, history)
+    train_log = TrainLog(run_dir / "train_log.jsonl", config.spike_factor, config.spike_window, is_main, history,
+                         vocab_size=model.config.vocab_size)
     callbacks = [train_log] + ([resume.Fault()] if os.environ.get(resume.FAULT_ENV) else [])
     trainer = MaskedTrainer(
         model=model, args=args, train_dataset=[asdict(e) for e in train],
@@ -226,10 +267,12 @@ def _train(config, setup, run_dir, resuming, started, is_main):
         trainer._load_from_checkpoint(str(checkpoint))  # what train(resume_from_checkpoint=...) loads with
     else:
         train_metrics = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None).metrics
-    eval_loss = trainer.evaluate()["eval_loss"] if not train_log.diverged else None
+    diverged = train_log.diverged or nonfinite_weights(model)
+    eval_loss = trainer.evaluate()["eval_loss"] if not diverged else None
     probe_after = probe(model, probe_batch, config.mask)
+    diverged = diverged or unusable_result(eval_loss, probe_after)
 
-    status = rundir.DIVERGED if train_log.diverged else rundir.COMPLETED
+    status = rundir.DIVERGED if diverged else rundir.COMPLETED
     save = None
     if status == rundir.COMPLETED and is_main:
         resume.arm_final_save(tokenizer)
@@ -247,6 +290,8 @@ def _train(config, setup, run_dir, resuming, started, is_main):
         "model_identity": identity,  # what stage 4 compares with stage 1's base model
         "mask": config.mask,
         "data": config.data,
+        "data_identity": data_id,  # what --resume checks --data against
+        "supervised_tokens": supervised_tokens(train),
         "n_train": len(train),
         "n_eval": len(held),
         "global_step": trainer.state.global_step,
@@ -259,24 +304,43 @@ def _train(config, setup, run_dir, resuming, started, is_main):
         "train_steps_per_second": train_metrics.get("train_steps_per_second"),
         "wall_seconds": round(time.time() - started, 3),
         "grad_norm": {"last": norms[-1] if norms else None, "max": max(norms) if norms else None},
-        "diverged_reason": train_log.diverged,
+        "diverged_reason": diverged,
         "last_good_checkpoint": str(good[-1]) if good else None,
         "leakage_guard": {"passed": leak is None, "first_leak": str(leak) if leak else None,
                           "allowed_by_flag": leak is not None},
         "probe": {"before": probe_before, "after": probe_after},
+        "mask_check": mask_check,
         "save": save,
         "resumed_from": str(checkpoint) if checkpoint else None,
     }
     gated = check_gate(config.gate, summary) if status == rundir.COMPLETED else None
     if gated:
         summary["status"] = status = rundir.GATED
-    reason = train_log.diverged or gated or ("trained with a label-leaking mask" if leak else "")
+    reason = diverged or gated or ("trained with a label-leaking mask" if leak else "")
     log.info("%s at step %d: train_loss %s, eval_loss %s%s", status, summary["global_step"], summary["train_loss"],
              eval_loss, f" ({reason})" if reason else "")
     if is_main:
         rundir.write_json(run_dir / "summary.json", _finite(summary))
         rundir.set_status(run_dir, status, reason)
     return run_dir
+
+
+def nonfinite_weights(model) -> str | None:
+    """Why the trained weights are unusable (a NaN or inf anywhere), or None."""
+    import torch
+
+    for name, param in model.named_parameters():
+        if not bool(torch.isfinite(param).all()):
+            return f"final weights are not finite ({name} holds NaN or inf)"
+    return None
+
+
+def unusable_result(eval_loss, probe_after: dict) -> str | None:
+    """Why the finished run's measurements say the model is broken (a non-finite eval loss or probe), or None."""
+    if eval_loss is not None and not math.isfinite(eval_loss):
+        return f"eval loss is {eval_loss}"
+    bad = [k for k in ("loss_mask", "loss_causal") if not math.isfinite(probe_after[k])]
+    return f"probe after training is not finite ({', '.join(bad)})" if bad else None
 
 
 def _finite(value):

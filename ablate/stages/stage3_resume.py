@@ -138,6 +138,21 @@ def check_base(run_dir: Path, model: str, identity: dict) -> None:
                        "resuming would mix two models")
 
 
+def check_data(run_dir: Path, config, identity: dict) -> None:
+    """Refuse to go on with other training data than the run started on (a ``--data`` file edited since)."""
+    info, _ = read_json(Path(run_dir) / rundir.RUN_FILE)
+    recorded = (info or {}).get("data_identity")
+    if recorded is None:
+        log.warning("%s does not record its training data's digest (made by an older ablate); not checked", run_dir)
+        return
+    for key, flag in (("data", "--data"), ("eval_data", "--eval-data")):
+        if recorded.get(key) != identity.get(key):
+            was, now = (recorded.get(key) or {}), (identity.get(key) or {})
+            raise BadInput(f"{run_dir} was started on {flag} {getattr(config, key)} with sha256 "
+                           f"{str(was.get('sha256'))[:12]}, which is now {str(now.get('sha256'))[:12]}; "
+                           "resuming would train on other data")
+
+
 def saved_config(run_dir: Path):
     from ablate.stages.config import FinetuneConfig
 
