@@ -125,7 +125,137 @@ def task_data_digests(paths: dict[str, Path]) -> dict[str, str]:
     return out
 
 
+# --- a task as lm-eval resolved it -----------------------------------------------------------------
+
+
+def _source(fn) -> str:
+    import inspect
+
+    try:
+        return inspect.getsource(fn)
+    except (TypeError, OSError):
+        return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+def _canonical(value, where: str, files: dict[str, Path]):
+    """JSON-able, deterministic form of a resolved config value; local files become ``<file>`` and go to
+    ``files`` (their contents are digested apart, so a moved file is the same task and an edited one is not)."""
+    import re
+
+    if isinstance(value, dict):
+        return {str(k): _canonical(v, f"{where}.{k}", files) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v, f"{where}.{i}", files) for i, v in enumerate(value)]
+    if isinstance(value, str):
+        if len(value) < 4096 and "\n" not in value and value.startswith(("/", "./", "../", "~")):
+            path = Path(value).expanduser()
+            if path.exists():
+                files[where] = path
+                return "<file>"
+        return value
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if callable(value):
+        import inspect
+
+        try:  # a !function's module may hold helpers the function calls
+            module = inspect.getsourcefile(value)
+            if module:
+                files[f"{where}:module"] = Path(module)
+        except TypeError:
+            pass
+        return _source(value)
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _tree_digest(path: Path, cache: dict) -> str:
+    if path.is_file():
+        return file_digest(path, cache)
+    total = hashlib.sha256()
+    for p in sorted(q for q in path.rglob("*") if q.is_file()):
+        total.update(f"{p.relative_to(path)}\0{file_digest(p, cache)}\n".encode())
+    return total.hexdigest()
+
+
+def _docs_digest(task) -> str:
+    """sha256 over the documents lm-eval will score and draw few-shot examples from, after process_docs."""
+    total = hashlib.sha256()
+    for part, docs in (("eval", task.eval_docs), ("fewshot", _fewshot_docs(task))):
+        total.update(f"{part}\n".encode())
+        for doc in docs or []:
+            total.update(json.dumps(doc, sort_keys=True, default=str).encode() + b"\n")
+    return total.hexdigest()
+
+
+def _fewshot_docs(task):
+    try:
+        return task.fewshot_docs()
+    except Exception:  # a task without a few-shot source; lm-eval then samples from nothing
+        return None
+
+
+def task_identity(task, yaml_path: Path | None = None) -> dict:
+    """One built lm-eval task by what decides its numbers.
+
+    ``config``: each key of the resolved TaskConfig (YAML includes merged, templates, choices, target,
+    metrics, filters, few-shot settings, delimiters; functions by their source) -> a short digest, so a
+    mismatch names the key; ``files``: every local file the config names (data files, the YAML, a
+    function's module) -> sha256; ``docs_sha256``: the documents themselves as lm-eval loaded them.
+    """
+    files: dict[str, Path] = {}
+    raw = task.config.to_dict(keep_callable=True)
+    config = {k: _canonical(v, k, files) for k, v in raw.items()}
+    if yaml_path is not None and Path(yaml_path).is_file():  # named once, as the task's YAML
+        files = {w: p for w, p in files.items() if p.resolve() != Path(yaml_path).resolve()}
+        files["yaml"] = Path(yaml_path)
+    cache = _load_cache()
+    try:
+        digests = {where: _tree_digest(path, cache) for where, path in sorted(files.items())}
+    except OSError as exc:
+        raise BadInput(f"task '{raw.get('task')}': cannot read {exc.filename}: {exc.strerror or exc}") from None
+    _save_cache(cache)
+    return {"config_sha256": _digest(config), "config": {k: _digest(v)[:16] for k, v in sorted(config.items())},
+            "files": digests, "docs_sha256": _docs_digest(task)}
+
+
 def mismatch(expected: dict, found: dict | None) -> list[str]:
-    """The keys of two comparison records that differ (all of ``expected``'s when ``found`` is absent)."""
-    found = found or {}
-    return sorted(k for k in set(expected) | set(found) if expected.get(k) != found.get(k))
+    """What differs between two comparison records, readable: ``limit``, ``dtype``,
+    ``tasks.mytask.config (doc_to_text)``, ``tasks.mytask.files (dataset_kwargs.data_files.test)``."""
+    found = found if isinstance(found, dict) else {}
+    out = []
+    for key in sorted(set(expected) | set(found)):
+        a, b = expected.get(key), found.get(key)
+        if a == b:
+            continue
+        if key == "tasks" and isinstance(a, dict) and isinstance(b, dict):
+            out += _task_mismatch(a, b)
+        else:
+            out.append(key)
+    return out
+
+
+def _task_mismatch(a: dict, b: dict) -> list[str]:
+    out = []
+    for name in sorted(set(a) | set(b)):
+        ta, tb = a.get(name), b.get(name)
+        if ta == tb:
+            continue
+        if not (isinstance(ta, dict) and isinstance(tb, dict)):
+            out.append(f"tasks.{name} ({'not in the other run' if tb is None else 'not in this run' if ta is None else 'unrecorded'})")
+            continue
+        parts = []
+        for part in sorted(set(ta) | set(tb)):
+            pa, pb = ta.get(part), tb.get(part)
+            if pa == pb or (part == "config_sha256" and ta.get("config") != tb.get("config")):
+                continue
+            if isinstance(pa, dict) and isinstance(pb, dict):
+                keys = sorted(k for k in set(pa) | set(pb) if pa.get(k) != pb.get(k))
+                parts.append(f"tasks.{name}.{part} ({', '.join(keys)})")
+            else:
+                parts.append(f"tasks.{name}.{part.removesuffix('_sha256')}")
+        out += parts
+    return out

@@ -2,9 +2,12 @@
 
     ablate aggregate --runs-dir runs
 
-Runs are grouped by stage, model, mask and comparison settings (tasks, limit,
-few-shot, task data); within a group the newest completed run of each seed
-counts once. Stage 4 groups by the training mask, with the stage 3 run's seed.
+Runs are grouped by stage, mask and comparison record minus the seed (model
+identity, dtype, attention, each task as lm-eval resolved it, its files,
+settings): only runs that differ by seed are pooled. Within a group the newest
+completed run of each seed counts once. Stage 4 also groups by the stage 3
+training config minus its seed, so finetunes of other steps or learning rates
+are never pooled as seeds.
 """
 
 from __future__ import annotations
@@ -36,7 +39,24 @@ def _across_seeds(metrics: dict) -> dict:
     return {k: v for k, v in (metrics.get("comparison") or {}).items() if k != "seed"}
 
 
+# Stage 3 settings that decide where and how often a run logs or saves, not what it trains.
+NOT_TRAINING = frozenset({"seed", "runs_dir", "device", "logging_steps", "save_steps", "save_total_limit", "gate",
+                          "ignore_gate", "eval_steps", "probe_samples", "model"})
+
+
+def _training(runs_dir: Path, entry: dict) -> tuple[dict, int | None] | None:
+    """(the stage 3 run's training config minus its seed, base model by identity; its seed), or None."""
+    checkpoint = Path(entry["checkpoint"])
+    run = rundir.load_run(checkpoint) or rundir.load_run(Path(runs_dir) / checkpoint.parent.name / checkpoint.name)
+    if run is None or not run.config:
+        return None
+    return {"base": (run.summary or {}).get("model_identity"),
+            **{k: v for k, v in run.config.items() if k not in NOT_TRAINING}}, run.config.get("seed")
+
+
 def aggregate(runs_dir: Path) -> list[dict]:
+    """Groups of runs that differ only by seed: same stage, mask and comparison record (stage 4: and the same
+    stage 3 training config); a stage 4 entry whose stage 3 run cannot be read is left out."""
     groups: dict[str, tuple[dict, dict]] = {}
     for stage in (STAGE1, STAGE2):
         for run in rundir.find_runs(runs_dir, stage):
@@ -44,22 +64,21 @@ def aggregate(runs_dir: Path) -> list[dict]:
             if run.status != rundir.COMPLETED or not m:
                 continue
             label = {"stage": stage, "model": m["model"], "mask": m["mask"], "comparison": _across_seeds(m)}
-            key = json.dumps(label, sort_keys=True)
+            key = json.dumps({**label, "model": None}, sort_keys=True)  # the model by identity, not by path
             groups.setdefault(key, (label, {}))[1][m.get("seed")] = (m["tasks"], m["macro"])
     for run in rundir.find_runs(runs_dir, STAGE4):
         m = run.metrics
         if run.status != rundir.COMPLETED or not m:
             continue
         for entry in m.get("checkpoints", []):
-            seed = entry.get("train_seed")
-            if seed is None:  # older stage 4 runs: the stage 3 run by its folder name, wherever runs/ now is
-                checkpoint = Path(entry["checkpoint"])
-                run = rundir.load_run(Path(runs_dir) / checkpoint.parent.name / checkpoint.name)
-                seed = (run.config or {}).get("seed") if run else None
+            found = _training(runs_dir, entry)
+            if found is None:
+                continue
+            training, seed = found
             label = {"stage": STAGE4, "train_mask": entry["train_mask"], "mask": m["mask"],
-                     "comparison": _across_seeds(m)}
-            key = json.dumps(label, sort_keys=True)
-            groups.setdefault(key, (label, {}))[1][seed] = (entry["tasks"], entry["macro"])
+                     "comparison": _across_seeds(m), "training": training}
+            key = json.dumps(label, sort_keys=True, default=str)
+            groups.setdefault(key, (label, {}))[1][entry.get("train_seed", seed)] = (entry["tasks"], entry["macro"])
     return [_summarise(label, by_seed) for label, by_seed in groups.values()]
 
 

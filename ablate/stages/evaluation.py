@@ -9,6 +9,8 @@ input leaves nothing behind.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import time
@@ -19,25 +21,40 @@ from ablate.results.files import write_jsonl
 from ablate.results.environment import environment
 from ablate.results.gates import check_gate
 from ablate.stages.config import EvalConfig
+from ablate.errors import BadInput
 from ablate.faults import fault_point
 
 log = logging.getLogger(__name__)
 
 
-def comparison_key(config: EvalConfig, task_data: dict[str, Path], model_identity: dict) -> dict:
-    """What must agree for two evaluation runs to be compared document by document: identities, not paths."""
-    from ablate.core.identity import task_data_digests
-    from ablate.core.tasks import BUNDLED_DATA
+def comparison_key(config: EvalConfig, task_data: dict[str, Path], model_identity: dict, tasks: dict | None = None,
+                   manager=None, device: str | None = None) -> dict:
+    """What must agree for two evaluation runs to be compared document by document: identities, not paths.
 
-    data = {name: BUNDLED_DATA[name] for name in config.tasks if name in BUNDLED_DATA and name not in task_data}
+    Each task is what lm-eval resolved (``ablate.core.identity.task_identity``); the mask is left out, being
+    what stage 2 changes. Pass ``tasks`` and ``manager`` from ``check_inputs`` (else they are built again).
+    """
+    from ablate.core.identity import task_identity
+    from ablate.core.lm_eval_model import task_entry
+    from ablate.core.models import resolve_device, resolve_dtype
+
+    if tasks is None:
+        manager, task_data, tasks = check_inputs(config)
+    device = device or resolve_device(config.device)
+
+    def yaml_of(name):
+        entry = task_entry(manager, name) if manager is not None else None
+        return entry.yaml_path if entry is not None else None
+
     return {
         "model": model_identity,
-        "tasks": sorted(config.tasks),
+        "dtype": str(resolve_dtype(config.dtype, device)).removeprefix("torch."),
+        "attn_implementation": config.attn_implementation,
+        "max_length": config.max_length,
         "limit": config.limit,
         "num_fewshot": config.num_fewshot,
-        "max_length": config.max_length,
         "seed": config.seed,
-        "task_data_sha256": task_data_digests({**data, **task_data}),
+        "tasks": {name: task_identity(task, yaml_of(name)) for name, task in sorted(tasks.items())},
     }
 
 
@@ -96,13 +113,20 @@ def evaluate(config: EvalConfig, model, tokenizer, device: str, mask: str, tasks
         },
         # Each halving of a batch after an out-of-memory error (ablate.core.oom); empty when none.
         "oom_retries": lm.oom_retries,
+        # The runtime check that the mask took effect (ablate.core.mask_check); None where none ran.
+        "mask_check": getattr(lm, "mask_check", None),
         "rows": rows,
     }
 
 
-def write_samples(run_dir: Path, rows: dict, prefix: str = "") -> None:
+def write_samples(run_dir: Path, rows: dict, prefix: str = "") -> dict:
+    """Each task's ``samples_<prefix><task>.jsonl``; returns ``task -> {file, sha256, rows}`` for metrics.json."""
+    out = {}
     for name, task_rows in rows.items():
-        write_jsonl(run_dir / f"samples_{prefix}{name}.jsonl", task_rows)
+        path = run_dir / f"samples_{prefix}{name}.jsonl"
+        write_jsonl(path, task_rows)
+        out[name] = {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "rows": len(task_rows)}
+    return out
 
 
 def run_eval(config: EvalConfig, compare=None) -> Path | None:
@@ -123,7 +147,7 @@ def run_eval(config: EvalConfig, compare=None) -> Path | None:
     # Under torchrun / accelerate launch: on CPU accelerate joins the processes only when told (gloo).
     state = PartialState(cpu=device == "cpu")
     manager, task_data, tasks = check_inputs(config)
-    key = comparison_key(config, task_data, model_identity(config.model))
+    key = comparison_key(config, task_data, model_identity(config.model), tasks, manager, device)
     finish = compare(key) if compare else None
     rundir.check_writable(Path(config.runs_dir), config.stage)
     model, tokenizer = load_model(config.model, device, config.dtype, config.attn_implementation)
@@ -140,7 +164,7 @@ def run_eval(config: EvalConfig, compare=None) -> Path | None:
         if result is None:  # another rank: its documents went to rank 0, which writes the run
             return None
         rows = result.pop("rows")
-        write_samples(run_dir, rows)
+        samples = write_samples(run_dir, rows)
         metrics = {
             "stage": config.stage,
             "run_id": run_dir.name,
@@ -150,6 +174,8 @@ def run_eval(config: EvalConfig, compare=None) -> Path | None:
             "seed": config.seed,
             "comparison": key,
             **result,
+            # The samples are the source of truth; a reader checks them against these and recomputes acc.
+            "samples": samples,
         }
         metrics["timing"]["wall_seconds"] = round(time.time() - started, 3)
         if finish:
@@ -202,3 +228,71 @@ def macro(per_task: dict) -> dict:
         # The mean of each task's primary metric (acc, or the primary filter's exact match).
         "of": {name: t["metric"] for name, t in per_task.items()},
     }
+
+
+def verified_samples(run, prefix: str = "", tasks=None) -> dict[str, dict[int, bool]]:
+    """``task -> {doc_id: correct}`` of an evaluation run, from its samples files, or one line (BadInput).
+
+    Each file must match the sha256 and row count its metrics.json records, hold one row per doc_id, and
+    give the accuracy metrics.json caches (macro too). The caller's numbers come from what this returns.
+    """
+    metrics = run.metrics or {}
+    record = metrics.get("samples")
+    where = f"run {run.path}"
+    if not isinstance(record, dict):
+        raise BadInput(f"{where} records no samples digests (made by an older ablate, or its metrics.json was "
+                       "edited); rerun it")
+    out = {}
+    for task in sorted(tasks if tasks is not None else (metrics.get("tasks") or {})):
+        entry = record.get(task)
+        path = Path(run.path) / f"samples_{prefix}{task}.jsonl"
+        if not isinstance(entry, dict) or entry.get("file") != path.name:
+            raise BadInput(f"{where} records no samples digest for task {task}")
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise BadInput(f"{where}: cannot read {path.name}: {exc.strerror or exc}") from None
+        if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+            raise BadInput(f"{where}: {path.name} does not match the sha256 its metrics.json records "
+                           "(edited, truncated or replaced after the run); rerun it")
+        out[task] = _correct(where, path.name, data, entry.get("rows"))
+    _check_cache(where, metrics, out)
+    return out
+
+
+def _correct(where: str, name: str, data: bytes, n_rows) -> dict[int, bool]:
+    correct: dict[int, bool] = {}
+    try:
+        rows = [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+        for row in rows:
+            doc, value = row["doc_id"], row["correct"]
+            if doc in correct:
+                raise BadInput(f"{where}: {name} holds doc_id {doc} twice; one row per document")
+            correct[doc] = bool(value)
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise BadInput(f"{where}: {name} is not ablate samples ({type(exc).__name__}: {exc})") from None
+    if len(rows) != n_rows:
+        raise BadInput(f"{where}: {name} holds {len(rows)} rows, its metrics.json records {n_rows}")
+    return correct
+
+
+def _check_cache(where: str, metrics: dict, correct: dict[str, dict[int, bool]]) -> None:
+    """metrics.json is a cache of the samples: an accuracy that disagrees with them is refused."""
+    accs = []
+    for task, docs in correct.items():
+        acc = sum(docs.values()) / len(docs) if docs else None
+        cached = ((metrics.get("tasks") or {}).get(task) or {}).get("acc")
+        if acc is None or not isinstance(cached, (int, float)) or abs(cached - acc) > 1e-9:
+            raise BadInput(f"{where}: metrics.json gives {task} acc {cached}, its samples give {acc}; "
+                           "the samples are the source of truth, rerun it or restore metrics.json")
+        accs.append(acc)
+    cached = (metrics.get("macro") or {}).get("acc")
+    if accs and len(correct) == len(metrics.get("tasks") or {}) and not (
+            isinstance(cached, (int, float)) and abs(cached - sum(accs) / len(accs)) <= 1e-9):
+        raise BadInput(f"{where}: metrics.json gives macro acc {cached}, its samples give {sum(accs) / len(accs)}")
+
+
+def accuracy(correct: dict[str, dict[int, bool]]) -> dict:
+    """Per-task and macro acc recomputed from ``verified_samples``."""
+    tasks = {t: sum(d.values()) / len(d) for t, d in correct.items()}
+    return {"tasks": tasks, "macro": sum(tasks.values()) / len(tasks) if tasks else None}
