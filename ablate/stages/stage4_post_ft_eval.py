@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,9 @@ from ablate.results.gates import refuse_gated
 from ablate.results.rundir import STAGE1, STAGE2, STAGE3_PREFIX, STAGE4
 from ablate.stages.config import EvalConfig, Stage4Config
 from ablate.errors import BadInput
-from ablate.core.identity import describe, mismatch
+from ablate.core.checkpoints import verify_final
+from ablate.core.identity import describe, mismatch, model_identity
+from ablate.stages import stage3_resume as resume
 from ablate.stages.evaluation import check_inputs, comparison_key, evaluate, write_samples
 from ablate.results.files import read_correct
 from ablate.results.recovery import macro_recovery, paired_difference, task_recovery
@@ -31,23 +34,79 @@ from ablate.results.recovery import macro_recovery, paired_difference, task_reco
 log = logging.getLogger(__name__)
 
 
-def stage3_runs(config: Stage4Config) -> list[rundir.Run]:
-    runs_dir = Path(config.runs_dir)
+@dataclass(frozen=True)
+class Finetuned:
+    """A stage 3 model stage 4 scores: its run, the folder loaded (``final/`` or a named checkpoint), its identity."""
+
+    run: rundir.Run
+    model_dir: Path
+    identity: dict
+
+    @property
+    def label(self) -> str:
+        tail = "" if self.model_dir.name == "final" else f"-{self.model_dir.name}"
+        return f"{self.run.summary['mask']}-{self.run.run_id}{tail}"
+
+
+def stage3_runs(config: Stage4Config) -> list[Finetuned]:
+    return choose_finetunes(config)[0]
+
+
+def choose_finetunes(config: Stage4Config) -> tuple[list[Finetuned], list[str]]:
+    """The models to score, each verified against what stage 3 recorded, and why default runs were skipped."""
+    runs_dir, skipped = Path(config.runs_dir), []
     if config.checkpoints:
-        chosen = [rundir.explicit_run(item, STAGE3_PREFIX, "--checkpoint") for item in config.checkpoints]
+        chosen = [_named(item) for item in config.checkpoints]
     else:
-        chosen = [run for stage in rundir.stages_with_prefix(runs_dir, STAGE3_PREFIX)
-                  if (run := rundir.latest(runs_dir, stage, statuses=rundir.USABLE)) is not None]
+        chosen = []
+        for stage in rundir.stages_with_prefix(runs_dir, STAGE3_PREFIX):
+            run = rundir.latest(runs_dir, stage, statuses=rundir.USABLE)
+            if run is not None and (run.summary or {}).get("leaky"):
+                skipped.append(f"skipped leaky stage 3 run {run.path} (trained with the label-leaking mask "
+                               f"{run.summary.get('mask')}); name it with --checkpoint to score it anyway")
+                run = rundir.latest(runs_dir, stage, statuses=rundir.USABLE,
+                                    where=lambda r: not (r.summary or {}).get("leaky"))
+            if run is not None:
+                chosen.append((run, run.path / "final"))
         if not chosen:
-            raise BadInput(f"no completed stage 3 run in {runs_dir}; run `ablate stage3` first")
-    for run in chosen:
+            raise BadInput(f"no completed stage 3 run in {runs_dir}" + (f" ({'; '.join(skipped)})" if skipped else "")
+                           + "; run `ablate stage3` first")
+    out = []
+    for run, model_dir in chosen:
         refuse_gated(run, config.ignore_gate)
-        if not (run.path / "final").is_dir():
-            raise BadInput(f"stage 3 run {run.path} has no final/ model")
         if not (run.summary or {}).get("model_identity"):
             raise BadInput(f"stage 3 run {run.path} does not record the identity of its base model "
                            "(made by an older ablate); rerun stage 3")
-    return chosen
+        if model_dir.name == "final":
+            if not model_dir.is_dir():
+                raise BadInput(f"stage 3 run {run.path} has no final/ model")
+            identity = verify_final(model_dir, run.summary, f"stage 3 run {run.path}")
+        else:
+            identity = model_identity(str(model_dir))
+            if identity.get("base", run.summary["model_identity"]) != run.summary["model_identity"]:
+                raise BadInput(f"the LoRA checkpoint {model_dir} sits on {describe(identity['base'])}, but stage 3 "
+                               f"trained it on {describe(run.summary['model_identity'])}; restore that base model")
+        out.append(Finetuned(run, model_dir, identity))
+    return out, skipped
+
+
+def _named(item: str) -> tuple[rundir.Run, Path]:
+    """``--checkpoint``: a usable stage 3 run (its final/), or one checkpoint folder of a finished (even diverged) one."""
+    path = Path(item)
+    if path.parent.name == "checkpoints" and path.name.startswith("checkpoint-"):
+        run = rundir.explicit_run(path.parent.parent, STAGE3_PREFIX, "--checkpoint",
+                                  statuses=(*rundir.USABLE, rundir.DIVERGED))
+        why = resume.problem(path) if path.is_dir() else "not a folder"
+        if why:
+            raise BadInput(f"--checkpoint {item} is not an intact checkpoint ({why})")
+        return run, path
+    found = rundir.load_run(path)
+    if found is not None and found.status == rundir.DIVERGED:
+        last = (found.summary or {}).get("last_good_checkpoint")
+        raise BadInput(f"--checkpoint {item} is diverged ({found.reason}); its final weights are not a result. "
+                       f"Name one of its checkpoints to score that instead"
+                       + (f" (last good: {last})" if last else " (it kept none)"))
+    return rundir.explicit_run(path, STAGE3_PREFIX, "--checkpoint"), path / "final"
 
 
 def find_stage1(config: Stage4Config, base: dict, seed: int | None = None) -> rundir.Run:
@@ -116,12 +175,14 @@ def head_to_head(results: list[dict], correct: dict) -> dict | None:
 
 
 def run_stage4(config: Stage4Config) -> Path:
-    from ablate.core.identity import model_identity
-    from ablate.core.models import load_model, resolve_device
+    from ablate.core.models import load_model, load_tokenizer, resolve_device
 
     started = time.time()
     device = resolve_device(config.device)
-    runs = stage3_runs(config)
+    finetunes, skipped = choose_finetunes(config)
+    for why in skipped:
+        log.warning("stage 4 %s", why)
+    runs = [f.run for f in finetunes]
     bases = {json.dumps(r.summary["model_identity"], sort_keys=True) for r in runs}
     if len(bases) != 1:
         raise BadInput("the stage 3 runs start from different models; run stage 4 once per base model with --checkpoint")
@@ -142,7 +203,6 @@ def run_stage4(config: Stage4Config) -> Path:
     if key != recorded:
         raise BadInput(f"stage 1 run {stage1.path} was made on other task data or settings than its config.json "
                        f"now gives ({', '.join(mismatch(key, recorded))} differ; a --task-data file changed?)")
-    identities = {str(run.path): model_identity(str(run.path / "final")) for run in runs}
     rundir.check_writable(Path(config.runs_dir), STAGE4)
 
     run_dir = rundir.new_run_dir(Path(config.runs_dir), STAGE4)
@@ -150,11 +210,15 @@ def run_stage4(config: Stage4Config) -> Path:
     with rundir.active(run_dir):
         rundir.write_json(run_dir / "config.json", {**config.__dict__, "evaluation": eval_config.to_dict()})
         rundir.write_json(run_dir / "env.json", environment(device))
-        for run in runs:
-            summary = run.summary
-            label = f"{summary['mask']}-{run.run_id}"
-            log.info("stage 4: %s (trained with %s) under %s", run.path, summary["mask"], config.mask)
-            model, tokenizer = load_model(str(run.path / "final"), device, config.dtype, config.attn_implementation)
+        for why in skipped:
+            log.info("stage 4 %s", why)  # in run.log too
+        for finetune in finetunes:
+            run, summary, label = finetune.run, finetune.run.summary, finetune.label
+            log.info("stage 4: %s (trained with %s) under %s", finetune.model_dir, summary["mask"], config.mask)
+            # A Trainer checkpoint holds no tokenizer; stage 3 never changes the base model's.
+            tokenizer = None if finetune.model_dir.name == "final" else load_tokenizer(summary["model"])
+            model, tokenizer = load_model(str(finetune.model_dir), device, config.dtype, config.attn_implementation,
+                                          tokenizer)
             ablated = evaluate(eval_config, model, tokenizer, device, config.mask, tasks, manager)
             write_samples(run_dir, ablated["rows"], prefix=f"{label}_")
             correct[label] = {t: {r["doc_id"]: r["correct"] for r in rows} for t, rows in ablated["rows"].items()}
@@ -163,7 +227,8 @@ def run_stage4(config: Stage4Config) -> Path:
                 "label": label,
                 "checkpoint": str(run.path),
                 "checkpoint_uid": run.uid,
-                "model_identity": identities[str(run.path)],
+                "model_dir": str(finetune.model_dir),
+                "model_identity": finetune.identity,
                 "train_mask": summary["mask"],
                 "train_seed": (run.config or {}).get("seed"),
                 "leaky": summary.get("leaky", False),
@@ -193,6 +258,7 @@ def run_stage4(config: Stage4Config) -> Path:
             "stage2_reason": stage2_reason,
             "comparison": key,
             "checkpoints": results,
+            "skipped": skipped,
             "head_to_head": head_to_head(results, correct),
             "timing": {"wall_seconds": round(time.time() - started, 3)},
         }
