@@ -104,9 +104,13 @@ def model_identity(model: str) -> dict:
                 raise BadInput(f"{adapter} does not name its base model (base_model_name_or_path)") from None
             identity["base"] = model_identity(base)
         return identity
-    from ablate.core.models import load_config
+    from transformers import AutoConfig  # not ablate.core.models, which imports checkpoints, which imports this
 
-    revision = getattr(load_config(model), "_commit_hash", None)
+    try:
+        revision = getattr(AutoConfig.from_pretrained(model), "_commit_hash", None)
+    except (OSError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise BadInput(f"cannot load model '{model}': {first}") from None
     return {"hub": model, "revision": revision}
 
 
