@@ -10,6 +10,8 @@ per choice, so the request loop is re-stated here (same truncation, checks and
 scoring as HFLM): each row's prefix length reaches the mask, and requests that
 share a context share one forward row (ablate.core.packing). Everything else
 (tokenization, task logic, generation, metrics) is lm-eval's own.
+Before the first batch of a non-causal run the mask is checked on a few of the requests against
+an eager reference (ablate.core.mask_check); the record is ``lm.mask_check``.
 
 Written against lm-eval 0.4.13 (``LM_EVAL_VERSION``). The private or re-stated
 surfaces, all used through this module only and each pinned by
@@ -54,6 +56,7 @@ from ablate.core.generation import masked_greedy
 from ablate.core.masks import check_attention_backend, get_mask, model_attention_mask
 from ablate.core.oom import generate_in_halves, half, is_out_of_memory, one_row_error, record_halving
 from ablate.core.packing import Row, pack, unique_tokens, unshared_tokens
+from ablate.errors import BadInput
 from ablate.faults import oom_fault
 
 log = logging.getLogger(__name__)
@@ -196,10 +199,14 @@ class PrefillMaskLM(HFLM):
         self.tokens_prompted = 0  # generation: prompt tokens prefilled (padding excluded)
         self.decode_positions = 0  # generation: rows x decoding steps of every batch
         self.oom_retries: list[dict] = []  # one entry per halving after an out-of-memory error (ablate.core.oom)
+        self.mask_check: dict | None = None  # the runtime mask check (ablate.core.mask_check), non-causal runs
 
     def _forward(self, rows: list[Row]) -> torch.Tensor:
         """Logits of packed rows (right-padded), under this run's mask."""
         oom_fault(len(rows))
+        return self._logits(rows, self.mask)
+
+    def _logits(self, rows: list[Row], mask_name: str) -> torch.Tensor:
         layouts = [row.layout() for row in rows]
         lengths = [len(seg) for seg, _ in layouts]
         width = max(lengths)
@@ -211,7 +218,7 @@ class PrefillMaskLM(HFLM):
         segments, positions = padded([seg for seg, _ in layouts], -1), padded([pos for _, pos in layouts], 0)
         padding = torch.arange(width, device=self.device)[None, :] < torch.tensor(lengths, device=self.device)[:, None]
         prefix_lens = torch.tensor([len(row.context) for row in rows], device=self.device)
-        mask = model_attention_mask(self.model.config, self.mask, padding, prefix_lens, self.model.dtype,
+        mask = model_attention_mask(self.model.config, mask_name, padding, prefix_lens, self.model.dtype,
                                     segments=segments, positions=positions)
         with torch.no_grad(), torch.autocast(
             device_type=self.device.type,
@@ -219,6 +226,25 @@ class PrefillMaskLM(HFLM):
             enabled=self.mixed_precision_dtype is not None,
         ):
             return self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+
+    def _check_mask_once(self, pairs: list[tuple[list[int], list[int]]]) -> None:
+        """Before the first batch of a non-causal run: its mask on a few of these rows, through ``_logits``."""
+        if self.mask == "causal" or self.mask_check is not None:
+            return
+        from ablate.core.mask_check import check_mask, check_rows
+
+        def forward(rows, mask_name):  # one continuation per row: the plain (unpacked) layout
+            return self._logits([Row(tokens[:p], [tokens[p:] + [0]]) for tokens, p in rows], mask_name)
+
+        try:
+            self.mask_check = check_mask(self.model, self.mask, check_rows(pairs), forward, self.mixed_precision_dtype)
+        except BadInput as exc:
+            self.mask_check = getattr(exc, "result", None) or {"mask": self.mask, "passed": False, "error": str(exc)}
+            raise
+        record = self.mask_check
+        log.info("mask check (%s, %s, %s): %s", record["mask"], record["backend"], record["dtype"],
+                 "skipped: " + record["skipped"] if record["passed"] is None else
+                 f"passed, max diff {record['max_diff']:.3g} <= tolerance {record['tolerance']:.3g}")
 
     def _or_out_of_memory(self, call, during: str, rows: int, tokens: int):
         """``call()``; None after an out-of-memory error on more than one row (recorded: the caller halves)."""
@@ -238,6 +264,7 @@ class PrefillMaskLM(HFLM):
         attention_mask = generation_kwargs.pop("attention_mask", None)
         if attention_mask is None:
             attention_mask = torch.ones_like(context)
+        self._check_mask_once([(row[real.bool()].tolist(), []) for row, real in zip(context, attention_mask)])
 
         def generate(ids, mask):
             # A fresh copy of the kwargs per attempt: upstream's _model_generate edits them in place.
@@ -306,6 +333,7 @@ class PrefillMaskLM(HFLM):
         for _, context_enc, continuation_enc in requests:
             _check_request(context_enc, continuation_enc, self.max_length)
             pairs.append((context_enc, continuation_enc))
+        self._check_mask_once(pairs)
         rows, truncated = pack(pairs, self.max_length, share=self.spec.shares_context)
         self.tokens_unique += unique_tokens(rows)
         self.tokens_unshared += unshared_tokens(pairs, self.max_length)
