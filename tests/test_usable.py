@@ -142,3 +142,19 @@ def test_default_stage4_skips_a_leaky_run_and_says_so(tiny_llama, tmp_path):
     assert [f.run.path for f in chosen] == [causal] and len(skipped) == 1 and str(leaky) in skipped[0]
     named, skipped = choose_finetunes(Stage4Config(runs_dir=str(tmp_path), checkpoints=(str(leaky),)))
     assert [f.run.path for f in named] == [leaky] and skipped == []  # named explicitly: scored, marked leaky
+
+
+def test_a_named_checkpoint_of_a_diverged_run_is_scored(tiny_llama, tmp_path):
+    from ablate.cli import main
+
+    assert main(["stage1", "--model", str(tiny_llama), "--tasks", "ablate_tiny", "--device", "cpu", "--limit", "4",
+                 "--runs-dir", str(tmp_path)]) == 0
+    run = stage3(tiny_llama, tmp_path, learning_rate=1e3, max_steps=2, save_steps=1)
+    summary = summary_of(run)
+    assert summary["status"] == "diverged" and summary["last_good_checkpoint"] == str(run / "checkpoints" / "checkpoint-1")
+    result = stage4(tmp_path, "--checkpoint", summary["last_good_checkpoint"], "--mask", "causal")
+    assert result.exit_code == 0, result.output
+    (out,) = (tmp_path / "stage4_post_ft_eval").iterdir()
+    (entry,) = json.loads((out / "metrics.json").read_text())["checkpoints"]
+    assert entry["label"] == f"prefill_bidir-{run.name}-checkpoint-1"
+    assert entry["model_dir"] == summary["last_good_checkpoint"]

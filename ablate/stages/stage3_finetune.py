@@ -10,6 +10,13 @@ structurally for label leakage and the study's probe is run; after the last, the
 model is saved with the raw state-dict fallback (ablate.core.checkpoints). ``--resume``
 (ablate.stages.stage3_resume) continues a failed or crashed run from its newest intact
 checkpoint and ends where the uninterrupted run would have, bit for bit.
+
+A run is ``completed`` only if its model is usable. Data with no supervised token is refused
+before the run folder exists. The run ends ``diverged``, naming why, at a non-finite loss or grad
+norm, a grad norm spike, a logged loss over ``loss_ceiling`` (10x the first logged loss, kept
+within [ln V, 3 ln V]), a grad norm of zero while the loss is above 1e-3 (saturated), or, after
+the last step, non-finite weights, eval loss or probe. ``summary.json`` records the fingerprint of
+``final/`` and the digest of the data, which stage 4 and ``--resume`` check.
 """
 
 from __future__ import annotations
