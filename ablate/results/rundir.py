@@ -290,9 +290,14 @@ class Run:
 def load_run(path: Path) -> Run | None:
     """One run directory with its status and results; None when ``path`` is not a run directory."""
     path = Path(path)
-    if not (path.is_dir() and RUN_NAME.match(path.name) and (path / STATUS_FILE).is_file()):
+    if not (path.is_dir() and RUN_NAME.match(path.name)):
         return None
-    status, reason = read_status(path)
+    if not (path / STATUS_FILE).is_file():
+        if not (path / RUN_FILE).is_file():
+            return None  # a folder that merely looks like a run
+        status, reason = "damaged", "its status.txt is missing"  # a run this tool made, never taken as usable
+    else:
+        status, reason = read_status(path)
     if status in Status._value2member_map_:
         status = Status(status)
     if status == RUNNING:
@@ -300,6 +305,11 @@ def load_run(path: Path) -> Run | None:
         status, reason = (CRASHED if gone else status), (why or reason)
     metrics, error_m = read_json(path / "metrics.json")
     summary, error_s = read_json(path / "summary.json")
+    for name, data in (("metrics.json", metrics), ("summary.json", summary)):
+        recorded = (data or {}).get("stage")
+        if recorded is not None and recorded != path.parent.name:  # a results file moved in from another run
+            error_m = error_m or f"{path / name}: records stage {recorded!r}, not {path.parent.name}"
+            metrics = summary = None
     run_info, _ = read_json(path / RUN_FILE)
     config, _ = read_json(path / "config.json")
     return Run(path, status, reason, metrics, summary, error_m or error_s, config, run_info)

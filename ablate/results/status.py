@@ -29,6 +29,19 @@ def latest(runs: list[rundir.Run]) -> rundir.Run | None:
     return done[-1] if done else None
 
 
+DAMAGE = (KeyError, TypeError, ValueError, AttributeError, IndexError)  # a results file of the wrong shape
+
+
+def guarded(render, run: rundir.Run, damaged: list[str], *args) -> list[str]:
+    """``render(*args, run)``, or one line saying the run's results are damaged (and a blocker) if they are."""
+    try:
+        out = render(*args, run)
+        return out if isinstance(out, list) else [out]
+    except DAMAGE as exc:
+        damaged.append(f"`{run.path}` has damaged results ({type(exc).__name__}: {exc}); they are not shown")
+        return [f"- `{run.path}`: damaged results, not shown (see Blockers)"]
+
+
 def ablation(runs: list[rundir.Run]) -> rundir.Run | None:
     """The stage 2 run the headline reports: the latest ablation; a causal control only when there is no other."""
     return latest([r for r in runs if (r.metrics or {}).get("mask") != "causal"]) or latest(runs)
@@ -59,7 +72,10 @@ def blockers(stages: dict, runs_dir: Path | None = None) -> list[str]:
     for runs in stages.values():
         for run in runs:
             if run.error:
-                out.append(f"`{run.path}`: {run.error}")
+                out.append(f"`{run.path}` has damaged results, not used: {run.error}")
+            elif run.status in rundir.USABLE and run.results is None:
+                out.append(f"`{run.path}` is {run.status} but its results file is missing "
+                           f"({'summary.json' if run.stage.startswith(STAGE3_PREFIX) else 'metrics.json'}); not used")
             if run.status not in (rundir.COMPLETED, rundir.RUNNING):
                 out.append(f"`{run.path}` is **{run.status}**" + (f": {run.reason}" if run.reason else "")
                            + what_to_do(run))
@@ -151,12 +167,16 @@ def render(runs_dir: Path) -> str:
     out += [f"- [{'x' if ok else ' '}] {name}" for ok, name in checklist]
     out += ["", "## Key Results (Stage 1 vs Stage 2" + (f", mask `{s2.metrics.get('mask')}`)" if s2 and s2.metrics
                                                        else ")")]
-    out += key_results(s2) if s2 and s2.metrics else ["- Not yet: needs completed stage 1 and stage 2 runs."]
+    damaged: list[str] = []
+    out += (guarded(key_results, s2, damaged) if s2 and s2.metrics
+            else ["- Not yet: needs completed stage 1 and stage 2 runs."])
     out += ["", "## Stage 3 Outcomes"]
-    lines3 = [stage3_line(mask, last3[mask]) for mask in TRAIN_MASKS if last3[mask] is not None]
+    lines3 = [line for mask in TRAIN_MASKS if last3[mask] is not None
+              for line in guarded(stage3_line, last3[mask], damaged, mask)]
     out += lines3 or ["- No stage 3 run yet."]
     out += ["", "## Stage 4 Recovery"]
-    out += stage4_lines(s4) if has_recovery else ["- No stage 4 run yet."]
+    out += guarded(stage4_lines, s4, damaged) if has_recovery else ["- No stage 4 run yet."]
+    problems += damaged
     out += ["", "## Artifacts"]
     artifacts = [(s1, "Stage 1 metrics", "metrics.json"), (s2, "Stage 2 metrics", "metrics.json"),
                  (s3["causal"], "Stage 3A summary", "summary.json"),
@@ -166,6 +186,9 @@ def render(runs_dir: Path) -> str:
     out += [f"- `{run.path}`: {provenance(run.path)}" for run, _, _ in artifacts if run is not None] or ["- None yet."]
     out += ["", "## Blockers"]
     out += [f"- {p}" for p in problems] or ["- None active."]
+    if damaged:  # the count in Current State includes them
+        out[out.index(state)] = state.replace(f" {len(problems) - len(damaged)} blocker(s) below.", "") + \
+            f" {len(problems)} blocker(s) below."
     out += ["", "## Next Steps"]
     commands = {
         "Stage 1 baseline eval": "`ablate stage1 --model <model> --tasks <tasks>`",
