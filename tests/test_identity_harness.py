@@ -256,3 +256,42 @@ def test_clean_baseline_numbers_are_the_samples(study):
         assert m2["baseline"]["tasks"][task]["acc_baseline"] == pytest.approx(m1["tasks"][task]["acc"])
     assert m2["baseline"]["macro"]["acc_baseline"] == pytest.approx(m1["macro"]["acc"])
     assert m2["comparison"] == m1["comparison"]
+
+
+def test_aggregate_pools_only_runs_that_differ_by_seed(study):
+    from ablate.results.aggregate import aggregate
+
+    def reseed(m):
+        m["seed"] = m["comparison"]["seed"] = 99
+
+    seeded = variant(study, "seed", lambda p: edit_metrics(p, reseed))
+    other = variant(study, "bf16", lambda p: edit_metrics(p, lambda m: m["comparison"].update(dtype="bfloat16")))
+    try:
+        groups = {(g["stage"], g["comparison"]["dtype"]): g["seeds"] for g in aggregate(study["runs"])}
+        assert groups[(STAGE1, "float32")] == [99, 1234] and groups[(STAGE1, "bfloat16")] == [1234]
+    finally:
+        shutil.rmtree(seeded), shutil.rmtree(other)
+
+
+def test_aggregate_never_pools_finetunes_of_other_settings_as_seeds(tmp_path):
+    from ablate.results.aggregate import aggregate
+
+    def stage3(name, seed, lr):
+        path = tmp_path / "stage3_finetune_causal" / name
+        path.mkdir(parents=True)
+        (path / "status.txt").write_text("completed\n")
+        (path / "config.json").write_text(json.dumps({"seed": seed, "learning_rate": lr, "max_steps": 6,
+                                                      "runs_dir": str(tmp_path), "logging_steps": seed}))
+        (path / "summary.json").write_text(json.dumps({"status": "completed", "model_identity": {"local": "m"}}))
+        return path
+
+    entries = [{"checkpoint": str(stage3(f"2026010{i}-000000", seed, lr)), "train_mask": "causal", "train_seed": seed,
+                "tasks": {"t": {"acc": acc}}, "macro": {"acc": acc}}
+               for i, (seed, lr, acc) in enumerate([(1, 1e-3, 0.5), (2, 1e-3, 0.7), (1, 1e-1, 0.1)])]
+    s4 = tmp_path / "stage4_post_ft_eval" / "20260110-000000"
+    s4.mkdir(parents=True)
+    (s4 / "status.txt").write_text("completed\n")
+    (s4 / "metrics.json").write_text(json.dumps({"stage": "stage4_post_ft_eval", "status": "completed",
+                                                 "mask": "prefill_bidir", "comparison": {}, "checkpoints": entries}))
+    groups = sorted((g["training"]["learning_rate"], g["seeds"], g["macro"]["mean"]) for g in aggregate(tmp_path))
+    assert groups == [(1e-3, [1, 2], pytest.approx(0.6)), (1e-1, [1], pytest.approx(0.1))]
