@@ -131,6 +131,8 @@ def task_data_digests(paths: dict[str, Path]) -> dict[str, str]:
 
 # --- a task as lm-eval resolved it -----------------------------------------------------------------
 
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow", ".txt", ".tsv", ".py", ".yaml")
+
 
 def _source(fn) -> str:
     import inspect
@@ -151,7 +153,9 @@ def _canonical(value, where: str, files: dict[str, Path]):
     if isinstance(value, (list, tuple)):
         return [_canonical(v, f"{where}.{i}", files) for i, v in enumerate(value)]
     if isinstance(value, str):
-        if len(value) < 4096 and "\n" not in value and value.startswith(("/", "./", "../", "~")):
+        # A path, absolute or relative to the working folder (as datasets reads data_files).
+        if len(value) < 4096 and "\n" not in value and (value.startswith(("/", "./", "../", "~"))
+                                                        or Path(value).suffix in DATA_SUFFIXES):
             path = Path(value).expanduser()
             if path.exists():
                 files[where] = path
