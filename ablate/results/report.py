@@ -48,6 +48,8 @@ def stage12_section(s1: rundir.Run | None, s2: rundir.Run | None) -> list[str]:
                      if p else "n/a", number(b["retention"], 3), number(t["chance"], 3), str(t.get("n", ""))])
     out += [f"Model `{m2['model']}`; stage 2 mask `{m2['mask']}`. Stage 1: `{m2['baseline']['run']}`; "
             f"stage 2: `{s2.path}`.", ""]
+    out += ["**LEAKY**: stage 2 ran under a mask that lets scored tokens see their own future "
+            "(--allow-label-leakage); its accuracy measures copying, not the model.", ""] if m2.get("leaky") else []
     out += _table(["task", "stage 1 acc", "stage 2 acc", "delta [95% CI]", "p (McNemar)", "retention", "chance", "n"],
                   rows)
     out += ["", "delta: stage 2 minus stage 1 on the same documents, with its 95% paired bootstrap interval "

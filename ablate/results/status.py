@@ -79,6 +79,9 @@ def blockers(stages: dict, runs_dir: Path | None = None) -> list[str]:
             if run.status not in (rundir.COMPLETED, rundir.RUNNING):
                 out.append(f"`{run.path}` is **{run.status}**" + (f": {run.reason}" if run.reason else "")
                            + what_to_do(run))
+            elif (run.metrics or {}).get("leaky"):
+                out.append(f"`{run.path}` is **leaky**: evaluated under a mask that lets scored tokens see their own "
+                           "future (--allow-label-leakage); its accuracy measures copying")
             elif run.summary and run.summary.get("leaky"):
                 out.append(f"`{run.path}` is **leaky**: trained with a mask that lets supervised positions see "
                            "their labels; its losses mean nothing")
@@ -166,7 +169,8 @@ def render(runs_dir: Path) -> str:
            "## Current State", state, "", "## Active Goals"]
     out += [f"- [{'x' if ok else ' '}] {name}" for ok, name in checklist]
     out += ["", "## Key Results (Stage 1 vs Stage 2" + (f", mask `{s2.metrics.get('mask')}`)" if s2 and s2.metrics
-                                                       else ")")]
+                                                       else ")")
+            + (" **LEAKY**" if s2 and (s2.metrics or {}).get("leaky") else "")]
     damaged: list[str] = []
     out += (guarded(key_results, s2, damaged) if s2 and s2.metrics
             else ["- Not yet: needs completed stage 1 and stage 2 runs."])

@@ -49,6 +49,9 @@ class EvalConfig:
     gate: dict | None = field(default=None, metadata={
         "help": "probe gate, e.g. {metric: macro.acc, min: 0.40}: a result past it marks the run gated", "cli": False})
     ignore_gate: bool = field(default=False, metadata={"help": "stage 2: compare with a gated stage 1 run anyway"})
+    allow_label_leakage: bool = field(default=False, metadata={
+        "help": "evaluate under a mask that lets scored tokens see their own future (diagnosis only: the run is "
+                "marked leaky)"})
 
     def __post_init__(self):
         if not self.model:
@@ -56,6 +59,7 @@ class EvalConfig:
         if not self.tasks:
             raise BadInput("no tasks given: pass --tasks a,b,c")
         check_runtime(self.mask, self.device, self.dtype, self.attn_implementation)
+        check_leakage(self.mask, self.allow_label_leakage)
         if self.stage == STAGE1 and self.mask != "causal":
             raise BadInput("stage 1 is the causal baseline; use `ablate stage2 --mask ...` for other masks")
         check_types(self)
@@ -114,6 +118,17 @@ def _check_gate(gate) -> None:
 def check_seed(seed: int) -> None:
     if not 0 <= seed < 2**32:  # numpy's seed range; lm-eval seeds numpy with it
         raise BadInput(f"--seed must be in 0..{2**32 - 1}, got {seed}")
+
+
+def check_leakage(mask: str, allowed: bool) -> None:
+    """A mask under which a scored token sees its own future measures copying, not the model: opt-in only."""
+    from ablate.core.masks import MASKS
+
+    spec = MASKS.get(mask)
+    if spec is not None and spec.leaks_labels and not allowed:
+        raise BadInput(f"mask '{mask}' lets the scored continuation see its own tokens: its accuracy measures "
+                       "copying, not the model; pass --allow-label-leakage to evaluate it for diagnosis (the run "
+                       "is marked leaky)")
 
 
 def check_runs_dir(runs_dir: str) -> None:
