@@ -192,6 +192,7 @@ CASES = {
     "template with a text field": ("stage3 --text-field prompt --response-template {{response}} " + S3,
                                    "do not go with --text-field"),
     "leaking training mask": ("stage3 --mask full_bidir " + S3, "leaks labels"),
+    "leaking evaluation mask": ("stage2 --mask full_bidir " + EVAL, "pass --allow-label-leakage"),
     "unknown scheduler": ("stage3 --lr-scheduler bogus " + S3, "unknown --lr-scheduler 'bogus'"),
     "stage 3 seed negative": ("stage3 --seed -5 " + S3, "--seed must be in"),
     # stage 4
