@@ -162,7 +162,8 @@ def get(record, path):
 # EvalConfig fields that do not decide a number (where, how fast, or what stage 2 changes), or are compared by
 # what they resolve to (the model by identity, tasks and data by lm-eval's resolved tasks and file digests).
 NOT_IDENTITY = {"stage", "mask", "batch_size", "device", "runs_dir", "baseline", "gate", "ignore_gate",
-                "model", "tasks", "include_path", "task_data"}
+                "model", "tasks", "include_path", "task_data",
+                "allow_label_leakage"}  # permits a leaking mask; the mask is what stage 2 changes, and leaky is recorded
 CHANGED = {"dtype": "bfloat16", "attn_implementation": "eager", "max_length": 64, "limit": 5, "num_fewshot": 1,
            "seed": 7}
 

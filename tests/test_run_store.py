@@ -107,3 +107,19 @@ def test_a_diverged_run_summary_prints_without_a_type_error():
                            "grad_norm": {"last": None, "max": 102.0}, "probe": {"before": None, "after": {}},
                            "mask": "prefill_bidir", "leaky": False, "save": None})
     assert "diverged" in text and "102.0000" in text and "n/a" in text
+
+
+def test_a_leaky_evaluation_needs_the_flag_and_is_marked_everywhere(tiny_llama, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    flags = ["--model", str(tiny_llama), "--tasks", "ablate_tiny", "--device", "cpu", "--limit", "4",
+             "--runs-dir", str(runs)]
+    assert main(["stage1", *flags]) == 0
+    assert main(["stage2", "--mask", "full_bidir", *flags]) == 2  # refused, nothing written
+    assert "--allow-label-leakage" in capsys.readouterr().err and not (runs / rundir.STAGE2).exists()
+    assert main(["stage2", "--mask", "full_bidir", "--allow-label-leakage", *flags]) == 0
+    (run,) = rundir.find_runs(runs, rundir.STAGE2)
+    assert run.metrics["leaky"] is True
+    status = render(runs)
+    assert "mask `full_bidir`) **LEAKY**" in status and f"`{run.path}` is **leaky**" in status
+    assert main(["report", "--runs-dir", str(runs), "--out", str(tmp_path / "R.md")]) == 0
+    assert "**LEAKY**" in (tmp_path / "R.md").read_text()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ablate.results import rundir
 from ablate.results.files import write_jsonl
+from ablate.core.masks import MASKS
 from ablate.results.environment import environment
 from ablate.results.gates import check_gate
 from ablate.stages.config import EvalConfig
@@ -171,6 +172,8 @@ def run_eval(config: EvalConfig, compare=None) -> Path | None:
             "status": rundir.COMPLETED,
             "model": config.model,
             "mask": config.mask,
+            # a scored token saw its own future (a leaking mask, run with --allow-label-leakage): not a result
+            "leaky": MASKS[config.mask].leaks_labels,
             "seed": config.seed,
             "comparison": key,
             **result,
