@@ -1,6 +1,7 @@
 """Task and task-data checks that run before any model work: python -m pytest tests/test_tasks.py -q"""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,27 @@ def test_multiple_input_gold_index_out_of_range(custom, tmp_path):
     with pytest.raises(BadInput, match=r"task 'fill': row 1 of its data file .*fill.jsonl has label 5, "
                                        r"which is not a choice index \(it has 2 choices\)"):
         build(custom, "fill", write_jsonl(tmp_path / "fill.jsonl", rows))
+
+
+@pytest.mark.parametrize("rows, says", [
+    # piqa: sol1/sol2 are its two choices; the same text twice is a tie that decides the score, not the model
+    ([{**PIQA_ROWS[0], "sol2": PIQA_ROWS[0]["sol1"], "label": 0}, PIQA_ROWS[1]], "1 have their gold choice twice (rows 0)"),
+    ([PIQA_ROWS[0], {**PIQA_ROWS[1], "sol1": "same", "sol2": "same", "label": 1},
+      {**PIQA_ROWS[2], "sol1": "x", "sol2": "x", "label": 0}], "2 have their gold choice twice (rows 1, 2)"),
+])
+def test_documents_that_cannot_be_scored_right_or_wrong_are_refused_with_their_count(rows, says, study, tmp_path):
+    data = write_jsonl(tmp_path / "piqa.jsonl", rows)
+    with pytest.raises(BadInput, match=rf"task 'piqa': \d+ of {len(rows)} documents of its data file .* cannot be "
+                                       rf"scored right or wrong: {re.escape(says)}"):
+        build(study, "piqa", data)
+
+
+def test_a_one_choice_document_is_refused(custom, tmp_path):
+    rows = [{"q": "sky?", "answer": "blue", "opts": ["blue", "red"]}, {"q": "grass?", "answer": "green",
+                                                                        "opts": ["green"]}]
+    with pytest.raises(BadInput, match=r"1 of 2 documents .* cannot be scored right or wrong: 1 have a single "
+                                       r"choice \(rows 1\)"):
+        build(custom, "colors", write_jsonl(tmp_path / "colors.jsonl", rows))
 
 
 # 3. Task-data files that cannot be read as rows.

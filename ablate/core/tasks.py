@@ -291,6 +291,7 @@ def _check_docs(name: str, task, data: Path | None, label_field: str | None = No
                 raise BadInput(f"task '{name}': row {i} of its {source} does not fit the task schema "
                                f"({type(exc).__name__}: {_one_line(exc)})") from None
         return
+    one_choice, twice = [], []
     for i, doc in enumerate(docs):
         try:
             text = task.doc_to_text(doc)
@@ -313,6 +314,20 @@ def _check_docs(name: str, task, data: Path | None, label_field: str | None = No
         if retargeted and isinstance(gold, int) and raw in choices and choices.index(raw) != gold:
             raise BadInput(f"task '{name}': row {i} of its {source} has label {raw!r}, both the text of choice "
                            f"{choices.index(raw)} and index {gold}; write labels as integer indices")
+        # Scored right whatever the model does (one choice), or decided by a tie (the gold's text twice).
+        golds = gold if isinstance(gold, list) else [choices.index(gold) if isinstance(gold, str) else gold]
+        if len(choices) < 2:
+            one_choice.append(i)
+        elif any(choices.count(choices[g]) > 1 for g in golds):
+            twice.append(i)
+    if one_choice or twice:
+        def rows(found):
+            return ", ".join(map(str, found[:5])) + (", ..." if len(found) > 5 else "")
+
+        parts = ([f"{len(one_choice)} have a single choice (rows {rows(one_choice)})"] if one_choice else []) + \
+                ([f"{len(twice)} have their gold choice twice (rows {rows(twice)})"] if twice else [])
+        raise BadInput(f"task '{name}': {len(one_choice) + len(twice)} of {len(docs)} documents of its {source} "
+                       f"cannot be scored right or wrong: {'; '.join(parts)}")
 
 
 def _gold_in_choices(gold, choices: list) -> bool:
