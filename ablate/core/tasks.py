@@ -241,8 +241,11 @@ def _check_template_fields(name: str, cfg: dict, data: Path) -> None:
                            f"used by task '{name}'")
 
 
-def load_tasks(manager, tasks: list[str], task_data: dict[str, Path]) -> dict:
-    """Build the lm-eval Task objects, checking that offline rows fit each task."""
+def load_tasks(manager, tasks: list[str], task_data: dict[str, Path], scored: bool = True) -> dict:
+    """Build the lm-eval Task objects, checking that offline rows fit each task.
+
+    ``scored=False`` for rows that are rendered, not scored (the demo's stage 3 rows: one ending each).
+    """
     from ablate.core.lm_eval_model import task_entry
 
     unknown = set(task_data) - set(tasks)
@@ -268,11 +271,11 @@ def load_tasks(manager, tasks: list[str], task_data: dict[str, Path]) -> dict:
         source = f" from --task-data {', '.join(str(p) for p in task_data.values())}" if task_data else ""
         raise BadInput(f"cannot build tasks {', '.join(tasks)}{source}: {type(exc).__name__}: {first}") from None
     for name, task in built.items():
-        _check_docs(name, task, sources.get(name), label_fields.get(name))
+        _check_docs(name, task, sources.get(name), label_fields.get(name), scored)
     return built
 
 
-def _check_docs(name: str, task, data: Path | None, label_field: str | None = None) -> None:
+def _check_docs(name: str, task, data: Path | None, label_field: str | None = None, scored: bool = True) -> None:
     """Refuse rows lm-eval would score as wrong whatever the model answers, before any model work.
 
     ``label_field``: where ``_retarget`` turned a bare-field target into a template, the raw field.
@@ -320,7 +323,7 @@ def _check_docs(name: str, task, data: Path | None, label_field: str | None = No
             one_choice.append(i)
         elif any(choices.count(choices[g]) > 1 for g in golds):
             twice.append(i)
-    if one_choice or twice:
+    if scored and (one_choice or twice):
         def rows(found):
             return ", ".join(map(str, found[:5])) + (", ..." if len(found) > 5 else "")
 

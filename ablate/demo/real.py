@@ -80,7 +80,7 @@ def render(rows_file: Path) -> list[dict]:
     """Prompt/response pairs exactly as lm-eval's task shows them: doc_to_text, target delimiter + the choice."""
     from ablate.core.tasks import load_tasks, task_manager
 
-    task = load_tasks(task_manager(None, [TASK]), [TASK], {TASK: rows_file})[TASK]
+    task = load_tasks(task_manager(None, [TASK]), [TASK], {TASK: rows_file}, scored=False)[TASK]
     out = []
     for doc in task.eval_docs:
         choice = task.doc_to_choice(doc)[task.doc_to_target(doc)]
