@@ -54,9 +54,15 @@ def test_prefill_bidir_passes_on_every_architecture(tiny_models, name, impl):
     record = check_mask(model, "prefill_bidir", ROWS)
     assert record["passed"] and record["differs_from_causal"]
     assert record["max_diff"] <= record["tolerance"] < record["masked_vs_causal"]
+    assert record["tolerance"] == max(mask_check.CALIBRATION * record["causal_diff"], record["floor"])
     assert record["backend"] == impl and model.config._attn_implementation == impl  # switched back
     assert (record["dtype"], record["device"], record["rows"]) == ("float32", "cpu", 2)
     assert json.loads(json.dumps(record)) == record
+
+
+def test_full_bidir_has_its_own_reference(tiny_models):
+    record = check_mask(load(tiny_models, "llama"), "full_bidir", ROWS)
+    assert record["passed"] and record["mask"] == "full_bidir"
 
 
 @pytest.mark.parametrize("name", SLIDING)
@@ -83,8 +89,11 @@ def test_a_silent_causal_fallback_fails_in_one_line(tiny_models, name, monkeypat
 def test_another_mask_than_the_one_named_fails(tiny_models, monkeypatch):
     model = load(tiny_models, "llama")
     build = masks.model_attention_mask
-    monkeypatch.setattr(masks, "model_attention_mask",
-                        lambda config, name, *a, **k: build(config, "full_bidir" if name != "causal" else name, *a, **k))
+
+    def another_mask(config, name, *args, **kwargs):  # full_bidir whenever a non-causal mask is named
+        return build(config, name if name == "causal" else "full_bidir", *args, **kwargs)
+
+    monkeypatch.setattr(masks, "model_attention_mask", another_mask)
     with pytest.raises(MaskCheckFailed, match="differ from the eager reference"):
         check_mask(model, "prefill_bidir", ROWS)
 

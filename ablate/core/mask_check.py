@@ -202,8 +202,8 @@ def check_mask(model, mask_name: str, rows: list[CheckRow], forward: Forward | N
     tolerance = max(CALIBRATION * causal_diff, floor)
     max_diff = _max_diff(run_masked, ref_masked, rows)
     vs_causal = _max_diff(run_masked, run_causal, rows, prompt_only=True)
-    record.update(max_diff=max_diff, tolerance=tolerance, causal_diff=causal_diff, masked_vs_causal=vs_causal,
-                  differs_from_causal=vs_causal > tolerance)
+    record.update(max_diff=max_diff, tolerance=tolerance, causal_diff=causal_diff, floor=floor,
+                  masked_vs_causal=vs_causal, differs_from_causal=vs_causal > tolerance)
     record["passed"] = max_diff <= tolerance and record["differs_from_causal"]
     if strict and not record["passed"]:
         raise MaskCheckFailed(failure_line(record), record)
