@@ -60,6 +60,15 @@ def test_prefill_bidir_passes_on_every_architecture(tiny_models, name, impl):
     assert json.loads(json.dumps(record)) == record
 
 
+@pytest.mark.parametrize("name", ["llama", "qwen2-sliding"])
+def test_bfloat16_passes_too(tiny_models, name):
+    # The dtype floor must stay below what the mask changes, or a tiny bf16 model reads as a causal fallback.
+    arch, overrides = MODELS[name]
+    model = load_model(str(tiny_models(arch, **overrides)), "cpu", "bfloat16", "sdpa")[0]
+    record = check_mask(model, "prefill_bidir", ROWS)
+    assert record["passed"] and record["dtype"] == "bfloat16"
+
+
 def test_full_bidir_has_its_own_reference(tiny_models):
     record = check_mask(load(tiny_models, "llama"), "full_bidir", ROWS)
     assert record["passed"] and record["mask"] == "full_bidir"

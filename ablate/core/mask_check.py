@@ -36,7 +36,7 @@ ROWS = 3  # rows checked
 CONTEXT_TOKENS = 12  # prompt tokens kept per row (its last ones, so the boundary stays where the run has it)
 CONTINUATION_TOKENS = 4  # tokens kept after the prompt
 CALIBRATION = 10  # the tolerance is this many times the causal run-vs-reference difference ...
-FLOOR_EPS = 32  # ... or this many epsilons of the dtype x the logit scale, whichever is larger (bf16 headroom)
+FLOOR_EPS = 4  # ... or this many epsilons of the dtype x the logit scale (at least 1), whichever is larger
 
 # A row is (token ids, prefix length); a forward maps rows (right-padded by it) and a mask name to logits.
 CheckRow = tuple[list[int], int]
