@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,9 +17,10 @@ import yaml
 
 from ablate.errors import BadInput
 from ablate.results.rundir import STAGE1, STAGE3_PREFIX, STAGE4
+from ablate.stages.checks import (ATTN_IMPLEMENTATIONS, _check_gate, check_leakage, check_runs_dir,  # noqa: F401
+                                  check_runtime, check_seed, check_types)
 
 STAGES_DIR = Path(__file__).resolve().parent  # each stage's YAML sits beside its module and ships in the wheel
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 
 
 @dataclass(frozen=True)
@@ -84,106 +82,6 @@ class EvalConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-
-
-def check_runtime(mask: str, device: str, dtype: str, attn_implementation: str) -> None:
-    """Checks every stage shares: mask, device, dtype, attention backend (before anything is loaded)."""
-    from ablate.core.masks import MASKS, check_attention_backend  # torch: imported only when a stage runs
-    from ablate.core.models import DTYPES
-
-    if mask not in MASKS:
-        raise BadInput(f"unknown mask '{mask}'; known masks: {', '.join(MASKS)}")
-    if not DEVICE.match(device):
-        raise BadInput(f"unknown device '{device}'; use auto, cpu, cuda, cuda:N or mps")
-    if dtype != "auto" and dtype not in DTYPES:
-        raise BadInput(f"unknown dtype '{dtype}'; use one of auto, {', '.join(DTYPES)}")
-    if attn_implementation not in ATTN_IMPLEMENTATIONS:
-        raise BadInput(f"unknown attention implementation '{attn_implementation}'; "
-                       f"use one of {', '.join(ATTN_IMPLEMENTATIONS)}")
-    check_attention_backend(mask, attn_implementation)
-
-
-def _check_gate(gate) -> None:
-    if gate is None:
-        return
-    if not isinstance(gate, dict) or not isinstance(gate.get("metric"), str) or not (set(gate) & {"min", "max"}) \
-            or set(gate) - {"metric", "min", "max"} \
-            or not all(_is_number(gate[k]) for k in ("min", "max") if k in gate):
-        raise BadInput(f"gate must look like {{metric: macro.acc, min: 0.40}} (or max:) with numbers, got {gate!r}")
-
-
-def check_seed(seed: int) -> None:
-    if not 0 <= seed < 2**32:  # numpy's seed range; lm-eval seeds numpy with it
-        raise BadInput(f"--seed must be in 0..{2**32 - 1}, got {seed}")
-
-
-def check_leakage(mask: str, allowed: bool) -> None:
-    """A mask under which a scored token sees its own future measures copying, not the model: opt-in only."""
-    from ablate.core.masks import MASKS
-
-    spec = MASKS.get(mask)
-    if spec is not None and spec.leaks_labels and not allowed:
-        raise BadInput(f"mask '{mask}' lets the scored continuation see its own tokens: its accuracy measures "
-                       "copying, not the model; pass --allow-label-leakage to evaluate it for diagnosis (the run "
-                       "is marked leaky)")
-
-
-def check_runs_dir(runs_dir: str) -> None:
-    """An empty --runs-dir would put runs into the current folder, beside the code."""
-    if not str(runs_dir).strip():
-        raise BadInput("--runs-dir must name a folder, got ''")
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _fits(value, hint) -> bool:
-    """Whether a value has the field's declared type (bool is not an int; floats are finite)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, a) for a in args)
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return _is_number(value)
-    if hint is str:
-        return isinstance(value, str)
-    if origin is tuple:
-        if not isinstance(value, (tuple, list)):
-            return False
-        if len(args) == 2 and args[1] is Ellipsis:
-            return all(_fits(v, args[0]) for v in value)
-        return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
-    if hint is dict or origin is dict:
-        return isinstance(value, dict)
-    return True
-
-
-def check_types(config) -> None:
-    """Every field holds its declared type: a YAML ``limit: "10"`` or ``lr: .nan`` is refused, not half-used."""
-    hints = typing.get_type_hints(type(config))
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if not _fits(value, hints[f.name]):
-            raise BadInput(f"--{f.name.replace('_', '-')} must be {_describe(hints[f.name])}, got {value!r}")
-
-
-def _describe(hint) -> str:
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in args)
-    if typing.get_origin(hint) is tuple:
-        return "a list"
-    names = {bool: "true or false", int: "a whole number", float: "a finite number", str: "a string", dict: "a mapping"}
-    return names.get(hint, str(hint))
 
 
 def stage_defaults(stage: str, cls=None) -> dict:
