@@ -140,6 +140,15 @@ def test_default_stage4_skips_a_leaky_run_and_says_so(tiny_llama, tmp_path):
     causal = stage3(tiny_llama, tmp_path, mask="causal")
     chosen, skipped = choose_finetunes(Stage4Config(runs_dir=str(tmp_path)))
     assert [f.run.path for f in chosen] == [causal] and len(skipped) == 1 and str(leaky) in skipped[0]
+    assert runner.invoke(app, ["stage1", "--model", str(tiny_llama), "--tasks", "ablate_tiny", "--device", "cpu",
+                               "--limit", "4", "--runs-dir", str(tmp_path)]).exit_code == 0
+    result = stage4(tmp_path, "--mask", "causal")
+    assert result.exit_code == 0, result.output
+    assert f"skipped leaky stage 3 run {leaky}" in result.stderr
+    (out,) = (tmp_path / "stage4_post_ft_eval").iterdir()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [e["checkpoint"] for e in metrics["checkpoints"]] == [str(causal)] and metrics["skipped"] == skipped
+    assert f"skipped leaky stage 3 run {leaky}" in (out / "run.log").read_text()
     named, skipped = choose_finetunes(Stage4Config(runs_dir=str(tmp_path), checkpoints=(str(leaky),)))
     assert [f.run.path for f in named] == [leaky] and skipped == []  # named explicitly: scored, marked leaky
 
