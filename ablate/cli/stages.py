@@ -133,6 +133,8 @@ def stage3_summary(summary: dict) -> str:
         p = (summary.get("probe") or {}).get(when) or {}
         lines.append(f"probe {when:<18}loss[{summary.get('mask')}]={_shown(p.get('loss_mask'))}  "
                      f"loss[causal]={_shown(p.get('loss_causal'))}")
+    if summary.get("diverged_reason"):
+        lines.append(f"{'diverged because':<24}{summary['diverged_reason']}")
     if summary.get("save"):
         lines.append(f"{'saved as':<24}{summary['save'].get('format')} in {summary['save'].get('path')}")
     return "\n".join(lines)

@@ -6,7 +6,7 @@ A hub model is its id plus the resolved revision (the commit transformers
 loaded). A local folder is a fingerprint: sha256 over the names and contents of
 its weight, config and tokenizer files, so a checkpoint replaced at the same
 path is a different model, and a folder moved elsewhere is the same one. Each
-file's digest is cached by (path, size, mtime, inode) in ``~/.cache/ablate``, so
+file's digest is cached by (path, size, mtime, inode, ctime) in ``~/.cache/ablate``, so
 fingerprinting a multi-GB checkpoint costs its read once.
 """
 
@@ -52,12 +52,13 @@ def file_digest(path: Path, cache: dict | None = None) -> str:
     """sha256 of a file, cached by its stat so an unchanged multi-GB file is read once."""
     path = Path(path).resolve()
     st = path.stat()
-    stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+    # ctime too: `cp -p` or a restore can keep size, mtime and inode of a file whose bytes changed
+    stamp = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
     own = cache is None
     cache = _load_cache() if own else cache
     hit = cache.get(str(path))
-    if hit and hit[:3] == stamp:
-        return hit[3]
+    if hit and hit[:4] == stamp:
+        return hit[4]
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 22), b""):
