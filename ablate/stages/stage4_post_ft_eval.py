@@ -28,7 +28,6 @@ from ablate.core.checkpoints import verify_final
 from ablate.core.identity import describe, mismatch, model_identity
 from ablate.stages import stage3_resume as resume
 from ablate.stages.evaluation import check_inputs, comparison_key, evaluate, write_samples
-from ablate.results.files import read_correct
 from ablate.results.recovery import macro_recovery, paired_difference, task_recovery
 
 log = logging.getLogger(__name__)
@@ -141,11 +140,18 @@ def find_stage2(config: Stage4Config, stage1: rundir.Run) -> tuple[rundir.Run | 
 
 
 def recovery_block(rows: dict, stage1: rundir.Run, stage2: rundir.Run | None, chance: dict) -> dict:
+    from ablate.stages.evaluation import verified_samples
+
+    # The baselines' numbers come from their samples, checked against the digests their runs recorded.
+    s1 = verified_samples(stage1)
+    s2 = verified_samples(stage2) if stage2 else None
     per_task, arrays = {}, {}
     for task, task_rows in rows.items():
         c4 = {r["doc_id"]: r["correct"] for r in task_rows}
-        c1 = read_correct(stage1.path, task)
-        c2 = read_correct(stage2.path, task) if stage2 else None
+        if task not in s1 or (s2 is not None and task not in s2):
+            raise BadInput(f"task {task}: stage 1 or stage 2 records no samples for it; rerun them together")
+        c1 = s1[task]
+        c2 = s2[task] if s2 is not None else None
         if set(c1) != set(c4) or (c2 is not None and set(c2) != set(c4)):
             raise BadInput(f"task {task}: stage 4 scored other documents than stages 1/2; rerun them together")
         docs = sorted(c4)
