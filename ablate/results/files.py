@@ -68,9 +68,3 @@ def read_json(path: Path) -> tuple[dict | None, str | None]:
     if not isinstance(data, dict):
         return None, f"{path}: not a JSON object"
     return data, None
-
-
-def read_correct(run_dir: Path, task: str, prefix: str = "") -> dict[int, bool]:
-    """``doc_id -> correct`` from a run's ``samples_<prefix><task>.jsonl``."""
-    path = Path(run_dir) / f"samples_{prefix}{task}.jsonl"
-    return {r["doc_id"]: bool(r["correct"]) for r in map(json.loads, path.read_text().splitlines())}

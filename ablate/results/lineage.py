@@ -20,11 +20,14 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-HISTORY_FILE, STATUS_FILE, PROCESS_FILE, TRAIN_LOG = "history.jsonl", "status.txt", "process.json", "train_log.jsonl"
+from ablate.results.rundir import COMPLETED, DIVERGED as DIVERGED_STATUS, FAILED, GATED, HISTORY_FILE, PROCESS_FILE, \
+    STATUS_FILE
+
+TRAIN_LOG = "train_log.jsonl"
 LINEAGE_FILES = (HISTORY_FILE, STATUS_FILE, PROCESS_FILE, TRAIN_LOG)  # every file a verdict reads
-TERMINAL = ("completed", "failed", "diverged", "gated")
+TERMINAL = tuple(str(s) for s in (COMPLETED, FAILED, DIVERGED_STATUS, GATED))  # the run store's own statuses
 # Outcomes `--resume` refuses to continue: a later attempt that started from an earlier step cannot have built on them.
-RESULTS = ("completed", "gated", "diverged")
+RESULTS = tuple(str(s) for s in (COMPLETED, GATED, DIVERGED_STATUS))
 SAME, AHEAD, BEHIND, DIVERGED = "same", "ahead", "behind", "diverged"
 
 
