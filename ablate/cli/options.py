@@ -6,7 +6,8 @@ A field's metadata shapes its flag: ``help`` (required), ``flag`` (another
 name), ``repeat`` (a repeatable option for a tuple), ``cli: False`` (YAML only,
 e.g. a gate). Other tuples are comma-separated strings (``--tasks a,b``,
 ``--split-range 0.25,0.75``) that the config loader splits. Each option's
-default is the real one (the stage YAML over the dataclass), and only the flags
+default is the real one (the stage YAML over the dataclass; a ``--config`` file
+sits between it and the flags), and only the flags
 given on the command line reach the loader (click's parameter source), so the
 YAML stays the one place a default lives.
 """
@@ -71,10 +72,19 @@ def field_options(cls, stage: str | None = None, skip: tuple[str, ...] = ()) -> 
     return params
 
 
+CONFIG_OPTION = inspect.Parameter(
+    "config_file", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+    default=typer.Option(None, "--config", help="a study YAML: its top-level fields and this stage's section "
+                         "(stage1: ... stage4:) sit between the package defaults and the flags given here"))
+
+
 def config_command(cls, stage: str | None = None, skip: tuple[str, ...] = ()):
-    """Turn ``fn(flags, **own)`` into a Typer command with one option per field of ``cls`` plus ``fn``'s own."""
+    """Turn ``fn(flags, **own)`` into a Typer command with one option per field of ``cls`` plus ``fn``'s own.
+
+    Every such command takes ``--config FILE`` too (``flags["config_file"]``; ``ablate.stages.study_file``).
+    """
     def wrap(fn):
-        fields = field_options(cls, stage, skip)
+        fields = field_options(cls, stage, skip) + [CONFIG_OPTION]
         own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
                for name, p in inspect.signature(fn).parameters.items() if name != "flags"]
         names = {p.name for p in fields}

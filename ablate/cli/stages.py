@@ -1,4 +1,4 @@
-"""`ablate stage1|stage2|stage3|stage4`: parse the flags (generated from the stage configs), run, print.
+"""`ablate stage1|stage2|stage3|stage4|study`: parse the flags (generated from the stage configs), run, print.
 
     ablate stage1 --help
 """
@@ -37,10 +37,11 @@ def _eval_command(stage: str, flags: dict) -> None:
     from ablate.stages.stage2_ablation_eval import run_stage2
 
     quiet_libraries()
+    config = load_eval_config(stage, flags)
     try:
-        run_dir = (run_stage1 if stage == STAGE1 else run_stage2)(load_eval_config(stage, flags))
+        run_dir = (run_stage1 if stage == STAGE1 else run_stage2)(config)
     finally:
-        refresh_status(flags.get("runs_dir"))
+        refresh_status(config.runs_dir)
     if run_dir is None:  # a rank > 0 of `accelerate launch`: rank 0 writes and prints the run
         return
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -92,10 +93,16 @@ def stage3(
     try:
         if resume:
             # Only a failed or crashed run (of --mask, when given) is continued; anything else is refused untouched.
-            ignored = sorted(k for k, v in flags.items() if v is not None and k not in ("mask", "runs_dir"))
+            ignored = sorted(k for k, v in flags.items()
+                             if v is not None and k not in ("mask", "runs_dir", "config_file"))
             if ignored:
                 raise BadInput("--resume continues a run with its saved config; drop "
                                + ", ".join("--" + k.replace("_", "-") for k in ignored))
+            if flags.get("config_file"):  # with --resume a study file only says where its runs are
+                from ablate.stages import study_file
+
+                found = study_file.stage_values(study_file.read(flags["config_file"])[0], "stage3")
+                mask, runs_dir = mask or found.get("mask"), runs_dir or found.get("runs_dir")
             if run_dir:
                 target = resumable_run(run_dir, STAGE3_PREFIX + (mask or ""))
             else:
@@ -107,7 +114,9 @@ def stage3(
         else:
             if run_dir:
                 raise BadInput("--run-dir only goes with --resume")
-            out = run_stage3(load_finetune_config(_read_escapes(flags)))
+            config = load_finetune_config(_read_escapes(flags))
+            runs_dir = config.runs_dir
+            out = run_stage3(config)
     finally:
         refresh_status(runs_dir)
     if out is None:  # a rank > 0 of torchrun / accelerate launch: rank 0 reports the run
@@ -163,13 +172,37 @@ def stage4(flags):
     from ablate.stages.stage4_post_ft_eval import run_stage4
 
     quiet_libraries()
+    config = load_stage4_config(flags)
     try:
-        out = run_stage4(load_stage4_config(flags))
+        out = run_stage4(config)
     finally:
-        refresh_status(flags["runs_dir"])
+        refresh_status(config.runs_dir)
     metrics = json.loads((out / "metrics.json").read_text())
     typer.echo(recovery_table(metrics))
     typer.echo(f"run directory: {out}")
+
+
+STUDY_EPILOG = """A study file: the top level applies to every stage, a section per stage overrides it.\n
+  model: HuggingFaceTB/SmolLM2-135M-Instruct\n
+  tasks: [hellaswag, piqa]\n
+  stage2: {mask: prefill_bidir}\n
+  stage3: {data: train.jsonl, max_steps: 200}\n
+  study: {masks: [causal, prefill_bidir]}\n
+Run it again after a crash: completed stages are reused, a crashed finetune resumes."""
+
+
+def study(config: Path = typer.Option(..., "--config", help="the study YAML (see `ablate stage1 --help` for fields)")):
+    """The whole study from one file: stage 1, 2, 3 (each mask), 4, the report and STATUS.md; resumes where it stopped."""
+    from ablate.stages.study import plan, run_study
+
+    quiet_libraries()
+    runs_dir = plan(config).stage1.runs_dir  # the file is read and every stage checked before anything runs
+    try:
+        out = run_study(config, say=typer.echo)
+    finally:
+        refresh_status(runs_dir)
+    typer.echo(f"report: {out['report']}")
+    typer.echo(f"status: {out['status']}")
 
 
 def register(app: typer.Typer) -> None:
@@ -177,3 +210,4 @@ def register(app: typer.Typer) -> None:
     app.command(epilog=EVAL_EPILOG_2)(stage2)
     app.command(epilog=STAGE3_EPILOG)(stage3)
     app.command(epilog=STAGE4_EPILOG)(stage4)
+    app.command(epilog=STUDY_EPILOG)(study)

@@ -16,6 +16,7 @@ block ids | None`` plus a ``@register`` line.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -138,8 +139,8 @@ def model_attention_mask(
     batch, length = attention_mask.shape
     # Only the shape, dtype and device of inputs_embeds are read by the mask builders.
     embeds = torch.empty(batch, length, 0, dtype=dtype, device=attention_mask.device)
-    kwargs = dict(config=config, inputs_embeds=embeds, attention_mask=attention_mask, past_key_values=None,
-                  block_sequence_ids=block_ids)
+    kwargs = dict(config=config, inputs_embeds=embeds, attention_mask=attention_mask, block_sequence_ids=block_ids,
+                  **{_CACHE_KWARG: None})
     kinds = _mask_kinds(config)
     unknown = [k for k in kinds if k not in ("full_attention", "sliding_attention")]
     if unknown:
@@ -157,6 +158,11 @@ def model_attention_mask(
             masks[kind] = masking_utils.create_causal_mask(**kwargs)
     # Models declaring layer_types (Qwen2/3) take a mapping; the others one mask.
     return masks if getattr(config, "layer_types", None) else masks[kinds[0]]
+
+
+# transformers 5.2x renamed the mask builders' `past_key_values` to `cache` (the old name warns until 5.40).
+_CACHE_KWARG = ("cache" if "cache" in inspect.signature(masking_utils.create_causal_mask).parameters
+                else "past_key_values")
 
 
 def dense_mask(mask_name: str, prefix_lens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
     python -c "from ablate.stages.config import load_eval_config; print(load_eval_config('stage1_baseline_eval', {}))"
 
-Precedence: dataclass defaults < the stage YAML (saved field values) < flags.
+Precedence: dataclass defaults < the stage YAML (saved field values) < ``--config FILE``
+(``ablate.stages.study_file``) < flags typed on the command line.
 The resolved config is written to each run directory as ``config.json``.
 """
 
@@ -50,6 +51,8 @@ class EvalConfig:
     allow_label_leakage: bool = field(default=False, metadata={
         "help": "evaluate under a mask that lets scored tokens see their own future (diagnosis only: the run is "
                 "marked leaky)"})
+    config_file: dict | None = field(default=None, metadata={
+        "help": "the --config file these values were read from: its path and sha256", "cli": False})
 
     def __post_init__(self):
         if not self.model:
@@ -101,9 +104,25 @@ def stage_defaults(stage: str, cls=None) -> dict:
     return data
 
 
+def layered(stage: str, cls, flags: dict) -> dict:
+    """The package's stage YAML < the ``--config`` file's values for this stage < the flags given (None = not).
+
+    ``flags["config_file"]`` is the file's path; the result holds ``{path, sha256}`` in its place.
+    """
+    from ablate.stages import study_file
+
+    flags = dict(flags)
+    file, record, from_file = flags.pop("config_file", None), None, {}
+    if file is not None:
+        values, record = study_file.read(file)
+        from_file = study_file.stage_values(values, study_file.section_of(stage))
+    given = {k: v for k, v in flags.items() if v is not None}
+    return {**stage_defaults(stage, cls), **from_file, **given, "config_file": record}
+
+
 def load_eval_config(stage: str, flags: dict) -> EvalConfig:
-    """Merge the stage YAML with the flags that were given (None = not given)."""
-    values = {**stage_defaults(stage), **{k: v for k, v in flags.items() if v is not None}}
+    """Merge the stage YAML, the --config file and the flags that were given (None = not given)."""
+    values = layered(stage, EvalConfig, flags)
     if isinstance(values.get("tasks"), str):
         values["tasks"] = [t.strip() for t in values["tasks"].split(",") if t.strip()]
     if isinstance(values.get("task_data"), str):
@@ -171,6 +190,8 @@ class FinetuneConfig:
     gate: dict | None = field(default=None, metadata={
         "help": "probe gate on summary.json, e.g. {metric: eval_loss, max: 3.0}: a result past it marks the run gated",
         "cli": False})
+    config_file: dict | None = field(default=None, metadata={
+        "help": "the --config file these values were read from: its path and sha256", "cli": False})
 
     def __post_init__(self):
         from transformers import SchedulerType
@@ -259,8 +280,7 @@ class FinetuneConfig:
 
 
 def load_finetune_config(flags: dict) -> FinetuneConfig:
-    values = {**stage_defaults("stage3_finetune", FinetuneConfig),
-              **{k: v for k, v in flags.items() if v is not None}}
+    values = layered("stage3_finetune", FinetuneConfig, flags)
     if isinstance(values.get("split_range"), str):
         try:
             values["split_range"] = tuple(float(x) for x in values["split_range"].split(","))
@@ -289,6 +309,8 @@ class Stage4Config:
     batch_size: str | None = field(default=None, metadata={"help": "batch size (default: stage 1's)"})
     runs_dir: str = field(default="runs", metadata={"help": "where runs are read and written"})
     ignore_gate: bool = field(default=False, metadata={"help": "start from gated stage 1 or stage 3 runs anyway"})
+    config_file: dict | None = field(default=None, metadata={
+        "help": "the --config file these values were read from: its path and sha256", "cli": False})
 
     def __post_init__(self):
         check_types(self)
@@ -300,7 +322,7 @@ class Stage4Config:
 
 
 def load_stage4_config(flags: dict) -> Stage4Config:
-    values = {**stage_defaults(STAGE4, Stage4Config), **{k: v for k, v in flags.items() if v is not None}}
+    values = layered(STAGE4, Stage4Config, flags)
     if "checkpoints" in values:
         values["checkpoints"] = tuple(values["checkpoints"])
     if values.get("batch_size") is not None:

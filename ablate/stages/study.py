@@ -1,0 +1,163 @@
+"""``ablate study``: the whole study from one file, stage 1 to the report, resuming where it stopped.
+
+    ablate tiny-model --out /tmp/tiny
+    printf 'model: /tmp/tiny\\ntasks: [ablate_tiny]\\ndevice: cpu\\nlimit: 8\\nstage3: {data: tests/data/sft.jsonl, max_steps: 4, max_length: 64}\\n' > study.yaml
+    ablate study --config study.yaml
+
+Stage 1 -> stage 2 -> stage 3 (each mask of ``study: {masks: [...]}``, both by default) -> stage 4 -> the
+report and STATUS.md, each stage configured by ``ablate.stages.study_file`` exactly as ``ablate stageN
+--config`` would be. Every stage's config is resolved and checked before the first one runs. A stage
+whose completed run matches what this file would run is reused, never rerun: an evaluation by its
+comparison record (and stage 2 by its mask and baseline), a finetune by its resolved config, base model
+identity and data digest, stage 4 by its config (which names the stage 1 and stage 3 runs it scores). A
+crashed stage 3 run of the same config is resumed from its newest intact checkpoint. A gated, failed
+or diverged stage stops the study with one line naming the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Callable
+
+from ablate.errors import BadInput
+from ablate.results import rundir
+from ablate.results.rundir import STAGE1, STAGE2, STAGE4
+from ablate.stages import study_file
+
+log = logging.getLogger(__name__)
+
+TRAIN_MASKS = ("causal", "prefill_bidir")
+SAME_RUN_EXCEPT = ("config_file", "runs_dir")  # where a value came from or lives does not make another run
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Every stage's resolved config, checked before anything runs."""
+
+    stage1: object
+    stage2: object
+    stage3: dict  # mask -> FinetuneConfig
+    stage4: object
+    report: Path
+
+
+def plan(path: str | Path) -> Plan:
+    from ablate.stages.config import load_eval_config, load_finetune_config, load_stage4_config
+
+    values, _ = study_file.read(path)
+    extra = study_file.study_values(values)
+    masks = extra.get("masks", list(TRAIN_MASKS))
+    if not isinstance(masks, list) or not masks or any(m not in TRAIN_MASKS for m in masks) \
+            or len(set(masks)) != len(masks):
+        raise BadInput(f"--config {path}: study.masks must list stage 3 masks among {', '.join(TRAIN_MASKS)} "
+                       f"(each once), got {masks!r}")
+    flags = {"config_file": str(path)}
+    s1 = load_eval_config(STAGE1, flags)
+    s2 = load_eval_config(STAGE2, flags)
+    s3 = {mask: load_finetune_config({**flags, "mask": mask}) for mask in masks}
+    s4 = load_stage4_config(flags)
+    dirs = {Path(c.runs_dir).resolve() for c in (s1, s2, s4, *s3.values())}
+    if len(dirs) != 1:
+        raise BadInput(f"--config {path}: every stage of a study writes into one runs folder; the file gives "
+                       f"{', '.join(sorted(map(str, dirs)))} (set runs_dir at the top level only)")
+    report = Path(extra.get("report") or Path(s1.runs_dir).parent / "RESULTS.md")
+    return Plan(s1, s2, s3, s4, report)
+
+
+def _same(recorded: dict | None, want: dict) -> bool:
+    """A run's config.json holds every value of ``want`` (as JSON holds them: tuples are lists)."""
+    want = json.loads(json.dumps({k: v for k, v in want.items() if k not in SAME_RUN_EXCEPT}))
+    return isinstance(recorded, dict) and all(recorded.get(k, object()) == v for k, v in want.items())
+
+
+def _stop_unless_completed(stage: str, run) -> None:
+    if run.status != rundir.COMPLETED:
+        raise BadInput(f"study stopped: {stage} run {run.path} is {run.status}"
+                       + (f" ({run.reason})" if run.reason else "")
+                       + "; see STATUS.md, change the settings that caused it in the study file (or move the run "
+                       "out of the runs folder) and run the study again")
+
+
+def _eval_stage(config, stage: str, where: Callable, run: Callable, say: Callable) -> rundir.Run:
+    """Reuse the latest completed (or gated: it stops the study) run ``where`` accepts, else run the stage."""
+    from ablate.core.identity import model_identity
+    from ablate.core.models import resolve_device
+    from ablate.stages.evaluation import check_inputs, comparison_key
+
+    manager, task_data, tasks = check_inputs(config)
+    key = comparison_key(config, task_data, model_identity(config.model), tasks, manager,
+                         resolve_device(config.device))
+    found = rundir.latest(Path(config.runs_dir), stage, statuses=rundir.USABLE,
+                          where=lambda r: r.metrics.get("comparison") == key and where(r))
+    if found is not None:
+        say(f"{stage}: reusing {found.path} ({found.status})")
+    else:
+        found = rundir.load_run(run(config))
+        say(f"{stage}: ran {found.path} ({found.status})")
+    _stop_unless_completed(stage, found)
+    return found
+
+
+def _stage3(config, say: Callable) -> rundir.Run:
+    from ablate.core.identity import model_identity
+    from ablate.core.sft_data import data_identity
+    from ablate.stages.stage3_finetune import run_stage3
+
+    want = config.to_dict()
+    identity = {"model_identity": model_identity(config.model),
+                "data_identity": data_identity(config.data, config.eval_data)}
+
+    def ours(r):
+        return _same(r.config, want) and all((r.info or {}).get(k) == v for k, v in identity.items())
+
+    runs = [r for r in rundir.find_runs(Path(config.runs_dir), config.stage) if ours(r)]
+    last = runs[-1] if runs else None
+    if last is None:
+        last = rundir.load_run(run_stage3(config))
+        say(f"{config.stage}: ran {last.path} ({last.status})")
+    elif last.status in (rundir.CRASHED, rundir.FAILED) and last.summary is None:
+        say(f"{config.stage}: resuming {last.path} ({last.status})")
+        from ablate.stages.stage3_resume import saved_config
+
+        last = rundir.load_run(run_stage3(saved_config(last.path), resume_dir=last.path))
+    else:  # it ended (completed, gated, diverged): the same config and seed would end the same way again
+        say(f"{config.stage}: reusing {last.path} ({last.status})")
+    _stop_unless_completed(config.stage, last)
+    return last
+
+
+def run_study(path: str | Path, say: Callable[[str], None] = print) -> dict:
+    """Run (or reuse) every stage of the study in ``path``; returns each stage's run folder and the report."""
+    from ablate.results.report import write_report
+    from ablate.results.status import write_status
+    from ablate.stages.stage1_baseline_eval import run_stage1
+    from ablate.stages.stage2_ablation_eval import run_stage2
+    from ablate.stages.stage4_post_ft_eval import run_stage4
+
+    p = plan(path)
+    runs_dir = Path(p.stage1.runs_dir)
+    done = {STAGE1: _eval_stage(p.stage1, STAGE1, lambda r: True, run_stage1, say)}
+    s2 = dataclasses.replace(p.stage2, baseline=str(done[STAGE1].path))
+    done[STAGE2] = _eval_stage(
+        s2, STAGE2, lambda r: r.metrics.get("mask") == s2.mask
+        and (r.metrics.get("baseline") or {}).get("run") == str(done[STAGE1].path), run_stage2, say)
+    for mask, config in p.stage3.items():
+        done[config.stage] = _stage3(config, say)
+    s4 = dataclasses.replace(p.stage4, stage1_run=str(done[STAGE1].path),
+                             checkpoints=tuple(str(done[c.stage].path) for c in p.stage3.values()))
+    want = dataclasses.asdict(s4)
+    found = rundir.latest(runs_dir, STAGE4, where=lambda r: _same(r.config, want))
+    if found is not None:
+        say(f"{STAGE4}: reusing {found.path} ({found.status})")
+    else:
+        found = rundir.load_run(run_stage4(s4))
+        say(f"{STAGE4}: ran {found.path} ({found.status})")
+    _stop_unless_completed(STAGE4, found)
+    done[STAGE4] = found
+    out = {stage: run.path for stage, run in done.items()}
+    out["report"] = write_report(runs_dir, p.report)
+    out["status"] = write_status(runs_dir)
+    return out
