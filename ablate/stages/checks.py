@@ -114,3 +114,20 @@ def _describe(hint) -> str:
     return names.get(hint, str(hint))
 
 
+
+
+def check_report_to(names) -> None:
+    """``--report-to``: names of the Trainer's integrations whose packages are installed here, or one line."""
+    if not names:
+        return
+    from transformers.integrations.integration_utils import (INTEGRATION_TO_CALLBACK,
+                                                             get_available_reporting_integrations)
+
+    unknown = [n for n in names if n not in INTEGRATION_TO_CALLBACK]
+    if unknown or "all" in names or "none" in names:
+        raise BadInput(f"--report-to {','.join(names)}: name integrations among "
+                       f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}")
+    missing = [n for n in names if n not in get_available_reporting_integrations()]
+    if missing:
+        raise BadInput(f"--report-to {','.join(missing)}: not installed here (pip install {' '.join(missing)}, "
+                       "or ablate[curves] for tensorboard and wandb)")

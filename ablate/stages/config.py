@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,8 +19,8 @@ import yaml
 
 from ablate.errors import BadInput
 from ablate.results.rundir import STAGE1, STAGE3_PREFIX, STAGE4
-from ablate.stages.checks import (ATTN_IMPLEMENTATIONS, _check_gate, check_leakage, check_runs_dir,  # noqa: F401
-                                  check_runtime, check_seed, check_types)
+from ablate.stages.checks import (ATTN_IMPLEMENTATIONS, _check_gate, check_leakage, check_report_to,  # noqa: F401
+                                  check_runs_dir, check_runtime, check_seed, check_types)
 
 STAGES_DIR = Path(__file__).resolve().parent  # each stage's YAML sits beside its module and ships in the wheel
 
@@ -187,6 +188,10 @@ class FinetuneConfig:
     gradient_checkpointing: bool | None = field(default=None, metadata={"help": "default: on with CUDA"})
     seed: int = field(default=1234, metadata={"help": "seeds data order, split and initialisation"})
     runs_dir: str = field(default="runs", metadata={"help": "where run directories are created"})
+    report_to: tuple[str, ...] = field(default=(), metadata={
+        "help": "the Trainer's own logging integrations, comma-separated: tensorboard (into the run's "
+                "tensorboard/), wandb (offline into the run folder unless WANDB_MODE says otherwise), ...; "
+                "train_log.jsonl and the report's curves are written either way"})
     gate: dict | None = field(default=None, metadata={
         "help": "probe gate on summary.json, e.g. {metric: eval_loss, max: 3.0}: a result past it marks the run gated",
         "cli": False})
@@ -230,6 +235,7 @@ class FinetuneConfig:
             raise BadInput(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
         if self.eval_steps is not None and self.eval_steps < 1:
             raise BadInput(f"--eval-steps must be >= 1, got {self.eval_steps}")
+        check_report_to(self.report_to)
 
     @property
     def stage(self) -> str:
@@ -247,6 +253,12 @@ class FinetuneConfig:
         from transformers import TrainingArguments
 
         checkpointing = on_gpu if self.gradient_checkpointing is None else self.gradient_checkpointing
+        # The integrations take their folders from the environment; each run's own go into its run folder.
+        if "tensorboard" in self.report_to:
+            os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(output_dir).parent / "tensorboard")
+        if "wandb" in self.report_to:
+            os.environ["WANDB_DIR"] = str(Path(output_dir).parent)
+            os.environ.setdefault("WANDB_MODE", "offline")  # a box may have no network; `wandb sync` later
         return TrainingArguments(
             output_dir=str(output_dir),
             max_steps=self.max_steps,
@@ -269,7 +281,7 @@ class FinetuneConfig:
             remove_unused_columns=False,
             seed=self.seed,
             data_seed=self.seed,
-            report_to=[],
+            report_to=list(self.report_to) or "none",
             use_cpu=not on_gpu,
             disable_tqdm=not is_main,
             dataloader_num_workers=0,
@@ -286,6 +298,10 @@ def load_finetune_config(flags: dict) -> FinetuneConfig:
             values["split_range"] = tuple(float(x) for x in values["split_range"].split(","))
         except ValueError:
             raise BadInput(f"--split-range expects LO,HI, got '{values['split_range']}'") from None
+    if isinstance(values.get("report_to"), str):
+        values["report_to"] = [t.strip() for t in values["report_to"].split(",") if t.strip()]
+    if "report_to" in values:
+        values["report_to"] = tuple(values["report_to"])
     if "split_range" in values:
         values["split_range"] = tuple(values["split_range"])
         if len(values["split_range"]) != 2:

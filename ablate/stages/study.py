@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -30,7 +31,7 @@ from ablate.stages import study_file
 log = logging.getLogger(__name__)
 
 TRAIN_MASKS = ("causal", "prefill_bidir")
-SAME_RUN_EXCEPT = ("config_file", "runs_dir")  # where a value came from or lives does not make another run
+SAME_RUN_EXCEPT = ("config_file", "runs_dir", "report_to")  # where values came from, live or are also sent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +82,7 @@ def _stop_unless_completed(stage: str, run) -> None:
                        "out of the runs folder) and run the study again")
 
 
-def _eval_stage(config, stage: str, where: Callable, run: Callable, say: Callable) -> rundir.Run:
+def _eval_stage(config, stage: str, where: Callable, run: Callable, say: Callable) -> tuple[rundir.Run, str]:
     """Reuse the latest completed (or gated: it stops the study) run ``where`` accepts, else run the stage."""
     from ablate.core.identity import model_identity
     from ablate.core.models import resolve_device
@@ -92,16 +93,17 @@ def _eval_stage(config, stage: str, where: Callable, run: Callable, say: Callabl
                          resolve_device(config.device))
     found = rundir.latest(Path(config.runs_dir), stage, statuses=rundir.USABLE,
                           where=lambda r: r.metrics.get("comparison") == key and where(r))
+    how = "reused" if found is not None else "ran"
     if found is not None:
         say(f"{stage}: reusing {found.path} ({found.status})")
     else:
         found = rundir.load_run(run(config))
         say(f"{stage}: ran {found.path} ({found.status})")
     _stop_unless_completed(stage, found)
-    return found
+    return found, how
 
 
-def _stage3(config, say: Callable) -> rundir.Run:
+def _stage3(config, say: Callable) -> tuple[rundir.Run, str]:
     from ablate.core.identity import model_identity
     from ablate.core.sft_data import data_identity
     from ablate.stages.stage3_finetune import run_stage3
@@ -115,6 +117,8 @@ def _stage3(config, say: Callable) -> rundir.Run:
 
     runs = [r for r in rundir.find_runs(Path(config.runs_dir), config.stage) if ours(r)]
     last = runs[-1] if runs else None
+    how = "ran" if last is None else "resumed" if last.status in (rundir.CRASHED, rundir.FAILED) \
+        and last.summary is None else "reused"
     if last is None:
         last = rundir.load_run(run_stage3(config))
         say(f"{config.stage}: ran {last.path} ({last.status})")
@@ -126,7 +130,22 @@ def _stage3(config, say: Callable) -> rundir.Run:
     else:  # it ended (completed, gated, diverged): the same config and seed would end the same way again
         say(f"{config.stage}: reusing {last.path} ({last.status})")
     _stop_unless_completed(config.stage, last)
-    return last
+    return last, how
+
+
+def _stage4(config, say: Callable) -> tuple[rundir.Run, str]:
+    from ablate.stages.stage4_post_ft_eval import run_stage4
+
+    want = dataclasses.asdict(config)
+    found = rundir.latest(Path(config.runs_dir), STAGE4, where=lambda r: _same(r.config, want))
+    how = "reused" if found is not None else "ran"
+    if found is not None:
+        say(f"{STAGE4}: reusing {found.path} ({found.status})")
+    else:
+        found = rundir.load_run(run_stage4(config))
+        say(f"{STAGE4}: ran {found.path} ({found.status})")
+    _stop_unless_completed(STAGE4, found)
+    return found, how
 
 
 def run_study(path: str | Path, say: Callable[[str], None] = print) -> dict:
@@ -135,29 +154,29 @@ def run_study(path: str | Path, say: Callable[[str], None] = print) -> dict:
     from ablate.results.status import write_status
     from ablate.stages.stage1_baseline_eval import run_stage1
     from ablate.stages.stage2_ablation_eval import run_stage2
-    from ablate.stages.stage4_post_ft_eval import run_stage4
 
     p = plan(path)
     runs_dir = Path(p.stage1.runs_dir)
-    done = {STAGE1: _eval_stage(p.stage1, STAGE1, lambda r: True, run_stage1, say)}
+    done, how, seconds = {}, {}, {}
+
+    def timed(stage: str, call) -> None:
+        begin = time.time()
+        done[stage], how[stage] = call()
+        seconds[stage] = round(time.time() - begin, 1)
+
+    timed(STAGE1, lambda: _eval_stage(p.stage1, STAGE1, lambda r: True, run_stage1, say))
     s2 = dataclasses.replace(p.stage2, baseline=str(done[STAGE1].path))
-    done[STAGE2] = _eval_stage(
+    timed(STAGE2, lambda: _eval_stage(
         s2, STAGE2, lambda r: r.metrics.get("mask") == s2.mask
-        and (r.metrics.get("baseline") or {}).get("run") == str(done[STAGE1].path), run_stage2, say)
-    for mask, config in p.stage3.items():
-        done[config.stage] = _stage3(config, say)
+        and (r.metrics.get("baseline") or {}).get("run") == str(done[STAGE1].path), run_stage2, say))
+    for config in p.stage3.values():
+        timed(config.stage, lambda: _stage3(config, say))
     s4 = dataclasses.replace(p.stage4, stage1_run=str(done[STAGE1].path),
                              checkpoints=tuple(str(done[c.stage].path) for c in p.stage3.values()))
-    want = dataclasses.asdict(s4)
-    found = rundir.latest(runs_dir, STAGE4, where=lambda r: _same(r.config, want))
-    if found is not None:
-        say(f"{STAGE4}: reusing {found.path} ({found.status})")
-    else:
-        found = rundir.load_run(run_stage4(s4))
-        say(f"{STAGE4}: ran {found.path} ({found.status})")
-    _stop_unless_completed(STAGE4, found)
-    done[STAGE4] = found
+    timed(STAGE4, lambda: _stage4(s4, say))
     out = {stage: run.path for stage, run in done.items()}
+    out["seconds"] = seconds  # each stage's wall time in this call (a reused stage: the time to find it)
+    out["how"] = how  # each stage: ran, reused or resumed
     out["report"] = write_report(runs_dir, p.report)
     out["status"] = write_status(runs_dir)
     return out
