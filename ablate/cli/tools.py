@@ -24,7 +24,10 @@ def demo(
     seed: int = typer.Option(0, help="seeds the data split, the finetunes and every stage"),
     device: str = typer.Option("auto", help="real preset: cpu, cuda or auto (the synthetic presets use the CPU)"),
 ):
-    """The whole study, offline: stage 1, stage 2 (prefill_bidir), stage 3 under both masks, stage 4, report."""
+    """The whole study, offline: stage 1, stage 2 (prefill_bidir), stage 3 under both masks, stage 4, report.
+
+    The stages are a study file the demo writes into the workdir and runs as `ablate study --config` does;
+    a second run on the same workdir reuses every completed stage."""
     from ablate.demo.real import REAL_PRESETS, run_real_demo
     from ablate.demo.run import PRESETS, run_demo
 
@@ -46,11 +49,15 @@ def demo(
         typer.echo("")
         typer.echo(summary_table(metrics[stage]) if stage != "stage4" else recovery_table(metrics[stage]))
     typer.echo("")
-    for key in ("stage1", "stage2", "stage3_causal", "stage3_prefill_bidir", "stage4", "report", "plot", "status"):
+    for key in ("stage1", "stage2", "stage3_causal", "stage3_prefill_bidir", "stage4", "report", "plot", "status",
+                "study"):
         typer.echo(f"{key:<22}{out[key]}")
-    if "stage_seconds" in out:
-        typer.echo("")
-        typer.echo(study_table(metrics["stage1"], metrics["stage2"], metrics["stage4"], out["stage_seconds"]))
+    typer.echo("")
+    # A reused stage took only the time to find it: the line says so.
+    seconds = {name if out["how"].get(name, "ran") == "ran" else f"{name}, {out['how'][name]}": s
+               for name, s in out["stage_seconds"].items()}
+    typer.echo(study_table(metrics["stage1"], metrics["stage2"], metrics["stage4"], seconds))
+    typer.echo(f"rerun the study: ablate study --config {out['study']}")
     typer.echo(f"demo finished in {out['seconds']:.0f} s")
 
 
@@ -101,15 +108,14 @@ def bench(
     from ablate.core.tasks import FIXTURE_DATA, parse_task_data
     from ablate.demo.gsm8k_tasks import write_next_step
     from ablate.results.files import write_json
-    from ablate.stages.config import check_runtime
+    from ablate.stages.config import check_batch_size, check_runtime
 
     quiet_libraries()
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     check_runtime("causal", device, dtype, attn_implementation)
     if limit < 1 or repeats < 1:
         fail("--limit and --repeats must be at least 1")
-    if batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) > 0):
-        fail(f"--batch-size must be a positive integer or 'auto', got '{batch_size}'")
+    check_batch_size(batch_size)
     data = parse_task_data(list(task_data or []))
     if "hellaswag" in names and "hellaswag" not in data:
         data["hellaswag"] = write_next_step(gsm8k(typer.echo), cache_root() / "data" / "gsm8k" / "next_step.jsonl")

@@ -39,6 +39,7 @@ MARKER = "ablate_asset.json"
 
 
 def cache_root() -> Path:
+    """``~/.cache/ablate`` (or under ``$XDG_CACHE_HOME``): fetched assets, file digests, lm-eval's task index."""
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ablate"
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 from ablate.errors import BadInput
@@ -27,8 +26,9 @@ MODEL_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".json", ".mod
 
 
 def _cache_file() -> Path:
-    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ablate"
-    return root / "file-digests.json"
+    from ablate.core.assets import cache_root
+
+    return cache_root() / "file-digests.json"
 
 
 def _load_cache() -> dict:
@@ -84,6 +84,17 @@ def folder_fingerprint(folder: Path) -> str:
         raise BadInput(f"cannot read model folder {folder}: {exc.strerror or exc}") from None
     _save_cache(cache)
     return total.hexdigest()
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` by relative path (a stage 3 checkpoint: weights, adapter, config,
+    trainer state, optimizer, rng states); OSError when one cannot be read."""
+    folder = Path(folder)
+    cache = _load_cache()
+    out = {p.relative_to(folder).as_posix(): file_digest(p, cache)
+           for p in sorted(q for q in folder.rglob("*") if q.is_file())}
+    _save_cache(cache)
+    return out
 
 
 def is_local(model: str) -> bool:

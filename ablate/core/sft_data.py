@@ -22,7 +22,7 @@ import torch
 
 from ablate.errors import BadInput
 
-LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+from ablate.core.tasks import LOADERS  # the one table of file formats `datasets` reads
 
 
 def template_fields(template: str, option: str) -> list[str]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import difflib
 import json
 import logging
-import os
 from pathlib import Path
 
 from ablate.errors import BadInput
@@ -36,6 +35,7 @@ BUNDLED_DATA = {"ablate_tiny": TASK_DATA / "ablate_tiny" / "ablate_tiny.jsonl"}
 STUDY_TASKS = ("hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande")
 FIXTURE_DATA = {name: TASK_DATA / f"{name}.jsonl" for name in STUDY_TASKS}
 SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split")
+# File suffix -> the `datasets` builder that reads it: --task-data files here, stage 3's --data (sft_data).
 LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 # lm-eval output types the stages score (acc from per-choice loglikelihoods); add generation here.
 SCORED_OUTPUT_TYPES = frozenset({"multiple_choice", "generate_until"})
@@ -101,8 +101,9 @@ def _json_rows(path: Path) -> list[tuple[str, dict]]:
 def _index_cache() -> Path:
     from importlib.metadata import version
 
-    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ablate"
-    return root / f"lm_eval-{version('lm_eval')}-task-folders.json"
+    from ablate.core.assets import cache_root
+
+    return cache_root() / f"lm_eval-{version('lm_eval')}-task-folders.json"
 
 
 def _task_folders() -> dict[str, str]:

@@ -131,3 +131,9 @@ def check_report_to(names) -> None:
     if missing:
         raise BadInput(f"--report-to {','.join(missing)}: not installed here (pip install {' '.join(missing)}, "
                        "or ablate[curves] for tensorboard and wandb)")
+
+
+def check_batch_size(value: str) -> None:
+    """An evaluation batch size: a positive whole number or ``auto`` (lm-eval's own spellings)."""
+    if value != "auto" and not (str(value).isdigit() and int(value) > 0):
+        raise BadInput(f"--batch-size must be a positive integer or 'auto', got '{value}'")

@@ -19,8 +19,8 @@ import yaml
 
 from ablate.errors import BadInput
 from ablate.results.rundir import STAGE1, STAGE3_PREFIX, STAGE4
-from ablate.stages.checks import (ATTN_IMPLEMENTATIONS, _check_gate, check_leakage, check_report_to,  # noqa: F401
-                                  check_runs_dir, check_runtime, check_seed, check_types)
+from ablate.stages.checks import (ATTN_IMPLEMENTATIONS, _check_gate, check_batch_size, check_leakage,  # noqa: F401
+                                  check_report_to, check_runs_dir, check_runtime, check_seed, check_types)
 
 STAGES_DIR = Path(__file__).resolve().parent  # each stage's YAML sits beside its module and ships in the wheel
 
@@ -75,8 +75,7 @@ class EvalConfig:
         check_seed(self.seed)
         check_runs_dir(self.runs_dir)
         _check_gate(self.gate)
-        if self.batch_size != "auto" and not (str(self.batch_size).isdigit() and int(self.batch_size) > 0):
-            raise BadInput(f"--batch-size must be a positive integer or 'auto', got '{self.batch_size}'")
+        check_batch_size(self.batch_size)
 
     @property
     def lm_eval_limit(self) -> int | float | None:
@@ -332,9 +331,8 @@ class Stage4Config:
         check_types(self)
         check_runs_dir(self.runs_dir)
         check_runtime(self.mask, self.device, self.dtype, self.attn_implementation)
-        if self.batch_size is not None and self.batch_size != "auto" and not (
-                self.batch_size.isdigit() and int(self.batch_size) > 0):
-            raise BadInput(f"--batch-size must be a positive integer or 'auto', got '{self.batch_size}'")
+        if self.batch_size is not None:
+            check_batch_size(self.batch_size)
 
 
 def load_stage4_config(flags: dict) -> Stage4Config:
