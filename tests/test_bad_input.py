@@ -101,9 +101,29 @@ def study(tiny_models, tmp_path_factory):
                                   "test_split: test\ndoc_to_text: \"\"\ndoc_to_target: \"{{q}}\"\n"
                                   "metric_list:\n  - metric: word_perplexity\n")
     p["gen_tasks"] = str(gen)
+    unscored = root / "unscored_tasks"  # tasks that compute no right or wrong per document
+    unscored.mkdir()
+    metric = "    aggregation: mean\n    higher_is_better: true\n"
+    (unscored / "norm.yaml").write_text("task: my_norm\ndataset_path: json\noutput_type: multiple_choice\n"
+                                        "test_split: test\ndoc_to_text: \"{{goal}}\"\ndoc_to_target: label\n"
+                                        "doc_to_choice: \"{{[sol1, sol2]}}\"\nmetric_list:\n  - metric: acc_norm\n" + metric)
+    (unscored / "bleu.yaml").write_text("task: my_bleu\ndataset_path: json\noutput_type: generate_until\n"
+                                        "test_split: test\ndoc_to_text: \"{{question}}\"\ndoc_to_target: \"{{answer}}\"\n"
+                                        "generation_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 8\n"
+                                        "metric_list:\n  - metric: bleu\n" + metric)
+    p["unscored_tasks"] = str(unscored)
     p["gen_data"] = _jsonl(data / "gen.jsonl", [{"q": "1+1=", "a": "2"}])
     p["a_file"] = _jsonl(data / "a_file.jsonl", [PIQA_ROW])
     p["piqa"] = str(FIXTURE_DATA["piqa"])
+    p["gsm8k"] = _jsonl(data / "gsm8k.jsonl", [{"question": f"{n} + 1?", "answer": f"{n} + 1 = {n + 1}\n#### {n + 1}"}
+                                                 for n in range(4)])
+    # A LoRA adapter folder (adapter_config.json, no config.json), as peft saves one.
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    adapter = get_peft_model(AutoModelForCausalLM.from_pretrained(model), LoraConfig(r=2, target_modules=["q_proj"]))
+    adapter.save_pretrained(root / "adapter")
+    p["adapter"] = str(root / "adapter")
     p["root"] = str(root)
     return p
 
@@ -170,6 +190,22 @@ CASES = {
     "model config of another architecture": ("stage1 " + EVAL.replace("{model}", "{other_arch}"), "other-arch"),
     "model missing a tensor": ("stage1 " + EVAL.replace("{model}", "{dropped}"), "dropped-tensor"),
     "runs dir is a file": ("stage1 " + EVAL.replace("{runs}", "{a_file}"), "cannot write runs under"),
+    # checked before the run folder: what lm-eval or the request loop would refuse only once the run has begun
+    "few-shot larger than the pool": ("stage1 --num-fewshot 50 " + EVAL, "has 24 few-shot example(s) to draw from"),
+    "few-shot default larger than the pool": ("stage1 --task-data gsm8k={gsm8k} "
+                                              + EVAL.replace("ablate_tiny", "gsm8k"), "fewer than its num_fewshot 5"),
+    "few-shot pool is the evaluated rows": ("stage1 --task-data piqa={piqa} --num-fewshot 1 "
+                                            + EVAL.replace("ablate_tiny", "piqa"), "shown its own answer"),
+    "few-shot pool is the evaluated rows, stage 2": ("stage2 --task-data piqa={piqa} --num-fewshot 2 "
+                                                     + EVAL.replace("ablate_tiny", "piqa"), "shown its own answer"),
+    "answers longer than max length": ("stage2 --task-data piqa={piqa} --max-length 4 "
+                                       + EVAL.replace("ablate_tiny", "piqa"), "more than --max-length 4 holds"),
+    "multiple choice without acc": ("stage1 --include-path {unscored_tasks} --task-data my_norm={a_file} "
+                                    + EVAL.replace("ablate_tiny", "my_norm"), "computes acc_norm; ablate scores"),
+    "generation without exact match": ("stage1 --include-path {unscored_tasks} --task-data my_bleu={gsm8k} "
+                                       + EVAL.replace("ablate_tiny", "my_bleu"), "computes bleu; ablate scores"),
+    "generation longer than max length": ("stage1 --task-data gsm8k={gsm8k} --num-fewshot 0 --max-length 8 "
+                                          + EVAL.replace("ablate_tiny", "gsm8k"), "generates up to 256 tokens"),
     # stage 3
     "resume a completed run": ("stage3 --mask prefill_bidir --resume --run-dir {s3} --runs-dir {runs}", "completed"),
     "resume a stage 1 run": ("stage3 --mask prefill_bidir --resume --run-dir {s1} --runs-dir {runs}", "stage1"),
@@ -195,6 +231,17 @@ CASES = {
     "leaking evaluation mask": ("stage2 --mask full_bidir " + EVAL, "pass --allow-label-leakage"),
     "unknown scheduler": ("stage3 --lr-scheduler bogus " + S3, "unknown --lr-scheduler 'bogus'"),
     "stage 3 seed negative": ("stage3 --seed -5 " + S3, "--seed must be in"),
+    "max length 2 for the data": ("stage3 " + S3.replace("--max-length 64", "--max-length 2"),
+                                  "do not fit --max-length 2 with a response token"),
+    "max length 1 with truncated prompts": ("stage3 --truncate-prompts "
+                                            + S3.replace("--max-length 64", "--max-length 1"),
+                                            "0 supervised (response) tokens"),
+    "lora targets the model lacks": ("stage3 --lora-r 8 --lora-target-modules nope " + S3,
+                                     "Target modules {'nope'} not found in the base model"),
+    "adapter as the stage 3 model": ("stage3 " + S3.replace("{model}", "{adapter}"), "is a LoRA adapter"),
+    "scheduler needing arguments": ("stage3 --lr-scheduler cosine_with_min_lr " + S3, "min_lr"),
+    "plateau scheduler without evaluation": ("stage3 --lr-scheduler reduce_lr_on_plateau " + S3,
+                                             "requires an eval strategy"),
     # stage 4
     "stage 1 run is a stage 2 run": ("stage4 --stage1-run {s2} " + S4, "is a stage2_ablation_eval run, not"),
     "stage 1 run of another model": ("stage4 --stage1-run {s1_other} " + S4, "recovery needs the baseline of the same"),

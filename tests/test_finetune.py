@@ -201,6 +201,26 @@ def test_resume_after_a_kill_at_any_moment_is_the_uninterrupted_run(tiny_llama, 
         assert "checkpoint-4 is not intact (missing trainer_state.json" in resumed.stderr
 
 
+def test_a_lora_run_killed_after_its_last_step_resumes_to_the_uninterrupted_adapter(tiny_llama, tmp_path):
+    # Resumed at max_steps, stage 3 loads the checkpoint's adapter itself (stage3_resume.load_weights).
+    lora = ("--lora-r", "4", *EXACT)
+    straight = _stage3_cli(tiny_llama, tmp_path / "a", *lora)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    killed = _stage3_cli(tiny_llama, tmp_path / "b", *lora, env={"ABLATE_FAULT_KILL_AT": "eval"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = subprocess.run([sys.executable, "-m", "ablate", "stage3", "--resume", "--runs-dir", str(tmp_path / "b")],
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    (expected_run,) = (tmp_path / "a" / "stage3_finetune_prefill_bidir").iterdir()
+    (run,) = (tmp_path / "b" / "stage3_finetune_prefill_bidir").iterdir()
+    assert summary_of(run)["resumed_from"].endswith("checkpoint-8") and summary_of(run)["global_step"] == 8
+    expected = load_file(str(expected_run / "final" / "adapter_model.safetensors"))
+    got = load_file(str(run / "final" / "adapter_model.safetensors"))
+    assert set(got) == set(expected)
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+
+
 def test_run_log_holds_the_stage(tiny_llama, tmp_path):
     run = run_stage3(config(tiny_llama, tmp_path, max_steps=2))
     log = (run / "run.log").read_text()

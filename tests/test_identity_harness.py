@@ -3,7 +3,8 @@
 One tiny stage 1 run (the bundled ablate_tiny task and an --include-path task with its own data file) and one
 stage 2 run against it; every variant below is derived from them by editing files, not by rerunning:
 - every key of the recorded comparison record, changed: refused as stage 2's --baseline naming that key, and
-  never chosen as the latest baseline;
+  never chosen as the latest baseline; dtype and attention being what transformers resolved (a load that
+  resolves otherwise than asked is refused before the run folder);
 - every EvalConfig field outside the known non-identity ones, changed: the record changes in that key;
 - the include-path task's data relabelled, its prompt template edited after stage 1: refused (exit 2, one line);
 - every samples corruption (edited accuracy, a duplicated line, truncated, swapped): refused (exit 2, one line);
@@ -26,7 +27,8 @@ from ablate.errors import BadInput
 from ablate.results import rundir
 from ablate.results.rundir import STAGE1, STAGE2
 from ablate.stages.config import EvalConfig, load_eval_config
-from ablate.stages.evaluation import check_inputs, comparison_key, verified_samples
+from ablate.results.samples import verified_samples
+from ablate.stages.evaluation import check_inputs, comparison_key
 from ablate.stages.stage1_baseline_eval import run_stage1
 from ablate.stages.stage2_ablation_eval import find_baseline, run_stage2
 
@@ -163,6 +165,7 @@ def get(record, path):
 # what they resolve to (the model by identity, tasks and data by lm-eval's resolved tasks and file digests).
 NOT_IDENTITY = {"stage", "mask", "batch_size", "device", "runs_dir", "baseline", "gate", "ignore_gate",
                 "model", "tasks", "include_path", "task_data",
+                "config_file",  # where the values came from; the values themselves are the fields above
                 "allow_label_leakage"}  # permits a leaking mask; the mask is what stage 2 changes, and leaky is recorded
 CHANGED = {"dtype": "bfloat16", "attn_implementation": "eager", "max_length": 64, "limit": 5, "num_fewshot": 1,
            "seed": 7}
@@ -294,5 +297,34 @@ def test_aggregate_never_pools_finetunes_of_other_settings_as_seeds(tmp_path):
     (s4 / "status.txt").write_text("completed\n")
     (s4 / "metrics.json").write_text(json.dumps({"stage": "stage4_post_ft_eval", "status": "completed",
                                                  "mask": "prefill_bidir", "comparison": {}, "checkpoints": entries}))
-    groups = sorted((g["training"]["learning_rate"], g["seeds"], g["macro"]["mean"]) for g in aggregate(tmp_path))
+    # The grouping alone: the hand-made stage 4 run has no samples to verify, so it is passed as verified.
+    stages = {STAGE1: [], STAGE2: [], "stage4_post_ft_eval": [rundir.load_run(s4)]}
+    groups = sorted((g["training"]["learning_rate"], g["seeds"], g["macro"]["mean"])
+                    for g in aggregate(tmp_path, stages=stages))
     assert groups == [(1e-3, [1, 2], pytest.approx(0.6)), (1e-1, [1], pytest.approx(0.1))]
+
+
+def test_the_record_holds_what_transformers_resolved(study):
+    from ablate.core.models import load_model, resolved
+
+    record = json.loads((study["s1"] / "metrics.json").read_text())["comparison"]
+    model, _ = load_model(study["flags"]["model"], "cpu", "auto", record["attn_implementation"])
+    assert resolved(model) == {"dtype": record["dtype"], "attn_implementation": record["attn_implementation"]}
+
+
+def test_a_model_resolved_to_other_attention_than_asked_is_refused_before_the_run_folder(study, capsys, monkeypatch):
+    from transformers import PreTrainedModel
+
+    # What transformers does when sdpa cannot dispatch and nothing was asked for: eager, silently.
+    asked = PreTrainedModel.get_correct_attn_implementation
+    monkeypatch.setattr(PreTrainedModel, "get_correct_attn_implementation",
+                        lambda self, requested, is_init_check=False: "eager" if requested == "sdpa"
+                        else asked(self, requested, is_init_check))
+    before = sorted(p.name for p in (study["runs"] / STAGE1).iterdir())
+    f = study["flags"]
+    capsys.readouterr()
+    assert main(["stage1", "--model", f["model"], "--tasks", TASKS, "--include-path", f["include_path"], "--limit",
+                 str(LIMIT), "--device", "cpu", "--runs-dir", str(study["runs"])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "with attn_implementation 'eager' where 'sdpa' was asked for" in err, err
+    assert sorted(p.name for p in (study["runs"] / STAGE1).iterdir()) == before

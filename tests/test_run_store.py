@@ -60,10 +60,10 @@ def test_nan_in_run_json_is_damage(tmp_path, text):
 
 
 def test_status_headline_names_its_mask_and_prefers_the_ablation(tmp_path):
-    ablation = finished(tmp_path, rundir.STAGE2, "20260101-000000", 1.0, {"mask": "prefill_bidir", "macro": {"acc": .4},
-                                                                          "baseline": {"reason": "none"}})
-    finished(tmp_path, rundir.STAGE2, "20260101-000100", 2.0, {"mask": "causal", "macro": {"acc": .5},
-                                                               "baseline": {"reason": "none"}})
+    from handmade import eval_run
+
+    ablation = eval_run(tmp_path, rundir.STAGE2, "20260101-000000", {"t": (2, 5, 2)}, mask="prefill_bidir", created=1.0)
+    eval_run(tmp_path, rundir.STAGE2, "20260101-000100", {"t": (3, 5, 2)}, mask="causal", created=2.0)
     text = render(tmp_path)
     assert "## Key Results (Stage 1 vs Stage 2, mask `prefill_bidir`)" in text and f"`{ablation}`" in text
 

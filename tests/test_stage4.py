@@ -201,3 +201,178 @@ def test_stage4_recovery_on_a_generative_task(tiny_llama, tmp_path):
     report = write_report(runs, tmp_path / "RESULTS.md")
     assert "| gsm8k (exact_match,strict-match) |" in report.read_text()
     assert (tmp_path / "RESULTS_accuracy.png").stat().st_size > 0
+
+
+def test_stage4_labels_are_unique_and_a_duplicate_is_refused_before_the_run_folder(study, tmp_path, capsys):
+    import shutil
+
+    from ablate.cli import main
+    from ablate.stages.stage4_post_ft_eval import choose_finetunes
+
+    runs, _, _, s3_causal, s3_bidir = study
+    backup = s3_causal.parent / f"{s3_causal.name}-backup"  # a copy beside the run: a folder name of its own
+    shutil.copytree(s3_causal, backup)
+    elsewhere = tmp_path / "runs" / "stage3_finetune_causal" / s3_causal.name  # the same name in another runs folder
+    shutil.copytree(s3_causal, elsewhere)
+    try:
+        chosen, _ = choose_finetunes(Stage4Config(runs_dir=str(runs), checkpoints=(str(s3_causal), str(backup),
+                                                                                   str(s3_bidir))))
+        assert [f.label for f in chosen] == [f"causal-{s3_causal.name}", f"causal-{backup.name}",
+                                             f"prefill_bidir-{s3_bidir.name}"]
+        before = sorted((runs / "stage4_post_ft_eval").iterdir()) if (runs / "stage4_post_ft_eval").exists() else []
+        for pair, message in (((s3_causal, s3_causal), f"--checkpoint names {s3_causal / 'final'} twice"),
+                              ((s3_causal, elsewhere), f"would both be scored as causal-{s3_causal.name}")):
+            capsys.readouterr()
+            assert main(["stage4", "--device", "cpu", "--runs-dir", str(runs), "--mask", "causal",
+                         *[a for p in pair for a in ("--checkpoint", str(p))]]) == 2
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and message in err, err
+        after = sorted((runs / "stage4_post_ft_eval").iterdir()) if (runs / "stage4_post_ft_eval").exists() else []
+        assert after == before
+    finally:
+        shutil.rmtree(backup)
+
+
+def test_stage4_refuses_a_model_resolved_otherwise_than_asked_before_the_run_folder(study, capsys, monkeypatch):
+    from transformers import PreTrainedModel
+
+    from ablate.cli import main
+
+    runs, _, _, s3_causal, _ = study
+    before = sorted((runs / "stage4_post_ft_eval").iterdir()) if (runs / "stage4_post_ft_eval").exists() else []
+    asked = PreTrainedModel.get_correct_attn_implementation
+    monkeypatch.setattr(PreTrainedModel, "get_correct_attn_implementation",
+                        lambda self, requested, is_init_check=False: "eager" if requested == "sdpa"
+                        else asked(self, requested, is_init_check))
+    capsys.readouterr()
+    assert main(["stage4", "--device", "cpu", "--runs-dir", str(runs), "--checkpoint", str(s3_causal)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "attn_implementation 'eager' where 'sdpa' was asked for" in err, err
+    after = sorted((runs / "stage4_post_ft_eval").iterdir()) if (runs / "stage4_post_ft_eval").exists() else []
+    assert after == before
+
+
+def ft_flags(model, runs, **overrides):
+    return {**dict(model=str(model), data=str(DATA), device="cpu", runs_dir=str(runs), max_steps=2, learning_rate=1e-3,
+                   lr_scheduler="constant", warmup_steps=0, logging_steps=1, save_steps=1, probe_samples=2),
+            **overrides}
+
+
+def stage4_folders(runs):
+    return sorted((runs / "stage4_post_ft_eval").iterdir()) if (runs / "stage4_post_ft_eval").exists() else []
+
+
+def test_a_checkpoint_of_a_diverged_or_failed_run_is_scored_as_one_and_shown_as_one(tiny_llama, tmp_path,
+                                                                                     monkeypatch, capsys):
+    """A diverged run (no final/) and a failed one (no summary.json: its mask from config.json) are each scored at
+    a named checkpoint, recorded as that checkpoint (step, the run's status and reason) and shown as one."""
+    from ablate.cli import main
+    from ablate.errors import BadInput
+    from ablate.results.report import write_report
+    from ablate.results.rundir import Terminated, load_run
+    from ablate.results.status import render
+    from ablate.stages.stage4_post_ft_eval import choose_finetunes
+
+    runs = tmp_path / "runs"
+    assert main(["stage1", "--model", str(tiny_llama), "--tasks", "ablate_tiny", "--device", "cpu", "--limit", "4",
+                 "--runs-dir", str(runs)]) == 0
+    diverged = run_stage3(load_finetune_config(ft_flags(tiny_llama, runs, mask="prefill_bidir", learning_rate=1e3)))
+    assert load_run(diverged).status == "diverged"
+    monkeypatch.setenv("ABLATE_FAULT_KILL_AT", "step:2/TERM")  # after checkpoint 1 was saved
+    with pytest.raises(Terminated):
+        run_stage3(load_finetune_config(ft_flags(tiny_llama, runs, mask="causal", max_steps=3)))
+    monkeypatch.delenv("ABLATE_FAULT_KILL_AT")
+    (failed,) = (runs / "stage3_finetune_causal").iterdir()
+    assert load_run(failed).status == "failed" and not (failed / "summary.json").exists()
+    with pytest.raises(BadInput, match=f"skipped diverged stage 3 run {diverged} .*name one of its checkpoints"):
+        choose_finetunes(Stage4Config(runs_dir=str(runs)))  # by default: never picked, and it says so
+    capsys.readouterr()
+    named = [str(diverged / "checkpoints" / "checkpoint-1"), str(failed / "checkpoints" / "checkpoint-1")]
+    assert main(["stage4", "--device", "cpu", "--runs-dir", str(runs), "--mask", "causal",
+                 *[a for n in named for a in ("--checkpoint", n)]]) == 0
+    printed = capsys.readouterr().out
+    assert "[checkpoint at step 1 of a diverged run, not its final model]" in printed
+    (out,) = stage4_folders(runs)
+    metrics = json.loads((out / "metrics.json").read_text())
+    first, second = metrics["checkpoints"]
+    reason = load_run(diverged).reason
+    assert (first["scored"], first["step"], first["run_status"], first["run_reason"]) == ("checkpoint", 1, "diverged",
+                                                                                          reason)
+    assert (second["scored"], second["step"], second["run_status"]) == ("checkpoint", 1, "failed")
+    assert second["run_reason"] == "terminated by SIGTERM" and second["train_mask"] == "causal"
+    assert second["label"] == f"causal-{failed.name}-checkpoint-1" and second["save_format"] is None
+    assert metrics["head_to_head"]["after"] == first["label"]  # the two checkpoints, each named as one
+
+    status = render(runs)
+    assert (f"- **checkpoint** at step 1 of the `prefill_bidir` run `{diverged}` (a diverged run: {reason}), not its "
+            "final model, evaluated with `causal`: macro") in status
+    assert "(a failed run: terminated by SIGTERM), not its final model" in status
+    assert f"- From `{out}` (checkpoints only: not the finetuned models' final results)." in status
+    assert "- [ ] Stage 4 post-FT ablated eval" in status and "damaged" not in status
+    report = write_report(runs, tmp_path / "RESULTS.md").read_text()
+    assert "### Checkpoint at step 1 of a diverged `prefill_bidir` run" in report
+    assert f"Checkpoint `{named[1]}` (step 1) of `{failed}`, a failed run: terminated by SIGTERM. Not the run's " \
+           "final model." in report
+    assert "### Checkpoint at step 1 of a diverged `prefill_bidir` run vs checkpoint at step 1 of a failed " in report
+    assert "Finetuned with" not in report and "damaged" not in report
+
+    config = json.loads((failed / "config.json").read_text())
+    (failed / "config.json").write_text(json.dumps({**config, "learning_rate": 1.0}))  # not what it trained with
+    capsys.readouterr()
+    assert main(["stage4", "--device", "cpu", "--runs-dir", str(runs), "--checkpoint", named[1]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds other settings than stage 3 started with" in err, err
+    assert "damaged" in render(runs)  # the scored run's stage 3 record no longer agrees: not shown as a result
+    assert stage4_folders(runs) == [out]
+
+
+def test_every_model_is_loaded_and_checked_before_the_run_folder(study, monkeypatch, capsys):
+    """The second model to score fails to load: one line, exit 2, and no stage 4 run folder."""
+    import ablate.core.models as models
+    from ablate.cli import main
+    from ablate.errors import BadInput
+
+    runs, _, _, s3_causal, s3_bidir = study
+    before = stage4_folders(runs)
+    real = models.load_model
+
+    def load_model(model, *args, **kwargs):
+        if model == str(s3_bidir / "final"):
+            raise BadInput(f"cannot load model '{model}': no file named model.safetensors")
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(models, "load_model", load_model)
+    capsys.readouterr()
+    assert main(["stage4", "--device", "cpu", "--runs-dir", str(runs), "--checkpoint", str(s3_causal),
+                 "--checkpoint", str(s3_bidir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no file named model.safetensors" in err, err
+    assert stage4_folders(runs) == before
+
+
+def test_a_finetune_whose_base_model_is_gone_is_refused_before_the_run_folder(tiny_llama, tmp_path, capsys):
+    """A LoRA whose base folder is gone, and a full checkpoint whose base (its tokenizer) changed: one line each."""
+    import shutil
+
+    from ablate.cli import main
+
+    base, runs = tmp_path / "base", tmp_path / "runs"
+    shutil.copytree(tiny_llama, base)
+    assert main(["stage1", "--model", str(base), "--tasks", "ablate_tiny", "--device", "cpu", "--limit", "4",
+                 "--runs-dir", str(runs)]) == 0
+    full = run_stage3(load_finetune_config(ft_flags(base, runs, mask="causal", max_steps=1)))
+    lora = run_stage3(load_finetune_config(ft_flags(base, runs, mask="prefill_bidir", max_steps=1, lora_r=4)))
+    tokenizer = json.loads((base / "tokenizer_config.json").read_text())
+    (base / "tokenizer_config.json").write_text(json.dumps({**tokenizer, "padding_side": "left"}))
+    capsys.readouterr()  # a full checkpoint holds no tokenizer: its base's must be the one stage 3 trained with
+    assert main(["stage4", "--device", "cpu", "--runs-dir", str(runs), "--mask", "causal",
+                 "--checkpoint", str(full / "checkpoints" / "checkpoint-1")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "needs its base model" in err, err
+    shutil.rmtree(base)
+    capsys.readouterr()
+    assert main(["stage4", "--device", "cpu", "--runs-dir", str(runs), "--checkpoint", str(full),
+                 "--checkpoint", str(lora)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"model path '{base}' does not exist" in err, err
+    assert stage4_folders(runs) == []

@@ -167,3 +167,61 @@ def test_a_named_checkpoint_of_a_diverged_run_is_scored(tiny_llama, tmp_path):
     (entry,) = json.loads((out / "metrics.json").read_text())["checkpoints"]
     assert entry["label"] == f"prefill_bidir-{run.name}-checkpoint-1"
     assert entry["model_dir"] == summary["last_good_checkpoint"]
+
+
+def test_every_checkpoint_is_recorded_and_one_changed_after_saving_is_refused(tiny_llama, tmp_path):
+    from ablate.stages import stage3_resume as resume
+
+    run = stage3(tiny_llama, tmp_path, max_steps=2, save_steps=1)
+    assert summary_of(run)["resolved"] == {"dtype": "float32", "attn_implementation": "sdpa", "autocast": None}
+    digests = json.loads((run / "checkpoints" / "digests.json").read_text())
+    assert sorted(digests) == ["checkpoint-1", "checkpoint-2"]
+    assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json", "rng_state.pth",
+            "config.json"} <= set(digests["checkpoint-1"]["files"])
+    one, two = run / "checkpoints" / "checkpoint-1", run / "checkpoints" / "checkpoint-2"
+    assert resume.problem(one) is None and resume.problem(two) is None
+    edits = {  # each keeps the folder structurally whole: only the recorded digests can tell
+        "model.safetensors": lambda: shutil.copy(Path(tiny_llama) / "model.safetensors", one / "model.safetensors"),
+        "optimizer.pt": lambda: shutil.copy(two / "optimizer.pt", one / "optimizer.pt"),
+        "trainer_state.json": lambda: (one / "trainer_state.json").write_text(
+            (one / "trainer_state.json").read_text().replace('"learning_rate"', '"learning_rate" ', 1)),
+    }
+    for name, edit in edits.items():
+        saved = (one / name).read_bytes()
+        edit()
+        result = stage4(tmp_path, "--checkpoint", str(one), "--mask", "causal")
+        assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
+        assert f"--checkpoint {one} is not an intact checkpoint ({name} changed after stage 3 saved it: sha256" in result.stderr
+        (one / name).write_bytes(saved)
+        assert resume.problem(one) is None  # the same bytes again: the same checkpoint
+    (one / "extra.txt").write_bytes(b"x")
+    assert resume.problem(one) == "extra.txt was added after stage 3 saved it"
+    (one / "extra.txt").unlink()
+    (run / "checkpoints" / "digests.json").unlink()
+    result = stage4(tmp_path, "--checkpoint", str(one))
+    assert result.exit_code == 2 and "is not an intact checkpoint (not recorded in digests.json" in result.stderr
+    assert not (tmp_path / "stage4_post_ft_eval").exists()
+
+
+def test_resume_uses_only_a_checkpoint_that_is_what_stage3_saved(tiny_llama, tmp_path):
+    from ablate.stages import stage3_resume as resume
+
+    run = stage3(tiny_llama, tmp_path, max_steps=2, save_steps=1)
+    shutil.rmtree(run / "final")
+    (run / "summary.json").unlink()
+    rundir.set_status(run, "failed", "set by the test")
+    one, two = run / "checkpoints" / "checkpoint-1", run / "checkpoints" / "checkpoint-2"
+    saved = (one / "optimizer.pt").read_bytes()
+    shutil.copy(one / "model.safetensors", two / "model.safetensors")  # step 1's weights at step 2
+    shutil.copy(two / "optimizer.pt", one / "optimizer.pt")
+    result = runner.invoke(app, ["stage3", "--resume", "--run-dir", str(run)])
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
+    assert (f"nothing to resume: {run} has no intact checkpoint (checkpoint-2: model.safetensors changed after "
+            "stage 3 saved it") in result.stderr
+    assert (run / "status.txt").read_text().startswith("failed")
+    (one / "optimizer.pt").write_bytes(saved)
+    result = runner.invoke(app, ["stage3", "--resume", "--run-dir", str(run)])
+    assert result.exit_code == 0, result.output
+    assert summary_of(run)["resumed_from"].endswith("checkpoint-1") and summary_of(run)["status"] == "completed"
+    assert "checkpoint-2 is not intact (model.safetensors changed after stage 3 saved it" in (run / "run.log").read_text()
+    assert resume.problem(two) is None  # saved again by the resumed run, and recorded again

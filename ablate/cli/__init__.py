@@ -21,18 +21,49 @@ except ImportError:  # pragma: no cover
     from click.exceptions import NoArgsIsHelpError, UsageError
 
 
+def _say(line: str) -> None:
+    """One line on stderr, on a line of its own: a progress bar the error cut short ends without a newline."""
+    bars = sys.modules.get("tqdm.std")
+    if bars is not None and any(not getattr(b, "disable", False) for b in list(bars.tqdm._instances)):
+        typer.echo(err=True)
+    typer.echo(line, err=True)
+
+
+def exit_code(exc: BaseException) -> int:
+    """The one place an error becomes its line on stderr and its exit code.
+
+    2: bad input or usage (an unknown flag, ``--limit abc``); 1: an unexpected error, shown as one line
+    unless ``ABLATE_DEBUG=1``; 130 / 128+N: interrupted by Ctrl-C / terminated by signal N.
+    """
+    if isinstance(exc, UsageError):
+        message = " ".join(exc.format_message().split())
+        hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
+        _say(f"ablate: error: {message}{hint}")
+        return 2
+    if isinstance(exc, BadInput):
+        _say(f"ablate: error: {exc}")
+        return 2
+    if isinstance(exc, (KeyboardInterrupt, typer.Abort)):
+        _say("ablate: interrupted by SIGINT (Ctrl-C)")
+        return 130
+    if isinstance(exc, Terminated):
+        _say(f"ablate: {exc}")
+        return 128 + exc.signum
+    if os.environ.get("ABLATE_DEBUG") == "1":
+        raise exc
+    first = (str(exc).strip().splitlines() or [""])[0]
+    _say(f"ablate: error: {type(exc).__name__}: {first} (set ABLATE_DEBUG=1 for the traceback)")
+    return 1
+
+
 class _Commands(TyperGroup):
-    """Every command runs through here: the project's errors become one line and an exit code."""
+    """Every command runs through here: typer would turn Ctrl-C into a silent exit 130 before ``main`` sees it."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except BadInput as exc:
-            typer.echo(f"ablate: error: {exc}", err=True)
-            raise typer.Exit(2) from None
-        except Terminated as exc:
-            typer.echo(f"ablate: {exc}", err=True)
-            raise typer.Exit(128 + exc.signum) from None
+        except (BadInput, Terminated, KeyboardInterrupt) as exc:
+            raise typer.Exit(exit_code(exc)) from None
 
 
 app = typer.Typer(
@@ -50,11 +81,7 @@ app.add_typer(remote.remote_app, name="remote")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; the one place that turns errors into exit codes and one-line messages.
-
-    2: bad input or usage (an unknown flag, ``--limit abc``); 1: an unexpected error, shown as one line
-    unless ``ABLATE_DEBUG=1``; 130 / 128+N: interrupted by Ctrl-C / terminated by signal N.
-    """
+    """Run the CLI and return its exit code (``exit_code`` says which, and prints the one line)."""
     try:
         result = typer.main.get_command(app).main(args=argv, prog_name="ablate", standalone_mode=False)
         return result if isinstance(result, int) else 0
@@ -63,26 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     except NoArgsIsHelpError as exc:
         typer.echo(exc.format_message())
         return 0
-    except UsageError as exc:
-        message = " ".join(exc.format_message().split())
-        hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
-        typer.echo(f"ablate: error: {message}{hint}", err=True)
-        return 2
-    except BadInput as exc:
-        typer.echo(f"ablate: error: {exc}", err=True)
-        return 2
-    except (KeyboardInterrupt, typer.Abort):
-        typer.echo("ablate: interrupted", err=True)
-        return 130
-    except Terminated as exc:
-        typer.echo(f"ablate: {exc}", err=True)
-        return 128 + exc.signum
-    except Exception as exc:  # noqa: BLE001 - the last line of defence: no traceback unless asked for
-        if os.environ.get("ABLATE_DEBUG") == "1":
-            raise
-        first = (str(exc).strip().splitlines() or [""])[0]
-        typer.echo(f"ablate: error: {type(exc).__name__}: {first} (set ABLATE_DEBUG=1 for the traceback)", err=True)
-        return 1
+    except (Exception, KeyboardInterrupt, Terminated) as exc:  # noqa: BLE001 - the last line of defence
+        return exit_code(exc)
 
 
 def run() -> None:

@@ -16,8 +16,8 @@ from ablate.errors import BadInput
 
 
 def fail(message: str) -> None:
-    typer.echo(f"ablate: error: {message}", err=True)
-    raise typer.Exit(2)
+    """Refuse bad input from a command's own checks: ``ablate.cli`` prints the one line and exits 2."""
+    raise BadInput(message)
 
 
 class _Stderr(logging.StreamHandler):
@@ -60,11 +60,13 @@ def refresh_status(runs_dir: str | None) -> None:
     """
     from ablate.results.status import write_status
 
-    if isinstance(sys.exc_info()[1], (BadInput, typer.Exit)):
+    failing = sys.exc_info()[1]  # the stage's own error, if it raised
+    if isinstance(failing, (BadInput, typer.Exit)):
         return
     runs = Path(runs_dir or "runs")
     if runs.is_dir():
         try:
             write_status(runs)
         except Exception as exc:  # noqa: BLE001 - report, never mask the stage's own outcome
-            typer.echo(f"ablate: warning: could not refresh STATUS.md: {exc}", err=True)
+            if failing is None:  # a stage that failed (a full disk) says so in its own one line
+                typer.echo(f"ablate: warning: could not refresh STATUS.md: {exc}", err=True)

@@ -49,8 +49,9 @@ def aggregate(
     from ablate.results.aggregate import aggregate as collect, render
     from ablate.results.rundir import write_json
 
-    rows = collect(_runs(runs_dir))
-    typer.echo(render(rows))
+    damaged: list[str] = []
+    rows = collect(_runs(runs_dir), damaged)
+    typer.echo(render(rows, damaged))
     if out:
         write_json(out, rows)
         typer.echo(f"wrote {out}")

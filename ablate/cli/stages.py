@@ -14,7 +14,7 @@ from ablate.cli.console import quiet_libraries, refresh_status
 from ablate.cli.options import config_command
 from ablate.cli.tables import recovery_table, summary_table
 from ablate.errors import BadInput
-from ablate.results.rundir import STAGE1, STAGE2, STAGE3_PREFIX, STAGE4
+from ablate.results.rundir import STAGE1, STAGE2, STAGE4
 from ablate.stages.config import EvalConfig, FinetuneConfig, Stage4Config
 
 EVAL_EPILOG_1 = """Example (offline, CPU):\n
@@ -86,7 +86,7 @@ def stage3(
     """Stage 3: finetune with the causal or prompt-bidirectional mask, loss on the response only."""
     from ablate.stages.config import load_finetune_config
     from ablate.stages.stage3_finetune import run_stage3
-    from ablate.stages.stage3_resume import find_resumable, resumable_run, saved_config
+    from ablate.stages.stage3_resume import decide
 
     quiet_libraries()
     mask, runs_dir = flags["mask"], flags["runs_dir"]
@@ -100,17 +100,15 @@ def stage3(
                                + ", ".join("--" + k.replace("_", "-") for k in ignored))
             if flags.get("config_file"):  # with --resume a study file only says where its runs are
                 from ablate.stages import study_file
+                from ablate.stages.config import SECTIONS
 
-                found = study_file.stage_values(study_file.read(flags["config_file"])[0], "stage3")
+                found = study_file.stage_values(study_file.read(flags["config_file"], SECTIONS)[0], "stage3",
+                                                SECTIONS)
                 mask, runs_dir = mask or found.get("mask"), runs_dir or found.get("runs_dir")
-            if run_dir:
-                target = resumable_run(run_dir, STAGE3_PREFIX + (mask or ""))
-            else:
-                target = find_resumable(Path(runs_dir or "runs"), STAGE3_PREFIX + (mask or "prefill_bidir"))
-            config = saved_config(target)
-            runs_dir = config.runs_dir
-            typer.echo(f"resuming {target} with its saved config")
-            out = run_stage3(config, resume_dir=target)
+            plan = decide(mask, runs_dir or "runs", run_dir)
+            runs_dir = plan.config.runs_dir
+            typer.echo(f"resuming {plan.run_dir} with its saved config")
+            out = run_stage3(plan.config, resume=plan)
         else:
             if run_dir:
                 raise BadInput("--run-dir only goes with --resume")

@@ -42,7 +42,9 @@ def recovery_table(metrics: dict) -> str:
     lines = [f"stage 4 under {metrics['mask']}; stage 1: {metrics['stage1_run']}; "
              f"stage 2: {metrics['stage2_run'] or 'none (' + str(metrics['stage2_reason']) + ')'}"]
     for entry in metrics["checkpoints"]:
-        lines.append(f"\n{entry['label']}{'  [LEAKY]' if entry['leaky'] else ''}")
+        checkpoint = (f"  [checkpoint at step {entry['step']} of a {entry['run_status']} run, not its final model]"
+                      if entry["scored"] == "checkpoint" else "")
+        lines.append(f"\n{entry['label']}{'  [LEAKY]' if entry['leaky'] else ''}{checkpoint}")
         lines.append(f"{'task':<16}{'s1':>7}{'s2':>7}{'s4':>7}  {'retention':<22}{'gap_closed':<22}p(s4 vs s2)")
         rec = entry["recovery"]
         for name, r in [*rec["tasks"].items(), ("macro", rec["macro"])]:
@@ -73,7 +75,8 @@ def study_table(m1: dict, m2: dict, m4: dict, seconds: dict[str, float]) -> str:
         lines += [f"task {task}: n={t1['n']}, chance {_num(t1['chance'])}; accuracy with its 95% Wilson interval",
                   f"  {'stage 1  causal':<54}{acc(t1)}", f"  {'stage 2  ' + m2['mask']:<54}{acc(t2)}"]
         for entry in m4["checkpoints"]:
-            lines.append(f"  {'stage 4  finetuned ' + entry['train_mask'] + ', read ' + m4['mask']:<54}"
+            what = "" if entry["scored"] == "final" else f" (checkpoint {entry['step']})"
+            lines.append(f"  {'stage 4  finetuned ' + entry['train_mask'] + what + ', read ' + m4['mask']:<54}"
                          f"{acc(entry['tasks'][task])}")
         paired = ((m2.get("baseline") or {}).get("paired") or {}).get("tasks", {}).get(task)
         if paired:

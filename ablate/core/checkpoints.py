@@ -22,6 +22,7 @@ from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 
 from ablate.errors import BadInput
+from ablate.faults import fault_point
 from ablate.results.rundir import write_json
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ def save_final(model, tokenizer, out: Path) -> dict:
     adapter = hasattr(model, "peft_config")
     try:
         model.save_pretrained(out, safe_serialization=True)  # a peft model saves its adapter only
+        fault_point("final_save")  # tests only: a kill here leaves final/ half-written
         tokenizer.save_pretrained(out)
         info = {"format": HF}
     except Exception as exc:  # any failure of the HF path: keep the weights another way

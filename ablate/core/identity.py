@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 from ablate.errors import BadInput
@@ -31,19 +32,34 @@ def _cache_file() -> Path:
     return cache_root() / "file-digests.json"
 
 
+class _Digests(dict):
+    """The stat-keyed digest cache as loaded, remembering whether anything was added since."""
+
+    def __setitem__(self, key, value):
+        if self.get(key) != value:
+            self.changed = True
+        super().__setitem__(key, value)
+
+
 def _load_cache() -> dict:
     try:
         data = json.loads(_cache_file().read_text())
-        return data if isinstance(data, dict) else {}
+        cache = _Digests(data if isinstance(data, dict) else {})
     except (OSError, ValueError):
-        return {}
+        cache = _Digests()
+    cache.changed = False
+    return cache
 
 
 def _save_cache(cache: dict) -> None:
+    """Written only when a digest was added, without entries whose file is gone (rotated checkpoints, old runs)."""
     from ablate.results.rundir import write_json
 
+    if not getattr(cache, "changed", True):
+        return  # a multi-MB rewrite per lookup made every stage 4 call ~0.3 s slower
+    kept = {path: entry for path, entry in cache.items() if os.path.exists(path)}
     try:
-        write_json(_cache_file(), cache)
+        write_json(_cache_file(), kept)
     except OSError as exc:  # a read-only home costs speed only
         log.debug("cannot cache file digests: %s", exc)
 

@@ -63,6 +63,24 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def resolved(model) -> dict:
+    """What transformers resolved a loaded model to: its parameters' dtype and ``config._attn_implementation``
+    (its only accessor in transformers 5; e.g. a flash attention request served by a hub kernel)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper
+    return {"dtype": str(base.dtype).removeprefix("torch."), "attn_implementation": base.config._attn_implementation}
+
+
+def check_resolved(model, record: dict, what: str) -> None:
+    """Refuse, naming the key, a model that transformers resolved otherwise than ``record`` (a comparison
+    record, made before the load from what was asked) says: what is recorded is what ran."""
+    found = resolved(model)
+    differ = [f"{key} '{value}' where '{record.get(key)}' was asked for" for key, value in found.items()
+              if record.get(key) != value]
+    if differ:
+        raise BadInput(f"transformers loaded {what} with {'; '.join(differ)}; ask for what it resolves to "
+                       "(--attn-implementation, --dtype), so that the run records what it computed with")
+
+
 def _looks_local(model: str) -> bool:
     return model.startswith((".", "/", "~")) or Path(model).expanduser().exists()
 

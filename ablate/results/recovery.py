@@ -16,13 +16,26 @@ gap of one document is noise, and noise divided by noise is any number).
 Intervals are paired percentile bootstraps over documents (the same resampled
 documents for every stage); the paired test of stage 4 against stage 2 is an
 exact McNemar test on per-document correctness.
+
+The blocks a run's metrics.json caches are built here from per-document
+correctness, by the stage that writes them and by every reader that shows them
+(``ablate.results.verified.verified_metrics``): stage 2's ``baseline``
+(``baseline_block``), stage 4's ``recovery`` (``recovery_block``) and
+``head_to_head``.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+from pathlib import Path
 
 import numpy as np
+
+from ablate.errors import BadInput
+from ablate.results.samples import accuracy
+
+log = logging.getLogger(__name__)
 
 MIN_DENOMINATOR = 0.01  # one accuracy point
 BOOTSTRAP = 2000
@@ -194,3 +207,92 @@ def _difference(before: float, after: float, boot_before: np.ndarray, boot_after
             "delta_excludes_0": bool(lo > 0 or hi < 0),
             "ratio": value, "ratio_ci95": _interval(boot_ratio) if value is not None else None,
             "mcnemar": test}
+
+
+# ---------------------------------------------------------------- the blocks metrics.json caches
+
+def baseline_block(metrics: dict, baseline: dict, rows: dict | None = None) -> dict:
+    """Stage 2's ``baseline``: per-task and macro delta and retention against the stage 1 run, or why there is none.
+
+    ``baseline`` is ``{"run", "correct"}`` (``correct``: ``ablate.results.samples.verified_samples`` of the stage
+    1 run, whose numbers are recomputed from it) or ``{"reason"}``. With this run's per-document ``rows``, each
+    delta gets its paired 95% bootstrap interval and an exact McNemar test against stage 1's samples of the same
+    documents (``paired_block``).
+    """
+    run = baseline.get("run")
+    if run is None:
+        log.warning("no stage 1 baseline: %s", baseline["reason"])
+        return {"run": None, "reason": baseline["reason"]}
+    before = accuracy(baseline["correct"])
+
+    def delta(now, before):
+        if now is None or before is None:
+            return {"acc_baseline": before, "delta": None, "retention": None}
+        # Retention is undefined when the baseline is 0; never report a huge or infinite ratio.
+        return {"acc_baseline": before, "delta": now - before,
+                "retention": now / before if before > 0 else None}
+
+    out = {
+        "run": str(run.path),
+        "run_id": run.run_id,
+        "tasks": {name: delta(t["acc"], before["tasks"].get(name)) for name, t in metrics["tasks"].items()},
+        "macro": delta(metrics["macro"]["acc"], before["macro"]),
+    }
+    if rows:
+        out["paired"] = paired_block(run.path, rows, baseline["correct"])
+    return out
+
+
+def paired_block(stage1_dir: Path, rows: dict, correct: dict) -> dict:
+    """Stage 2 minus stage 1 on the same documents: paired intervals and McNemar (``paired_difference``)."""
+    before, after = {}, {}
+    for task, task_rows in rows.items():
+        c1 = correct[task]  # verified_samples of the stage 1 run
+        c2 = {r["doc_id"]: bool(r["correct"]) for r in task_rows}
+        if set(c1) != set(c2):  # the comparison record matched, so this is a damaged or edited run
+            raise BadInput(f"stage 1 run {stage1_dir} scored other {task} documents than this run")
+        docs = sorted(c2)
+        before[task], after[task] = np.array([c1[d] for d in docs]), np.array([c2[d] for d in docs])
+    return paired_difference(before, after)
+
+
+def recovery_block(rows: dict, s1: dict, s2: dict | None, chance: dict) -> dict:
+    """Stage 4's ``recovery`` of one finetuned model: its ``rows`` against stage 1 (and stage 2) on the same documents.
+
+    ``s1`` / ``s2``: ``task -> {doc_id: correct}`` of the stage 1 / 2 runs (``verified_samples``); ``chance``: each
+    task's chance accuracy.
+    """
+    per_task, arrays = {}, {}
+    for task, task_rows in rows.items():
+        c4 = {r["doc_id"]: r["correct"] for r in task_rows}
+        if task not in s1 or (s2 is not None and task not in s2):
+            raise BadInput(f"task {task}: stage 1 or stage 2 records no samples for it; rerun them together")
+        c1 = s1[task]
+        c2 = s2[task] if s2 is not None else None
+        if set(c1) != set(c4) or (c2 is not None and set(c2) != set(c4)):
+            raise BadInput(f"task {task}: stage 4 scored other documents than stages 1/2; rerun them together")
+        docs = sorted(c4)
+        a1, a4 = np.array([c1[d] for d in docs]), np.array([c4[d] for d in docs])
+        a2 = np.array([c2[d] for d in docs]) if c2 is not None else None
+        per_task[task] = task_recovery(a1, a2, a4, chance[task])
+        arrays[task] = (a1, a2, a4)
+    return {"tasks": per_task, "macro": macro_recovery(per_task, arrays)}
+
+
+def head_to_head(results: list[dict], correct: dict) -> dict | None:
+    """The ``prefill_bidir``-finetuned model against the causal-finetuned one, both under stage 4's mask.
+
+    The study's question in one comparison: at the same budget, does training with the mask beat training
+    without it? Paired over the same documents (``paired_difference``: causal-finetuned = before,
+    mask-finetuned = after). ``results``: stage 4's checkpoint entries; ``correct``: label -> task ->
+    {doc_id: correct}. None unless exactly one checkpoint of each mask was scored.
+    """
+    by_mask: dict[str, list[dict]] = {}
+    for entry in results:
+        by_mask.setdefault(entry["train_mask"], []).append(entry)
+    others = sorted(set(by_mask) - {"causal"})
+    if len(by_mask.get("causal", [])) != 1 or len(others) != 1 or len(by_mask[others[0]]) != 1:
+        return None
+    causal, masked = by_mask["causal"][0]["label"], by_mask[others[0]][0]["label"]
+    arrays = [{t: np.array([c[t][d] for d in sorted(c[t])]) for t in c} for c in (correct[causal], correct[masked])]
+    return {"before": causal, "after": masked, **paired_difference(*arrays)}

@@ -127,7 +127,7 @@ def _begin_attempt(run_dir: Path, from_step: int) -> None:
     """
     record = _process_record(uuid.uuid4().hex)
     path = Path(run_dir) / HISTORY_FILE
-    previous = path.read_text() if path.is_file() else ""
+    previous = path.read_bytes().decode(errors="replace") if path.is_file() else ""  # lineage skips a damaged line
     line = json.dumps({"attempt": record["attempt"], "host": record["host"], "pid": record["pid"],
                        "started": record["started"], "from_step": int(from_step)})
     write_text(path, previous + ("" if not previous or previous.endswith("\n") else "\n") + line + "\n")
@@ -230,8 +230,13 @@ def active(run_dir: Path, is_main: bool = True, log_file: str = "run.log"):
         if read_status(run_dir)[0] == RUNNING:
             try:
                 set_status(run_dir, FAILED, failure_reason(exc))
-            except OSError:
-                pass  # the original error says more than a status that cannot be written
+            except OSError:  # a full disk has no room for the atomic write's temporary file; status.txt has its own
+                try:
+                    with os.fdopen(os.open(run_dir / STATUS_FILE, os.O_WRONLY | os.O_NOFOLLOW), "w") as fh:
+                        fh.write(f"{FAILED}\n{failure_reason(exc)}\n")
+                        fh.truncate()
+                except OSError:
+                    pass  # the original error says more than a status that cannot be written
         raise
     finally:
         for sig, handler in previous.items():

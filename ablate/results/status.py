@@ -3,8 +3,11 @@
     ablate status --runs-dir runs
 
 Every stage command refreshes it when it ends, completed or not. Each number
-names the run it came from; runs that failed, diverged, were gated, trained
-leaky or left an unreadable results file are listed as blockers.
+names the run it came from and is a verified one: metrics.json is a cache, and
+every run is read through ``ablate.results.verified.verified_run``, which
+recomputes its numbers from its samples (a stage 3 run's from its train log).
+Runs that failed, diverged, were gated, trained leaky, left an unreadable
+results file or a cache that disagrees with its samples are listed as blockers.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 from ablate.results import rundir
 from ablate.results.environment import provenance
 from ablate.results.rundir import STAGE1, STAGE2, STAGE3_PREFIX, STAGE4
+from ablate.results.verified import verified_runs
 
 TRAIN_MASKS = ("causal", "prefill_bidir")
 
@@ -56,11 +60,9 @@ def what_to_do(run: rundir.Run) -> str:
 
 
 def collect(runs_dir: Path) -> dict:
-    stages = {STAGE1: rundir.find_runs(runs_dir, STAGE1), STAGE2: rundir.find_runs(runs_dir, STAGE2),
-              STAGE4: rundir.find_runs(runs_dir, STAGE4)}
-    for mask in TRAIN_MASKS:
-        stages[STAGE3_PREFIX + mask] = rundir.find_runs(runs_dir, STAGE3_PREFIX + mask)
-    return stages
+    """Each stage's runs, oldest first, their results verified: a run whose cache disagrees has ``error`` set."""
+    return {stage: verified_runs(runs_dir, stage)
+            for stage in (STAGE1, STAGE2, *(STAGE3_PREFIX + mask for mask in TRAIN_MASKS), STAGE4)}
 
 
 def blockers(stages: dict, runs_dir: Path | None = None) -> list[str]:
@@ -94,7 +96,7 @@ def key_results(run: rundir.Run) -> list[str]:
         return [f"- No stage 1 comparison for `{run.path}`: {base.get('reason', 'none recorded')}"]
     macro = base["macro"]
     # A generative task contributes its primary filter's exact match, not an accuracy: say so.
-    exact = any(m != "acc" for m in (run.metrics["macro"].get("of") or {}).values())
+    exact = any(m != "acc" for m in run.metrics["macro"]["of"].values())
     label = "Macro score (accuracy; exact match for generative tasks)" if exact else "Macro accuracy"
     paired = base.get("paired") or {}
 
@@ -105,7 +107,7 @@ def key_results(run: rundir.Run) -> list[str]:
              f"(delta `{number(macro['delta'])}`{ci(paired.get('macro'))}, "
              f"retention `{number(macro['retention'], 3)}x`)"]
     for name, t in base["tasks"].items():
-        metric = run.metrics["tasks"][name].get("metric", "acc")
+        metric = run.metrics["tasks"][name]["metric"]
         lines.append(f"- {name}{'' if metric == 'acc' else f' ({metric})'}: `{number(t['acc_baseline'])} -> "
                      f"{number(run.metrics['tasks'][name]['acc'])}` (delta `{number(t['delta'])}`"
                      f"{ci((paired.get('tasks') or {}).get(name))})")
@@ -114,6 +116,8 @@ def key_results(run: rundir.Run) -> list[str]:
 
 
 def stage3_line(mask: str, run: rundir.Run) -> str:
+    if run.error:
+        return f"- {mask}: `{run.path}`: status `{run.status}`, damaged results, not shown (see Blockers)"
     s = run.summary or {}
     probe = (s.get("probe") or {}).get("after") or {}
     save = s.get("save") or {}
@@ -125,6 +129,24 @@ def stage3_line(mask: str, run: rundir.Run) -> str:
             f"saved as `{save.get('format', 'n/a')}`" + (" **LEAKY**" if s.get("leaky") else ""))
 
 
+def scored(entry: dict) -> str:
+    """What a stage 4 entry scored, in words: a stage 3 run's final model, or a checkpoint of it, which is never
+    shown as the finetuned model's result without saying so."""
+    if entry["scored"] == "final":
+        return f"finetuned with `{entry['train_mask']}` (`{entry['checkpoint']}`)"
+    why = f": {entry['run_reason']}" if entry["run_reason"] else ""
+    return (f"**checkpoint** at step {entry['step']} of the `{entry['train_mask']}` run `{entry['checkpoint']}` "
+            f"(a {entry['run_status']} run{why}), not its final model")
+
+
+def stage4_shown(runs: list[rundir.Run]) -> list[rundir.Run]:
+    """The stage 4 runs shown: the latest completed one that scored a final model (the study's stage 4 result),
+    and a newer one that scored checkpoints only, shown as such."""
+    done = [r for r in runs if latest([r]) is not None]
+    finals = [r for r in done if any(e.get("scored") == "final" for e in r.metrics.get("checkpoints") or [])]
+    return finals[-1:] + [r for r in done[-1:] if r not in finals]
+
+
 def stage4_lines(run: rundir.Run) -> list[str]:
     lines = []
     for entry in run.metrics.get("checkpoints", []):
@@ -134,17 +156,20 @@ def stage4_lines(run: rundir.Run) -> list[str]:
             pair = m.get(f"{key}_ci95")
             return f" [{pair[0]:.3f}, {pair[1]:.3f}]" if pair else ""
 
-        lines.append(f"- finetuned with `{entry['train_mask']}` (`{entry['checkpoint']}`), evaluated with "
-                     f"`{run.metrics['mask']}`: macro `{number(m['acc_stage4'])}` vs stage 1 `{number(m['acc_stage1'])}`; "
-                     f"retention `{number(m['retention'], 3)}`{ci('retention')}, gap closed "
-                     f"`{number(m['gap_closed'], 3)}`{ci('gap_closed')} (95% bootstrap intervals)")
-    lines.append(f"- From `{run.path}`.")
+        lines.append(f"- {scored(entry)}, evaluated with `{run.metrics['mask']}`: macro `{number(m['acc_stage4'])}` vs "
+                     f"stage 1 `{number(m['acc_stage1'])}`; retention `{number(m['retention'], 3)}`{ci('retention')}, "
+                     f"gap closed `{number(m['gap_closed'], 3)}`{ci('gap_closed')} (95% bootstrap intervals)")
+    only = all(e["scored"] == "checkpoint" for e in run.metrics.get("checkpoints", []))
+    lines.append(f"- From `{run.path}`" + (" (checkpoints only: not the finetuned models' final results)." if only
+                                           else "."))
     return lines
 
 
-def render(runs_dir: Path) -> str:
-    stages = collect(runs_dir)
-    s1, s2, s4 = latest(stages[STAGE1]), ablation(stages[STAGE2]), latest(stages[STAGE4])
+def render(runs_dir: Path, stages: dict | None = None) -> str:
+    """STATUS.md's text; ``stages`` as ``collect`` gives (read again when not given)."""
+    stages = stages if stages is not None else collect(runs_dir)
+    s1, s2, shown4 = latest(stages[STAGE1]), ablation(stages[STAGE2]), stage4_shown(stages[STAGE4])
+    s4 = next((r for r in shown4 if any(e.get("scored") == "final" for e in r.metrics["checkpoints"])), None)
     s3 = {mask: latest(stages[STAGE3_PREFIX + mask]) for mask in TRAIN_MASKS}
     last3 = {mask: (stages[STAGE3_PREFIX + mask] or [None])[-1] for mask in TRAIN_MASKS}
     has_recovery = bool(s4 and s4.metrics and s4.metrics.get("checkpoints"))
@@ -179,12 +204,13 @@ def render(runs_dir: Path) -> str:
               for line in guarded(stage3_line, last3[mask], damaged, mask)]
     out += lines3 or ["- No stage 3 run yet."]
     out += ["", "## Stage 4 Recovery"]
-    out += guarded(stage4_lines, s4, damaged) if has_recovery else ["- No stage 4 run yet."]
+    out += [line for run in shown4 for line in guarded(stage4_lines, run, damaged)] or ["- No stage 4 run yet."]
     problems += damaged
     out += ["", "## Artifacts"]
     artifacts = [(s1, "Stage 1 metrics", "metrics.json"), (s2, "Stage 2 metrics", "metrics.json"),
                  (s3["causal"], "Stage 3A summary", "summary.json"),
-                 (s3["prefill_bidir"], "Stage 3B summary", "summary.json"), (s4, "Stage 4 metrics", "metrics.json")]
+                 (s3["prefill_bidir"], "Stage 3B summary", "summary.json"), (s4, "Stage 4 metrics", "metrics.json"),
+                 *((r, "Stage 4 checkpoint metrics", "metrics.json") for r in shown4 if r is not s4)]
     out += [f"- {label}: `{run.path / name}`" for run, label, name in artifacts if run is not None] or ["- None yet."]
     out += ["", "## Provenance"]
     out += [f"- `{run.path}`: {provenance(run.path)}" for run, _, _ in artifacts if run is not None] or ["- None yet."]

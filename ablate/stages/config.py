@@ -114,8 +114,8 @@ def layered(stage: str, cls, flags: dict) -> dict:
     flags = dict(flags)
     file, record, from_file = flags.pop("config_file", None), None, {}
     if file is not None:
-        values, record = study_file.read(file)
-        from_file = study_file.stage_values(values, study_file.section_of(stage))
+        values, record = study_file.read(file, SECTIONS)
+        from_file = study_file.stage_values(values, study_file.section_of(stage), SECTIONS)
     given = {k: v for k, v in flags.items() if v is not None}
     return {**stage_defaults(stage, cls), **from_file, **given, "config_file": record}
 
@@ -342,3 +342,7 @@ def load_stage4_config(flags: dict) -> Stage4Config:
     if values.get("batch_size") is not None:
         values["batch_size"] = str(values["batch_size"])
     return Stage4Config(**values)
+
+
+# A study file's sections and the config each configures (ablate.stages.study_file reads them).
+SECTIONS = {"stage1": EvalConfig, "stage2": EvalConfig, "stage3": FinetuneConfig, "stage4": Stage4Config}

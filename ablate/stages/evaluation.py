@@ -4,7 +4,9 @@
 
 Everything that can be checked (mask, tasks, task data, model, the runs
 folder, a named baseline) is checked before a run directory exists, so bad
-input leaves nothing behind.
+input leaves nothing behind. ``evaluation_run`` is the one life cycle of an
+evaluation run (claim, running, config/env, gate, status); ``run_eval`` (stages
+1 and 2) and ``run_stage4`` hold only their inputs and their work.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import json
 import logging
 import math
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from ablate.results import rundir
@@ -21,6 +25,7 @@ from ablate.results.files import write_jsonl
 from ablate.core.masks import MASKS
 from ablate.results.environment import environment
 from ablate.results.gates import check_gate
+from ablate.results.samples import macro, record_files, task_metrics
 from ablate.stages.config import EvalConfig
 from ablate.errors import BadInput
 from ablate.faults import fault_point
@@ -34,6 +39,8 @@ def comparison_key(config: EvalConfig, task_data: dict[str, Path], model_identit
 
     Each task is what lm-eval resolved (``ablate.core.identity.task_identity``); the mask is left out, being
     what stage 2 changes. Pass ``tasks`` and ``manager`` from ``check_inputs`` (else they are built again).
+    dtype and attention are what is asked for; the run refuses a model that transformers resolved otherwise
+    (``ablate.core.models.check_resolved``, after the load, before the run folder), so they are what ran.
     """
     from ablate.core.identity import task_identity
     from ablate.core.lm_eval_model import task_entry
@@ -69,7 +76,107 @@ def check_inputs(config: EvalConfig):
     manager = task_manager(config.include_path, list(config.tasks))
     check_task_names(manager, list(config.tasks))
     task_data = parse_task_data(list(config.task_data))
-    return manager, task_data, load_tasks(manager, list(config.tasks), task_data)
+    tasks = load_tasks(manager, list(config.tasks), task_data)
+    check_metrics(tasks)
+    check_fewshot(tasks, config.num_fewshot)
+    return manager, task_data, tasks
+
+
+def check_metrics(tasks: dict) -> None:
+    """Each task computes what ablate scores a document by (multiple choice: ``acc``; generation:
+    ``exact_match``); without it the samples have no right or wrong, found only after the evaluation."""
+    for name, task in sorted(tasks.items()):
+        needed = "exact_match" if task.OUTPUT_TYPE == "generate_until" else "acc"
+        computed = sorted(task.aggregation())
+        if needed not in computed:
+            raise BadInput(f"task '{name}' computes {', '.join(computed) or 'no metric'}; ablate scores a "
+                           f"{task.OUTPUT_TYPE} document by {needed}: add it to the task's metric_list")
+
+
+def check_fewshot(tasks: dict, num_fewshot: int | None) -> None:
+    """Each task's few-shot pool holds the examples asked for; lm-eval (0.4.13) would fail on its first document.
+
+    The number is simple_evaluate's: a task whose YAML says 0 keeps 0, else ``--num-fewshot``, else its YAML's.
+    """
+    for name, task in sorted(tasks.items()):
+        default = task.get_config("num_fewshot")
+        shots = (default if default == 0 or num_fewshot is None else num_fewshot) or 0
+        if not shots:
+            continue
+        sampler = getattr(task, "sampler", None)
+        pool = len(sampler.fewshot_docs()) if sampler is not None else 0
+        cfg = task.config
+        split = task.fewshot_cfg.split or (cfg.training_split if task.has_training_docs() else
+                                           cfg.validation_split if task.has_validation_docs() else cfg.test_split)
+        # Drawn from the evaluated split itself, each document's examples leave the document out (ContextSampler).
+        itself = task.fewshot_cfg.split is not None and task.fewshot_cfg.split == cfg.test_split
+        asked = f"--num-fewshot {shots}" if num_fewshot is not None else f"its num_fewshot {shots}"
+        if pool < shots + itself:
+            raise BadInput(f"task '{name}' has {pool} few-shot example(s) to draw from (its {split} split"
+                           + (", less the document itself" if itself else "") + f"), fewer than {asked} needs")
+        if not itself:
+            _check_own_answers(name, task, sampler.fewshot_docs(), split, asked)
+
+
+def _check_own_answers(name: str, task, pool, split: str, asked: str) -> None:
+    """lm-eval (0.4.13, ``fewshot_context``) leaves a document out of its own examples only when the few-shot
+    split is the test split by name. The same rows under two split names (``--task-data`` gives every split
+    of a task the one file; a task YAML that points its train and test splits at one file) would show a
+    document its own answer: refused when most evaluated documents are in the pool, counted in the log
+    when a few are (a dataset's own duplicates across splits)."""
+    def canon(doc):
+        return json.dumps(doc, sort_keys=True, default=str)
+
+    pooled = {canon(d) for d in pool}
+    docs = list(task.eval_docs)
+    shared = sum(canon(d) in pooled for d in docs)
+    if docs and shared * 2 >= len(docs):
+        raise BadInput(f"task '{name}' draws few-shot examples ({asked}) from its {split} split, which holds "
+                       f"{shared} of its {len(docs)} evaluated documents (one file read as both splits: "
+                       "--task-data gives it to every split): a document could be shown its own answer; "
+                       "use --num-fewshot 0, or a task whose few-shot rows are other rows")
+    if shared:
+        log.warning("task %s: %d of %d evaluated documents also occur in its few-shot pool (%s split); lm-eval "
+                    "does not leave them out of their own examples", name, shared, len(docs), split)
+
+
+def check_lengths(config: EvalConfig, tasks: dict, tokenizer) -> None:
+    """Every answer fits ``--max-length``: a scored continuation (a prompt is cut from the left, an answer
+    cannot be) and a generation's ``max_gen_toks``; lm-eval and the request loop (ablate.core.lm_eval_model)
+    would refuse them only once the run folder exists.
+
+    Only with ``--max-length``: the model's own window holds any answer. Tokens are counted as lm-eval
+    0.4.13's ``TemplateLM._encode_pair`` splits a pair (the context's trailing spaces go to the continuation).
+    """
+    from lm_eval.models.utils import normalize_gen_kwargs
+
+    from ablate.core.lm_eval_model import PrefillMaskLM
+
+    if config.max_length is None:
+        return
+    for name, task in sorted(tasks.items()):
+        if task.OUTPUT_TYPE == "generate_until":  # HFLM.generate_until keeps max_gen_toks of the window for the answer
+            gen = normalize_gen_kwargs(dict(task.config.generation_kwargs or {}),
+                                       PrefillMaskLM.max_gen_toks.fget(None))["max_gen_toks"]
+            if gen >= config.max_length:
+                raise BadInput(f"task '{name}' generates up to {gen} tokens (its max_gen_toks), leaving no room for "
+                               f"a prompt in --max-length {config.max_length}; raise --max-length above {gen}")
+            continue
+        docs = list(task.eval_docs)
+        limit = config.lm_eval_limit
+        n = len(docs) if limit is None else int(limit) if limit >= 1 else math.ceil(limit * len(docs))
+        for doc_id, doc in enumerate(docs[:n]):
+            requests = task.construct_requests(doc=doc, ctx=task.fewshot_context(doc, 0), metadata=(name, doc_id, 1))
+            for request in requests if isinstance(requests, list) else [requests]:
+                context, continuation = request.args
+                spaces = len(context) - len(context.rstrip())
+                context, continuation = context[:len(context) - spaces], context[len(context) - spaces:] + continuation
+                tokens = len(tokenizer(context + continuation, add_special_tokens=False)["input_ids"]) - (
+                    len(tokenizer(context, add_special_tokens=False)["input_ids"]) if context else 0)
+                if not 0 < tokens <= config.max_length:
+                    raise BadInput(f"task '{name}': document {doc_id} has an answer of {tokens} tokens "
+                                   f"({continuation.strip()[:40]!r}), " + (f"more than --max-length {config.max_length}"
+                                   " holds; raise --max-length" if tokens else "which cannot be scored"))
 
 
 def evaluate(config: EvalConfig, model, tokenizer, device: str, mask: str, tasks, manager) -> dict:
@@ -130,6 +237,54 @@ def write_samples(run_dir: Path, rows: dict, prefix: str = "") -> dict:
     return out
 
 
+def eval_state(device: str):
+    """accelerate's ``PartialState``: under torchrun / ``accelerate launch`` each process is one rank (on CPU
+    accelerate joins the processes only when told: gloo)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=device == "cpu")
+
+
+@dataclass
+class EvaluationRun:
+    """A claimed evaluation run: its folder, and the ``metrics`` the body sets on rank 0 (left None elsewhere)."""
+
+    path: Path
+    is_main: bool
+    metrics: dict | None = None
+
+
+@contextmanager
+def evaluation_run(config_record: dict, stage: str, runs_dir: Path, state, device: str,
+                   model_identity: dict | None = None, gate: dict | None = None):
+    """The life cycle of every evaluation run (stages 1, 2 and 4), written once.
+
+    Rank 0 claims a new run folder (``run.json`` records ``model_identity`` when given) and every rank gets its
+    path (``accelerate launch``); the run is marked running (heartbeat, signals, ``run.log``; ``failed`` with the
+    reason if the body raises) and rank 0 writes ``config.json`` (``config_record``) and ``env.json``. The body
+    evaluates and sets ``run.metrics`` (rank 0); on leaving, the digests of config.json and env.json go into it
+    (``files``), the ``gate`` is checked (``gated`` with the reason), and metrics.json and status.txt are written.
+    Everything checkable is checked before this is entered: bad input leaves no folder.
+    """
+    record = {"model_identity": model_identity} if model_identity is not None else {}
+    run = EvaluationRun(rundir.claim(state, lambda: rundir.new_run_dir(Path(runs_dir), stage, **record)),
+                        state.is_main_process)
+    with rundir.active(run.path, is_main=run.is_main):
+        if run.is_main:
+            rundir.write_json(run.path / "config.json", config_record)
+            rundir.write_json(run.path / "env.json", environment(device))
+        yield run
+        if run.is_main and run.metrics is not None:
+            metrics = run.metrics
+            metrics["files"] = record_files(run.path)  # as written; a reader refuses them edited
+            gated = check_gate(gate, metrics)
+            if gated:
+                metrics["status"] = rundir.GATED
+                log.warning("run %s is gated: %s", run.path, gated)
+            rundir.write_json(run.path / "metrics.json", metrics)
+            rundir.set_status(run.path, metrics["status"], gated or "")
+
+
 def run_eval(config: EvalConfig, compare=None) -> Path | None:
     """Evaluate ``config.model`` into a new run; ``compare(key)`` (stage 2) is called before the model loads
     and returns what to add to ``metrics.json`` once the results are in: ``finish(metrics, rows) -> dict``,
@@ -138,37 +293,31 @@ def run_eval(config: EvalConfig, compare=None) -> Path | None:
     Under ``accelerate launch`` every process scores its share of the documents (lm-eval's data-parallel
     split) and rank 0 writes the run; the other ranks return None.
     """
-    from accelerate import PartialState
-
     from ablate.core.identity import model_identity
-    from ablate.core.models import load_model, resolve_device
+    from ablate.core.models import check_resolved, load_model, resolve_device
 
     started = time.time()
     device = resolve_device(config.device)
-    # Under torchrun / accelerate launch: on CPU accelerate joins the processes only when told (gloo).
-    state = PartialState(cpu=device == "cpu")
+    state = eval_state(device)
     manager, task_data, tasks = check_inputs(config)
     key = comparison_key(config, task_data, model_identity(config.model), tasks, manager, device)
     finish = compare(key) if compare else None
     rundir.check_writable(Path(config.runs_dir), config.stage)
     model, tokenizer = load_model(config.model, device, config.dtype, config.attn_implementation)
+    check_resolved(model, key, f"model '{config.model}'")
+    check_lengths(config, tasks, tokenizer)
 
-    run_dir = rundir.claim(state, lambda: rundir.new_run_dir(Path(config.runs_dir), config.stage,
-                                                              model_identity=key["model"]))
-    with rundir.active(run_dir, is_main=state.is_main_process):
-        if state.is_main_process:
-            rundir.write_json(run_dir / "config.json", config.to_dict())
-            rundir.write_json(run_dir / "env.json", environment(device))
-        log.info("run %s: %s on %s with mask %s", run_dir, config.model, ",".join(config.tasks), config.mask)
+    with evaluation_run(config.to_dict(), config.stage, config.runs_dir, state, device, key["model"],
+                        config.gate) as run:
+        log.info("run %s: %s on %s with mask %s", run.path, config.model, ",".join(config.tasks), config.mask)
         fault_point("eval")
         result = evaluate(config, model, tokenizer, device, config.mask, tasks, manager)
         if result is None:  # another rank: its documents went to rank 0, which writes the run
             return None
         rows = result.pop("rows")
-        samples = write_samples(run_dir, rows)
         metrics = {
             "stage": config.stage,
-            "run_id": run_dir.name,
+            "run_id": run.path.name,
             "status": rundir.COMPLETED,
             "model": config.model,
             "mask": config.mask,
@@ -178,124 +327,16 @@ def run_eval(config: EvalConfig, compare=None) -> Path | None:
             "comparison": key,
             **result,
             # The samples are the source of truth; a reader checks them against these and recomputes acc.
-            "samples": samples,
+            "samples": write_samples(run.path, rows),
         }
         metrics["timing"]["wall_seconds"] = round(time.time() - started, 3)
         if finish:
             metrics["baseline"] = finish(metrics, rows)
-        gated = check_gate(config.gate, metrics)
-        if gated:
-            metrics["status"] = rundir.GATED
-            log.warning("run %s is gated: %s", run_dir, gated)
-        rundir.write_json(run_dir / "metrics.json", metrics)
-        rundir.set_status(run_dir, metrics["status"], gated or "")
-    return run_dir
-
-
-def _number(value):
-    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+        run.metrics = metrics
+    return run.path
 
 
 def primary_filter(task) -> str:
     """The filter whose exact match a generative task is scored by: the first it lists (gsm8k: strict-match)."""
     filters = getattr(task.config, "filter_list", None) or []
     return filters[0]["name"] if filters and task.OUTPUT_TYPE == "generate_until" else "none"
-
-
-def task_metrics(result: dict, rows: list[dict], primary: str = "none") -> dict:
-    """``acc`` is the task's primary metric: accuracy for multiple choice, the primary filter's exact match
-    for generation (chance 0); ``metric`` names it, and a generative task lists every filter's exact match."""
-    if rows and "filters" in rows[0]:
-        filters = {f: {"exact_match": _number(result.get(f"exact_match,{f}")),
-                       "exact_match_stderr": _number(result.get(f"exact_match_stderr,{f}"))}
-                   for f in rows[0]["filters"]}
-        return {"metric": f"exact_match,{primary}", "acc": filters[primary]["exact_match"],
-                "acc_stderr": filters[primary]["exact_match_stderr"], "exact_match": filters, "n": len(rows),
-                "chance": 0.0}
-    out = {"metric": "acc", "acc": _number(result.get("acc,none")), "acc_stderr": _number(result.get("acc_stderr,none"))}
-    if "acc_norm,none" in result:
-        out["acc_norm"] = _number(result["acc_norm,none"])
-        out["acc_norm_stderr"] = _number(result.get("acc_norm_stderr,none"))
-    out["n"] = len(rows)
-    out["chance"] = sum(1 / len(r["logprobs"]) for r in rows) / len(rows) if rows else None
-    return out
-
-
-def macro(per_task: dict) -> dict:
-    accs = [t["acc"] for t in per_task.values()]
-    chances = [t["chance"] for t in per_task.values()]
-    return {
-        "acc": sum(accs) / len(accs) if accs and None not in accs else None,
-        "chance": sum(chances) / len(chances) if chances and None not in chances else None,
-        "n_tasks": len(per_task),
-        # The mean of each task's primary metric (acc, or the primary filter's exact match).
-        "of": {name: t["metric"] for name, t in per_task.items()},
-    }
-
-
-def verified_samples(run, prefix: str = "", tasks=None) -> dict[str, dict[int, bool]]:
-    """``task -> {doc_id: correct}`` of an evaluation run, from its samples files, or one line (BadInput).
-
-    Each file must match the sha256 and row count its metrics.json records, hold one row per doc_id, and
-    give the accuracy metrics.json caches (macro too). The caller's numbers come from what this returns.
-    """
-    metrics = run.metrics or {}
-    record = metrics.get("samples")
-    where = f"run {run.path}"
-    if not isinstance(record, dict):
-        raise BadInput(f"{where} records no samples digests (made by an older ablate, or its metrics.json was "
-                       "edited); rerun it")
-    out = {}
-    for task in sorted(tasks if tasks is not None else (metrics.get("tasks") or {})):
-        entry = record.get(task)
-        path = Path(run.path) / f"samples_{prefix}{task}.jsonl"
-        if not isinstance(entry, dict) or entry.get("file") != path.name:
-            raise BadInput(f"{where} records no samples digest for task {task}")
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise BadInput(f"{where}: cannot read {path.name}: {exc.strerror or exc}") from None
-        if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
-            raise BadInput(f"{where}: {path.name} does not match the sha256 its metrics.json records "
-                           "(edited, truncated or replaced after the run); rerun it")
-        out[task] = _correct(where, path.name, data, entry.get("rows"))
-    _check_cache(where, metrics, out)
-    return out
-
-
-def _correct(where: str, name: str, data: bytes, n_rows) -> dict[int, bool]:
-    correct: dict[int, bool] = {}
-    try:
-        rows = [json.loads(line) for line in data.decode().splitlines() if line.strip()]
-        for row in rows:
-            doc, value = row["doc_id"], row["correct"]
-            if doc in correct:
-                raise BadInput(f"{where}: {name} holds doc_id {doc} twice; one row per document")
-            correct[doc] = bool(value)
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-        raise BadInput(f"{where}: {name} is not ablate samples ({type(exc).__name__}: {exc})") from None
-    if len(rows) != n_rows:
-        raise BadInput(f"{where}: {name} holds {len(rows)} rows, its metrics.json records {n_rows}")
-    return correct
-
-
-def _check_cache(where: str, metrics: dict, correct: dict[str, dict[int, bool]]) -> None:
-    """metrics.json is a cache of the samples: an accuracy that disagrees with them is refused."""
-    accs = []
-    for task, docs in correct.items():
-        acc = sum(docs.values()) / len(docs) if docs else None
-        cached = ((metrics.get("tasks") or {}).get(task) or {}).get("acc")
-        if acc is None or not isinstance(cached, (int, float)) or abs(cached - acc) > 1e-9:
-            raise BadInput(f"{where}: metrics.json gives {task} acc {cached}, its samples give {acc}; "
-                           "the samples are the source of truth, rerun it or restore metrics.json")
-        accs.append(acc)
-    cached = (metrics.get("macro") or {}).get("acc")
-    if accs and len(correct) == len(metrics.get("tasks") or {}) and not (
-            isinstance(cached, (int, float)) and abs(cached - sum(accs) / len(accs)) <= 1e-9):
-        raise BadInput(f"{where}: metrics.json gives macro acc {cached}, its samples give {sum(accs) / len(accs)}")
-
-
-def accuracy(correct: dict[str, dict[int, bool]]) -> dict:
-    """Per-task and macro acc recomputed from ``verified_samples``."""
-    tasks = {t: sum(d.values()) / len(d) for t, d in correct.items()}
-    return {"tasks": tasks, "macro": sum(tasks.values()) / len(tasks) if tasks else None}

@@ -8,7 +8,9 @@ record (model identity, dtype, attention, each task as lm-eval resolved it and
 the files it reads, settings, seed; ``ablate.stages.evaluation.comparison_key``)
 equals this run's, or with ``--baseline RUN``, which is refused unless it does.
 The baseline's numbers are recomputed from its samples, verified against the
-digests its metrics.json records.
+digests its metrics.json records; the ``baseline`` block is built by
+``ablate.results.recovery.baseline_block``, which every reader calls again on
+the samples before showing a number of it (``ablate.results.verified``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ from ablate.results import rundir
 from ablate.results.gates import refuse_gated
 from ablate.results.rundir import STAGE1
 from ablate.stages.config import EvalConfig
-from ablate.stages.evaluation import accuracy, run_eval, verified_samples
+from ablate.results.recovery import baseline_block
+from ablate.results.samples import verified_samples
+from ablate.results.verified import latest_verified, verified
+from ablate.stages.evaluation import run_eval
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +36,7 @@ def run_stage2(config: EvalConfig) -> Path:
 
 
 def _finisher(baseline: dict):
-    return lambda metrics, rows: compare(metrics, baseline, rows)
+    return lambda metrics, rows: baseline_block(metrics, baseline, rows)
 
 
 def find_baseline(config: EvalConfig, key: dict) -> dict:
@@ -52,12 +57,14 @@ def find_baseline(config: EvalConfig, key: dict) -> dict:
             raise BadInput(f"--baseline {config.baseline} differs from this run in {', '.join(differs)}{detail}; "
                            "a comparison needs the same model, tasks, data and settings")
         refuse_gated(run, config.ignore_gate)
-        return {"run": run, "correct": verified_samples(run)}
-    run = rundir.latest(Path(config.runs_dir), STAGE1, statuses=rundir.USABLE,
-                        where=lambda r: r.metrics.get("comparison") == key)
+        correct = verified_samples(run)
+        return {"run": verified(run, Path(config.runs_dir)), "correct": correct}  # every number of it, too
+    run = latest_verified(Path(config.runs_dir), STAGE1, statuses=rundir.USABLE,
+                          where=lambda r: r.metrics.get("comparison") == key)
     if run:
         refuse_gated(run, config.ignore_gate)
-        return {"run": run, "correct": verified_samples(run)}
+        correct = verified_samples(run)
+        return {"run": verified(run, Path(config.runs_dir)), "correct": correct}  # every number of it, too
     where = Path(config.runs_dir) / STAGE1
     newest = rundir.latest(Path(config.runs_dir), STAGE1, statuses=rundir.USABLE)
     if newest is None:
@@ -65,51 +72,3 @@ def find_baseline(config: EvalConfig, key: dict) -> dict:
     differs = mismatch(key, newest.metrics.get("comparison"))
     return {"reason": f"no completed stage 1 run in {where} matches this run; the latest "
                       f"({newest.run_id}) differs in {', '.join(differs)}"}
-
-
-def compare(metrics: dict, baseline: dict, rows: dict | None = None) -> dict:
-    """Per-task and macro delta and retention against the stage 1 run, or why there is none.
-
-    The stage 1 numbers are recomputed from its verified samples (``baseline["correct"]``). With this run's
-    per-document ``rows``, each delta gets its paired 95% bootstrap interval and an exact McNemar test
-    against stage 1's samples of the same documents (``paired``).
-    """
-    run = baseline.get("run")
-    if run is None:
-        log.warning("no stage 1 baseline: %s", baseline["reason"])
-        return {"run": None, "reason": baseline["reason"]}
-    before = accuracy(baseline["correct"])
-
-    def delta(now, before):
-        if now is None or before is None:
-            return {"acc_baseline": before, "delta": None, "retention": None}
-        # Retention is undefined when the baseline is 0; never report a huge or infinite ratio.
-        return {"acc_baseline": before, "delta": now - before,
-                "retention": now / before if before > 0 else None}
-
-    out = {
-        "run": str(run.path),
-        "run_id": run.run_id,
-        "tasks": {name: delta(t["acc"], before["tasks"].get(name)) for name, t in metrics["tasks"].items()},
-        "macro": delta(metrics["macro"]["acc"], before["macro"]),
-    }
-    if rows:
-        out["paired"] = paired(run.path, rows, baseline["correct"])
-    return out
-
-
-def paired(stage1_dir: Path, rows: dict, correct: dict) -> dict:
-    """Stage 2 minus stage 1 on the same documents: paired intervals and McNemar (ablate.results.recovery)."""
-    import numpy as np
-
-    from ablate.results.recovery import paired_difference
-
-    before, after = {}, {}
-    for task, task_rows in rows.items():
-        c1 = correct[task]  # verified_samples of the stage 1 run
-        c2 = {r["doc_id"]: bool(r["correct"]) for r in task_rows}
-        if set(c1) != set(c2):  # the comparison record matched, so this is a damaged or edited run
-            raise BadInput(f"stage 1 run {stage1_dir} scored other {task} documents than this run")
-        docs = sorted(c2)
-        before[task], after[task] = np.array([c1[d] for d in docs]), np.array([c2[d] for d in docs])
-    return paired_difference(before, after)

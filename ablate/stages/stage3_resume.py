@@ -1,150 +1,139 @@
-"""Stage 3 ``--resume``: which run and which checkpoint, checked cheaply, and the test-only kill switch.
+"""Stage 3 ``--resume``: the one decision (which run, which checkpoint, every check), and going on from it.
 
-    python -c "from ablate.stages.stage3_resume import newest_intact; print(newest_intact('runs/stage3_finetune_prefill_bidir/RUN'))"
+    python -c "from ablate.stages.stage3_resume import decide; print(decide('prefill_bidir', 'runs'))"
 
-Only a ``failed`` or ``crashed`` run is resumed; a completed, gated or diverged
-one is refused. The Trainer writes a checkpoint's files in place, one after the
-other, so a kill or a full disk leaves a checkpoint folder that looks whole but
-is not: each file is checked (safetensors header against the file size, the
-zip central directory of torch files) and an older intact checkpoint is used
-when the newest is damaged.
+``decide`` makes the whole decision before anything is touched: the run (the one named, or the latest failed
+or crashed run of the mask), its saved config (as run.json's digest records it), its base model and data (as
+run.json records them), and the checkpoint to go on from, its newest intact one (ablate.stages.stage3_checkpoints);
+``run_stage3`` and ``ablate study`` take its ``Resume``. Only a ``failed`` or ``crashed`` run is resumed; a
+completed, gated or diverged one is refused. Inside the reopened run, ``restore`` says why newer checkpoints
+were passed over and drops what the lost attempt wrote past the checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import struct
-import zipfile
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
-from transformers import TrainerCallback
+from transformers import TrainerState
 
+from ablate.errors import BadInput
 from ablate.results import rundir
 from ablate.results.files import read_json, write_jsonl
-from ablate.errors import BadInput
-from ablate.faults import fault_point
+from ablate.results.samples import config_digest
+from ablate.stages.config import FinetuneConfig
+from ablate.stages.stage3_checkpoints import checkpoints, intact, newest_intact, problem, step_of
 
 log = logging.getLogger(__name__)
 RESUMABLE = (rundir.FAILED, rundir.CRASHED)
-REQUIRED = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
-WEIGHTS = ("model.safetensors", "adapter_model.safetensors", "model.safetensors.index.json")
-FAULT_ENV = "ABLATE_FAULT_KILL_AT"
 
 
-def checkpoints(run_dir: Path) -> list[Path]:
-    """The run's checkpoint folders, oldest first (intact or not)."""
-    found = [p for p in (Path(run_dir) / "checkpoints").glob("checkpoint-*")
-             if p.is_dir() and p.name.split("-")[1].isdigit()]
-    return sorted(found, key=step_of)
+@dataclass(frozen=True)
+class Resume:
+    """What ``--resume`` goes on with: the run, its saved config, and its newest intact checkpoint."""
+
+    run_dir: Path
+    config: FinetuneConfig  # the run's own config.json, checked against run.json's digest
+    checkpoint: Path
+    passed_over: tuple[str, ...] = ()  # each newer checkpoint that is not intact, and why (logged in the run)
+
+    @property
+    def step(self) -> int:
+        return step_of(self.checkpoint)
 
 
-def step_of(checkpoint: Path) -> int:
-    return int(Path(checkpoint).name.split("-")[1])
+def decide(mask: str | None, runs_dir: str | Path, run_dir: str | Path | None = None) -> Resume:
+    """The resume decision: ``run_dir`` (any mask unless ``mask`` is given) or the latest failed or crashed run
+    of ``mask`` (prefill_bidir by default) under ``runs_dir``, checked end to end. Raises BadInput; writes nothing."""
+    from ablate.core.identity import model_identity
+    from ablate.core.sft_data import data_identity
+
+    if run_dir:
+        target = _named_run(Path(run_dir), rundir.STAGE3_PREFIX + (mask or ""))
+    else:
+        target = _latest_resumable(Path(runs_dir), rundir.STAGE3_PREFIX + (mask or "prefill_bidir"))
+    config = _saved_config(target)
+    _check_base(target, config.model, model_identity(config.model))
+    _check_data(target, config, data_identity(config.data, config.eval_data))
+    checkpoint, passed_over = newest_intact(target)
+    if checkpoint is None:
+        raise BadInput(f"nothing to resume: {target} has no intact checkpoint")
+    return Resume(target, config, checkpoint, passed_over)
 
 
-def _safetensors_problem(path: Path) -> str | None:
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            return f"{path.name} is truncated"
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8:
-            return f"{path.name} is truncated (header)"
-        try:
-            header = json.loads(fh.read(n))
-        except ValueError:
-            return f"{path.name} has an unreadable header"
-    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    if size != 8 + n + end:
-        return f"{path.name} is {size} bytes, its header says {8 + n + end}"
-    return None
-
-
-def problem(checkpoint: Path) -> str | None:
-    """Why ``checkpoint`` cannot be resumed from, or None; reads headers only, never the tensors."""
-    checkpoint = Path(checkpoint)
-    missing = [name for name in REQUIRED if not (checkpoint / name).is_file()]
-    if not any((checkpoint / name).is_file() for name in WEIGHTS):
-        missing.append("model weights")
-    if not list(checkpoint.glob("rng_state*.pth")):  # without it the data order and dropout would differ
-        missing.append("rng_state.pth")
-    if missing:
-        return "missing " + ", ".join(missing)
-    state, why = read_json(checkpoint / "trainer_state.json")
-    if state is None:
-        return why
-    if state.get("global_step") != step_of(checkpoint):
-        return f"trainer_state.json is at step {state.get('global_step')}"
-    for path in sorted(checkpoint.iterdir()):
-        why = None
-        try:
-            if path.suffix == ".safetensors":
-                why = _safetensors_problem(path)
-            elif path.suffix in (".pt", ".pth", ".bin"):
-                zipfile.ZipFile(path).close()  # torch.save writes a zip; truncation loses its central directory
-        except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, struct.error) as exc:
-            why = f"{path.name}: {type(exc).__name__}: {exc}"
-        if why:
-            return why
-    return None
-
-
-def newest_intact(run_dir: Path) -> Path | None:
-    """The newest checkpoint that passes ``problem``; says which newer ones were passed over and why."""
-    for checkpoint in reversed(checkpoints(run_dir)):
-        why = problem(checkpoint)
-        if why is None:
-            return checkpoint
-        log.warning("checkpoint %s is not intact (%s); trying an older one", checkpoint, why)
-    return None
-
-
-def intact(run_dir: Path) -> list[Path]:
-    return [c for c in checkpoints(run_dir) if problem(c) is None]
-
-
-def find_resumable(runs_dir: Path, stage: str) -> Path:
+def _latest_resumable(runs_dir: Path, stage: str) -> Path:
     """The latest failed or crashed run of ``stage`` with an intact checkpoint."""
     run = rundir.latest(runs_dir, stage, statuses=RESUMABLE, need_results=False, where=lambda r: intact(r.path))
     if run is None:
-        raise BadInput(f"nothing to resume: no failed or crashed run with an intact checkpoint in {Path(runs_dir) / stage}")
+        raise BadInput("nothing to resume: no failed or crashed run with an intact checkpoint in "
+                       f"{Path(runs_dir) / stage}")
     return run.path
 
 
-def resumable_run(path: Path, stage: str, flag: str = "--run-dir") -> Path:
+def _named_run(path: Path, stage: str, flag: str = "--run-dir") -> Path:
     """A run the user named for ``--resume``: a ``stage`` run that failed or crashed, with an intact checkpoint."""
-    run = rundir.explicit_run(Path(path).resolve(), stage, flag, statuses=tuple(rundir.Status), need_results=False)
+    run = rundir.explicit_run(path.resolve(), stage, flag, statuses=tuple(rundir.Status), need_results=False)
     if run.status not in RESUMABLE:
         raise BadInput(f"{flag} {path} is {run.status}" + (f" ({run.reason})" if run.reason else "")
                        + "; only a failed or crashed run can be resumed")
     if not intact(run.path):
-        raise BadInput(f"nothing to resume: {path} has no intact checkpoint")
+        found = checkpoints(run.path)
+        why = f" ({found[-1].name}: {problem(found[-1])})" if found else ""
+        raise BadInput(f"nothing to resume: {path} has no intact checkpoint{why}")
     return run.path
 
 
-def check_base(run_dir: Path, model: str, identity: dict) -> None:
+def _run_record(run_dir: Path) -> dict:
+    """run.json: what the run started from (uid, base model, data, config digest); refused unless it is this run's."""
+    info, why = read_json(Path(run_dir) / rundir.RUN_FILE)
+    if not (info or {}).get("uid") or info.get("name", Path(run_dir).name) != Path(run_dir).name or info.get(
+            "stage", Path(run_dir).parent.name) != Path(run_dir).parent.name:
+        raise BadInput(f"{Path(run_dir) / rundir.RUN_FILE} is {why or 'missing' if info is None else 'not this run'}: "
+                       "it records the base model and data the run started from; restore it to resume")
+    return info
+
+
+def _unrecorded(run_dir: Path, what: str) -> BadInput:
+    return BadInput(f"{Path(run_dir) / rundir.RUN_FILE} does not record {what}, so resuming cannot be checked; "
+                    "restore it, or rerun stage 3")
+
+
+def _saved_config(run_dir: Path) -> FinetuneConfig:
+    saved, why = read_json(Path(run_dir) / "config.json")
+    if saved is None:
+        raise BadInput(f"nothing to resume: {why or f'{run_dir} has no config.json'}")
+    recorded = _run_record(run_dir).get("config_sha256")
+    if recorded is None:
+        raise _unrecorded(run_dir, "the digest of its settings")
+    if config_digest(saved) != recorded:
+        raise BadInput(f"{run_dir}/config.json holds other settings than the run started with (run.json records "
+                       "their digest): resuming would train with other settings; restore it")
+    try:
+        return FinetuneConfig(**{**saved, "runs_dir": str(Path(run_dir).parent.parent)})
+    except TypeError as exc:
+        raise BadInput(f"{run_dir}/config.json does not fit this version of ablate: {exc}") from None
+
+
+def _check_base(run_dir: Path, model: str, identity: dict) -> None:
     """Refuse to go on from another base model than the run started from (same path, new weights)."""
     from ablate.core.identity import describe
 
-    info, _ = read_json(Path(run_dir) / rundir.RUN_FILE)
-    recorded = (info or {}).get("model_identity")
+    recorded = _run_record(run_dir).get("model_identity")
     if recorded is None:
-        log.warning("%s does not record its base model's identity (made by an older ablate); not checked", run_dir)
-    elif recorded != identity:
+        raise _unrecorded(run_dir, "its base model's identity")
+    if recorded != identity:
         raise BadInput(f"{run_dir} was started from {describe(recorded)}, but {model} is now {describe(identity)}; "
                        "resuming would mix two models")
 
 
-def check_data(run_dir: Path, config, identity: dict) -> None:
+def _check_data(run_dir: Path, config: FinetuneConfig, identity: dict) -> None:
     """Refuse to go on with other training data than the run started on (a ``--data`` file edited since)."""
-    info, _ = read_json(Path(run_dir) / rundir.RUN_FILE)
-    recorded = (info or {}).get("data_identity")
+    recorded = _run_record(run_dir).get("data_identity")
     if recorded is None:
-        log.warning("%s does not record its training data's digest (made by an older ablate); not checked", run_dir)
-        return
+        raise _unrecorded(run_dir, "its training data's digest")
     for key, flag in (("data", "--data"), ("eval_data", "--eval-data")):
         if recorded.get(key) != identity.get(key):
             was, now = (recorded.get(key) or {}), (identity.get(key) or {})
@@ -153,68 +142,55 @@ def check_data(run_dir: Path, config, identity: dict) -> None:
                            "resuming would train on other data")
 
 
-def saved_config(run_dir: Path):
-    from ablate.stages.config import FinetuneConfig
+# ---------------------------------------------------------------- going on from the checkpoint
 
-    saved, why = read_json(Path(run_dir) / "config.json")
-    if saved is None:
-        raise BadInput(f"nothing to resume: {why or f'{run_dir} has no config.json'}")
-    try:
-        return FinetuneConfig(**{**saved, "runs_dir": str(Path(run_dir).parent.parent)})
-    except TypeError as exc:
-        raise BadInput(f"{run_dir}/config.json does not fit this version of ablate: {exc}") from None
+def restore(resume: Resume, is_main: bool) -> TrainerState:
+    """In the reopened run: say which checkpoint it goes on from, and drop what the lost attempt wrote after it
+    (train_log.jsonl rows past the checkpoint's, a half-written ``final/``). Returns the checkpoint's state."""
+    for line in resume.passed_over:
+        log.warning("%s", line)
+    saved = TrainerState.load_from_json(str(resume.checkpoint / "trainer_state.json"))
+    log.info("resuming from %s (step %d)", resume.checkpoint, resume.step)
+    if is_main:
+        trim_train_log(resume.run_dir / "train_log.jsonl", list(saved.log_history))
+        shutil.rmtree(resume.run_dir / "final", ignore_errors=True)  # a killed attempt's half-written save
+    return saved
+
+
+def load_weights(model, checkpoint: Path) -> None:
+    """Load a checkpoint's weights into ``model`` in place, as ``Trainer.train(resume_from_checkpoint=...)`` does
+    (transformers 5.24's ``_load_from_checkpoint``, for the layouts stage 3 writes), through public loaders only.
+
+    For a run killed after its last step: resumed at ``max_steps`` the Trainer would take one step more (it checks
+    ``max_steps`` only after a step), so stage 3 loads the weights and trains no further. The exact-resume tests
+    (tests/test_finetune.py, kills at ``eval`` and ``final_save``) fail if this drifts from the Trainer.
+    """
+    from safetensors.torch import load_file
+    from transformers.trainer_utils import load_sharded_checkpoint
+
+    checkpoint = Path(checkpoint)
+    if (checkpoint / "model.safetensors").is_file():  # a full model, or the raw state dict of MaskedTrainer._save
+        model.load_state_dict(load_file(str(checkpoint / "model.safetensors"), device="cpu"), False)
+    elif hasattr(model, "peft_config"):
+        model.load_adapter(str(checkpoint), model.active_adapters[0], is_trainable=True)
+    else:
+        load_sharded_checkpoint(model, str(checkpoint), strict=False)
 
 
 def trim_train_log(path: Path, history: list[dict]) -> list[dict]:
     """Keep the rows the checkpoint had logged, so each step is in ``train_log.jsonl`` once after a resume."""
     rows = []
     if path.is_file():
-        for line in path.read_text().splitlines():
+        for line in path.read_text(errors="replace").splitlines():
             try:
                 rows.append(json.loads(line))
             except ValueError:
                 pass  # a line cut by the kill
     # One row per Trainer.log call, as in log_history; rows past the checkpoint's come from the lost attempt.
     kept = rows[: len(history)]
-    if [r.get("step") for r in kept] != [e.get("step") for e in history]:
+    # Each kept row must be the checkpoint's own record of that log call (a number edited since is not kept).
+    if [{k: v for k, v in r.items() if k != "time"} if isinstance(r, dict) else r for r in kept] != history:
         log.warning("%s does not match the checkpoint's log history; rebuilt from it", path)
         kept = [{"step": e.get("step"), "time": None, **e} for e in history]
     write_jsonl(path, kept)
     return kept
-
-
-def mean_loss(history: list[dict]) -> float | None:
-    """Mean training loss over the logged steps (each logged loss covers the steps since the previous one)."""
-    total = steps = previous = 0
-    for entry in history:
-        if "loss" in entry and "step" in entry:
-            span = entry["step"] - previous
-            total, steps, previous = total + entry["loss"] * span, steps + span, entry["step"]
-    return total / steps if steps else None
-
-
-# ---------------------------------------------------------------- fault injection (tests only)
-
-def fault(moment: str, step: int | None = None) -> None:
-    """Stage 3's kill points for ablate.faults (``ABLATE_FAULT_KILL_AT``). Test-only.
-
-    ``step:N`` after optimizer step N; ``save:N`` inside checkpoint N's save (weights written, optimizer and
-    trainer_state.json not); ``eval`` during the evaluation after the last step; ``final_save`` inside the
-    final save (weights written, tokenizer and checkpoint_meta.json not).
-    """
-    fault_point(moment if step is None else f"{moment}:{step}")
-
-
-class Fault(TrainerCallback):
-    def on_step_end(self, args, state, control, **kwargs):
-        fault("step", state.global_step)
-
-    def on_prediction_step(self, args, state, control, **kwargs):
-        if state.global_step >= state.max_steps:
-            fault("eval")
-
-
-def arm_final_save(tokenizer) -> None:
-    # save_final writes the weights, then the tokenizer: a kill there leaves final/ half-written.
-    if os.environ.get(FAULT_ENV, "").partition("/")[0] == "final_save":
-        tokenizer.save_pretrained = lambda *args, **kwargs: fault("final_save")

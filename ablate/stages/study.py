@@ -46,9 +46,9 @@ class Plan:
 
 
 def plan(path: str | Path) -> Plan:
-    from ablate.stages.config import load_eval_config, load_finetune_config, load_stage4_config
+    from ablate.stages.config import SECTIONS, load_eval_config, load_finetune_config, load_stage4_config
 
-    values, _ = study_file.read(path)
+    values, _ = study_file.read(path, SECTIONS)
     extra = study_file.study_values(values)
     masks = extra.get("masks", list(TRAIN_MASKS))
     if not isinstance(masks, list) or not masks or any(m not in TRAIN_MASKS for m in masks) \
@@ -124,9 +124,10 @@ def _stage3(config, say: Callable) -> tuple[rundir.Run, str]:
         say(f"{config.stage}: ran {last.path} ({last.status})")
     elif last.status in (rundir.CRASHED, rundir.FAILED) and last.summary is None:
         say(f"{config.stage}: resuming {last.path} ({last.status})")
-        from ablate.stages.stage3_resume import saved_config
+        from ablate.stages.stage3_resume import decide
 
-        last = rundir.load_run(run_stage3(saved_config(last.path), resume_dir=last.path))
+        plan = decide(config.mask, config.runs_dir, last.path)
+        last = rundir.load_run(run_stage3(plan.config, resume=plan))
     else:  # it ended (completed, gated, diverged): the same config and seed would end the same way again
         say(f"{config.stage}: reusing {last.path} ({last.status})")
     _stop_unless_completed(config.stage, last)

@@ -32,22 +32,19 @@ STUDY_KEYS = {"masks": "a list of stage 3 masks (causal, prefill_bidir)",
 NOT_IN_FILES = ("stage", "config_file")
 
 
-def _classes() -> dict[str, type]:
-    from ablate.stages.config import EvalConfig, FinetuneConfig, Stage4Config
+def settable(section: str, classes: dict[str, type]) -> dict[str, typing.Any]:
+    """``field -> type`` a file may set for a stage: its command's options and its YAML-only fields (gates).
 
-    return {"stage1": EvalConfig, "stage2": EvalConfig, "stage3": FinetuneConfig, "stage4": Stage4Config}
-
-
-def settable(section: str) -> dict[str, typing.Any]:
-    """``field -> type`` a file may set for a stage: its command's options and its YAML-only fields (gates)."""
-    cls = _classes()[section]
+    ``classes``: section -> the stage's config dataclass (``ablate.stages.config.SECTIONS``).
+    """
+    cls = classes[section]
     hints = typing.get_type_hints(cls)
     # Stage 1 is the causal baseline: its command has no --mask, --baseline or --ignore-gate, nor does a file.
     skip = set(NOT_IN_FILES) | ({"mask", "baseline", "ignore_gate"} if section == "stage1" else set())
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name not in skip}
 
 
-def read(path: str | Path) -> tuple[dict, dict]:
+def read(path: str | Path, classes: dict[str, type]) -> tuple[dict, dict]:
     """The file's mapping, checked key by key against every stage, and ``{path, sha256}`` to record."""
     path = Path(path)
     try:
@@ -60,13 +57,13 @@ def read(path: str | Path) -> tuple[dict, dict]:
         raise BadInput(f"--config {path}: not readable YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(values, dict):
         raise BadInput(f"--config {path}: expected field: value pairs, got {type(values).__name__}")
-    check(path, values)
+    check(path, values, classes)
     return values, {"path": str(path.resolve()), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def check(path: Path, values: dict) -> None:
+def check(path: Path, values: dict, classes: dict[str, type]) -> None:
     """Every key of the file belongs somewhere and every value has its field's type (all stages, up front)."""
-    fields = {s: settable(s) for s in SECTIONS}
+    fields = {s: settable(s, classes) for s in SECTIONS}
     for key, value in values.items():
         if key in SECTIONS:
             if not isinstance(value, dict):
@@ -116,9 +113,9 @@ def section_of(stage: str) -> str:
     raise ValueError(stage)
 
 
-def stage_values(values: dict, section: str) -> dict:
+def stage_values(values: dict, section: str, classes: dict[str, type]) -> dict:
     """The file's values for one stage: the top-level fields it has, then its own section over them."""
-    fields = settable(section)
+    fields = settable(section, classes)
     out = {k: v for k, v in values.items() if k in fields}
     out.update(values.get(section) or {})
     return {k: _as_field(k, v, fields[k]) for k, v in out.items()}
