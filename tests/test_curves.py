@@ -67,6 +67,9 @@ def test_curves_of_every_stage3_run(tiny_llama, tmp_path):
     labels = plot_curves(runs, tmp_path / "curves.png")
     assert sorted(label.split()[0] for label in labels) == ["causal", "prefill_bidir"]
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["report", "--runs-dir", str(runs), "--out", str(tmp_path / "docs" / "RESULTS.md")]) == 0
+    assert "![training curves](RESULTS_curves.png)" in (tmp_path / "docs" / "RESULTS.md").read_text()
+    assert (tmp_path / "docs" / "RESULTS_curves.png").read_bytes()[:4] == b"\x89PNG"
     # A damaged log line (a kill mid-write) is skipped, not fatal; a run with no log draws nothing.
     with open(bidir / "train_log.jsonl", "a") as fh:
         fh.write('{"step": 5, "loss": 1.0')

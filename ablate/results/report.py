@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ablate.results import rundir
+from ablate.results.curves import plot_curves
 from ablate.results.environment import provenance
 from ablate.results.rundir import STAGE1, STAGE2, STAGE3_PREFIX, STAGE4
 from ablate.results.status import DAMAGE, TRAIN_MASKS, ablation, collect, latest, number, stage4_shown
@@ -296,4 +297,9 @@ def render(runs_dir: Path, image: Path | None, stages: dict | None = None) -> st
                   "Error bars: 95% Wilson intervals of each accuracy over its documents. Dashed lines: chance "
                   "(mean of 1 / number of choices over each task's documents; 0 for exact match)."
                   + (f" {LEAKY}." if any("(LEAKY)" in label for label in plotted) else ""), ""]
+    curves = plot_curves(runs_dir, image.with_name(image.name.replace("_accuracy", "_curves"))) if image else []
+    if curves:
+        lines += ["## Stage 3 training curves", "", f"![training curves]({image.name.replace('_accuracy', '_curves')})",
+                  "", f"Train loss, held-out eval loss and grad norm (log scale) against optimizer steps, from each "
+                  f"run's train_log.jsonl: {', '.join(curves)}.", ""]
     return "\n".join(lines)
