@@ -1,7 +1,7 @@
 """Stock lm-eval against ablate on the same model, tasks and documents, alternating, in one process.
 
     ablate fetch
-    ablate bench --model smollm2 --tasks hellaswag --task-data hellaswag=/tmp/next_step.jsonl --limit 100
+    ablate bench --model smollm2 --tasks gsm8k_next_step --limit 100   # the demo's task (built from GSM8K)
 
 For each task, stock lm-eval's HF model (``HFLM``, causal) and ablate's
 (``PrefillMaskLM``, causal, prefix-shared) evaluate the same documents
@@ -35,11 +35,11 @@ def _evaluate(lm, task, manager, limit):
 
 def run_bench(model: str, tasks: list[str], task_data: dict, limit: int | None, batch_size: str = "8",
               device: str = "auto", dtype: str = "auto", attn_implementation: str = "sdpa", repeats: int = 2,
-              echo=print) -> dict:
+              echo=print, include_path: str | None = None) -> dict:
     from lm_eval.models.huggingface import HFLM
 
     device = resolve_device(device)
-    manager = task_manager(None, tasks)  # tasks first: a mistyped name costs no model load
+    manager = task_manager(include_path, tasks)  # tasks first: a mistyped name costs no model load
     check_task_names(manager, tasks)
     built = load_tasks(manager, tasks, task_data)
     lm_model, tokenizer = load_model(model, device, dtype, attn_implementation)

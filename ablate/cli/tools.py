@@ -91,9 +91,11 @@ def fetch():
 
 def bench(
     model: str = typer.Option("smollm2", help="model folder or hub id; smollm2 = the fetched SmolLM2-135M-Instruct"),
-    tasks: str = typer.Option("hellaswag", help="comma-separated lm-eval tasks"),
-    task_data: List[str] = typer.Option(None, help="TASK=FILE (repeatable); default: hellaswag reads the GSM8K "
-                                        "next-step rows, the other study tasks their fixture rows"),
+    tasks: str = typer.Option("gsm8k_next_step", help="comma-separated lm-eval tasks; gsm8k_next_step is the "
+                              "demo's (GSM8K next-step rows with lm-eval's hellaswag processing)"),
+    task_data: List[str] = typer.Option(None, help="TASK=FILE (repeatable); default: the study tasks read their "
+                                        "fixture rows"),
+    include_path: str = typer.Option(None, help="extra folder of lm-eval task YAMLs"),
     limit: int = typer.Option(100, help="documents per task"),
     repeats: int = typer.Option(2, help="runs of each, alternating"),
     batch_size: str = typer.Option("8", help="batch size for both"),
@@ -106,7 +108,7 @@ def bench(
     from ablate.bench import render, run_bench
     from ablate.core.assets import cache_root, gsm8k, smollm2
     from ablate.core.tasks import FIXTURE_DATA, parse_task_data
-    from ablate.demo.gsm8k_tasks import write_next_step
+    from ablate.demo.gsm8k_tasks import write_next_step, write_task
     from ablate.results.files import write_json
     from ablate.stages.config import check_batch_size, check_runtime
 
@@ -117,12 +119,14 @@ def bench(
         fail("--limit and --repeats must be at least 1")
     check_batch_size(batch_size)
     data = parse_task_data(list(task_data or []))
-    if "hellaswag" in names and "hellaswag" not in data:
-        data["hellaswag"] = write_next_step(gsm8k(typer.echo), cache_root() / "data" / "gsm8k" / "next_step.jsonl")
+    if "gsm8k_next_step" in names and include_path is None:  # the demo's task, written as the demo writes it
+        folder = cache_root() / "data" / "gsm8k"
+        rows = write_next_step(gsm8k(typer.echo), folder / "next_step.jsonl")
+        include_path = str(write_task(folder / "tasks", rows).parent)
     data.update({t: FIXTURE_DATA[t] for t in names if t in FIXTURE_DATA and t not in data})
     model = str(smollm2(typer.echo)) if model == "smollm2" else model
     result = run_bench(model, names, data, limit, batch_size, device, dtype, attn_implementation, repeats,
-                       echo=typer.echo)
+                       echo=typer.echo, include_path=include_path)
     typer.echo(render(result))
     if out:
         write_json(out, result)
