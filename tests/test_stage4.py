@@ -376,3 +376,30 @@ def test_a_finetune_whose_base_model_is_gone_is_refused_before_the_run_folder(ti
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"model path '{base}' does not exist" in err, err
     assert stage4_folders(runs) == []
+
+
+def test_stage4_under_two_processes_equals_one(study, tmp_path):
+    """The shared evaluation life cycle under torchrun (what `accelerate launch` does): rank 0 claims and writes
+    the one run, rank 1 scores its share of the documents and returns None."""
+    import subprocess
+    import sys
+
+    runs, _, _, s3_causal, _ = study
+    one = run_stage4(Stage4Config(checkpoints=(str(s3_causal),), device="cpu", runs_dir=str(runs), batch_size="4"))
+    script = tmp_path / "stage4.py"
+    script.write_text("import os\nfrom ablate.stages.stage4_post_ft_eval import Stage4Config, run_stage4\n"
+                      f"out = run_stage4(Stage4Config(checkpoints=({str(s3_causal)!r},), device='cpu', "
+                      f"runs_dir={str(runs)!r}, batch_size='4'))\nprint('rank', os.environ['RANK'], out)\n")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 1 None" in proc.stdout
+    two = Path(next(line for line in proc.stdout.splitlines() if line.startswith("rank 0 ")).split(" ", 2)[2])
+    assert two != one and (two / "status.txt").read_text() == "completed\n"
+    (a,), (b,) = (json.loads((d / "metrics.json").read_text())["checkpoints"] for d in (one, two))
+    for task in ("ablate_tiny", "piqa"):
+        rows = [[json.loads(x) for x in (d / f"samples_{a['label']}_{task}.jsonl").read_text().splitlines()]
+                for d in (one, two)]
+        assert [r["doc_id"] for r in rows[0]] == [r["doc_id"] for r in rows[1]]
+        assert [r["correct"] for r in rows[0]] == [r["correct"] for r in rows[1]]
+    assert a["recovery"] == b["recovery"]

@@ -159,7 +159,9 @@ def _read_escapes(flags: dict) -> dict:
 
 STAGE4_EPILOG = """Examples:\n
   ablate stage4                      # the latest completed stage 3 run of each mask\n
-  ablate stage4 --checkpoint runs/stage3_finetune_prefill_bidir/20260214-201019 --also-causal"""
+  ablate stage4 --checkpoint runs/stage3_finetune_prefill_bidir/20260214-201019 --also-causal\n
+  ablate stage4 --checkpoint runs/stage3_finetune_prefill_bidir/20260214-201019/checkpoints/checkpoint-200\n
+                                     # one checkpoint of a completed, diverged or failed run, recorded as such"""
 
 
 
@@ -175,6 +177,8 @@ def stage4(flags):
         out = run_stage4(config)
     finally:
         refresh_status(config.runs_dir)
+    if out is None:  # a rank > 0 of torchrun / accelerate launch: rank 0 reports the run
+        return
     metrics = json.loads((out / "metrics.json").read_text())
     typer.echo(recovery_table(metrics))
     typer.echo(f"run directory: {out}")

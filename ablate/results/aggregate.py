@@ -84,7 +84,7 @@ def aggregate(runs_dir: Path, damaged: list[str] | None = None, stages: dict | N
     for run in usable(runs(STAGE4)):
         m = run.metrics
         for entry in m.get("checkpoints", []):
-            if entry["scored"] != "final":  # a checkpoint's score is not the finetune's result: never pooled as one
+            if entry.get("scored") == "checkpoint":  # a checkpoint's score is not the finetune's result
                 continue
             found = _training(runs_dir, entry)
             if found is None:
