@@ -93,12 +93,15 @@ def _eval_stage(config, stage: str, where: Callable, run: Callable, say: Callabl
                          resolve_device(config.device))
     found = rundir.latest(Path(config.runs_dir), stage, statuses=rundir.USABLE,
                           where=lambda r: r.metrics.get("comparison") == key and where(r))
+    return _reuse_or_run(stage, found, lambda: run(config), say)
+
+
+def _reuse_or_run(stage: str, found, run: Callable, say: Callable) -> tuple[rundir.Run, str]:
+    """``found`` (a run of this study's stage), else what ``run()`` makes; the study stops unless completed."""
     how = "reused" if found is not None else "ran"
-    if found is not None:
-        say(f"{stage}: reusing {found.path} ({found.status})")
-    else:
-        found = rundir.load_run(run(config))
-        say(f"{stage}: ran {found.path} ({found.status})")
+    if found is None:
+        found = rundir.load_run(run())
+    say(f"{stage}: {'reusing' if how == 'reused' else 'ran'} {found.path} ({found.status})")
     _stop_unless_completed(stage, found)
     return found, how
 
@@ -139,14 +142,7 @@ def _stage4(config, say: Callable) -> tuple[rundir.Run, str]:
 
     want = dataclasses.asdict(config)
     found = rundir.latest(Path(config.runs_dir), STAGE4, where=lambda r: _same(r.config, want))
-    how = "reused" if found is not None else "ran"
-    if found is not None:
-        say(f"{STAGE4}: reusing {found.path} ({found.status})")
-    else:
-        found = rundir.load_run(run_stage4(config))
-        say(f"{STAGE4}: ran {found.path} ({found.status})")
-    _stop_unless_completed(STAGE4, found)
-    return found, how
+    return _reuse_or_run(STAGE4, found, lambda: run_stage4(config), say)
 
 
 def run_study(path: str | Path, say: Callable[[str], None] = print) -> dict:
