@@ -144,13 +144,33 @@ def task_manager(include_path: str | None = None, tasks: list[str] | None = None
         wanted = [t for t in tasks if t not in local.all_tasks]
         if all(t in folders for t in wanted):
             return TaskManager(include_path=sorted({folders[t] for t in wanted}) + paths, include_defaults=False)
+        # A name that is no task, group or tag anywhere is refused from the cached names, not a 15 s index.
+        check_task_names(None, wanted, names=set(_all_names()) | set(local.all_tasks))
     return TaskManager(include_path=paths)
 
 
-def check_task_names(manager, tasks: list[str]) -> None:
+def _all_names() -> list[str]:
+    """Every task, group and tag name lm-eval bundles, cached per lm-eval version beside the folder index."""
+    cache = _index_cache().with_name(_index_cache().name.replace("task-folders", "task-names"))
+    try:
+        return json.loads(cache.read_text())
+    except (OSError, json.JSONDecodeError):
+        pass
+    from lm_eval.tasks import TaskManager
+
+    names = sorted(TaskManager().all_tasks)
+    try:
+        write_json(cache, names)
+    except OSError as exc:  # a read-only home only costs speed
+        log.debug("cannot cache the lm-eval task names: %s", exc)
+    return names
+
+
+def check_task_names(manager, tasks: list[str], names=None) -> None:
+    known = names if names is not None else manager.all_tasks
     for name in tasks:
-        if name not in manager.all_tasks:
-            near = difflib.get_close_matches(name, manager.all_tasks, n=3)
+        if name not in known:
+            near = difflib.get_close_matches(name, sorted(known), n=3)
             hint = f"; did you mean {', '.join(near)}?" if near else ""
             raise BadInput(f"unknown task '{name}'{hint}")
 
