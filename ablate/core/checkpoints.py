@@ -82,7 +82,7 @@ def verify_final(model_dir: Path, summary: dict, what: str) -> dict:
 
     recorded = (summary.get("save") or {}).get("fingerprint")
     if not recorded:
-        raise BadInput(f"{what} does not record the digest of its final/ model (made by an older ablate); "
+        raise BadInput(f"{what} does not record the digest of its final/ model (summary.json incomplete or edited); "
                        "rerun stage 3")
     identity = model_identity(str(model_dir))
     if identity["local"] != recorded:

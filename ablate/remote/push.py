@@ -60,7 +60,7 @@ def prepare(run_dir: Path, lost: bool = False) -> tuple[rundir.Run, dict | None]
     if run is None:
         raise BadInput(f"{run_dir} is not a run directory (runs/<stage>/<YYYYmmdd-HHMMSS>/ with a status.txt)")
     if not run.uid:
-        raise BadInput(f"{run_dir} has no run.json uid (made by an older ablate); a sync could not tell its copies apart")
+        raise BadInput(f"{run_dir} has no run.json uid (removed or damaged); a sync could not tell its copies apart")
     return run, _verdict(run, lost)
 
 
