@@ -64,7 +64,7 @@ def plot_curves(runs_dir: Path, path: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(5.0 * len(PANELS), 3.8))
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(5.0 * len(PANELS), 3.8), sharex=True)  # one eval point too
     for ax, (key, title) in zip(axes, PANELS):
         for i, (name, log) in enumerate(logs):
             points = log[key]
