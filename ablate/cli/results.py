@@ -44,13 +44,17 @@ def report(
 def aggregate(
     runs_dir: str = typer.Option("runs", help="the runs folder to read"),
     out: Optional[Path] = typer.Option(None, help="also write the aggregate as JSON here"),
+    across_data: bool = typer.Option(False, "--across-data", help=(
+        "also pool runs whose documents differ, each seed its own draw of the task's data (ablate demo --seed N): "
+        "same task processing and number of documents, other files")),
 ):
-    """Mean, standard deviation and n across seeds, per task and macro, for every stage."""
+    """Mean, standard deviation and n across seeds, per task and macro, and of the paired comparisons
+    (stage 2 minus stage 1, stage 4's head-to-head) with each seed's interval."""
     from ablate.results.aggregate import aggregate as collect, render
     from ablate.results.rundir import write_json
 
     damaged: list[str] = []
-    rows = collect(_runs(runs_dir), damaged)
+    rows = collect(_runs(runs_dir), damaged, across_data=across_data)
     typer.echo(render(rows, damaged))
     if out:
         write_json(out, rows)
@@ -70,5 +74,6 @@ def masks():
 def register(app: typer.Typer) -> None:
     app.command(epilog="Example:\n\n  ablate status --runs-dir runs")(status)
     app.command(epilog="Example:\n\n  ablate report --runs-dir runs --out docs/RESULTS.md")(report)
-    app.command(epilog="Example:\n\n  ablate aggregate --runs-dir runs --out runs/aggregate.json")(aggregate)
+    app.command(epilog="Example:\n\n  ablate aggregate --runs-dir runs --out runs/aggregate.json\n\n"
+                        "  ablate aggregate --runs-dir demo/runs --across-data   # the demo's seeds")(aggregate)
     app.command(epilog="Example:\n\n  ablate masks")(masks)
