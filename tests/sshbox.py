@@ -112,7 +112,7 @@ class Server:
 
 
 def make_run(path: Path, uid, status="completed", files=()):
-    """A run folder as ablate writes it (``uid=None``: as an older ablate did, without run.json)."""
+    """A run folder as ablate writes it (``uid=None``: without run.json, a run sync refuses)."""
     import json
 
     path.mkdir(parents=True)

@@ -276,39 +276,45 @@ def test_runs_sharing_a_folder_name_both_survive(box, tmp_path):
     assert {k: v for k, v in hashes(local_runs).items() if k.startswith(name + "/")} == before
 
 
-def test_runs_without_uid_or_held_here_are_never_overwritten(box, tmp_path):
+def test_a_run_without_run_json_is_refused_and_no_local_folder_is_written_into(box, tmp_path):
     local_runs, remote = tmp_path / "runs", Path(box.workdir) / "runs"
-    same, grown, differs, held = (f"s/20250101-00000{i}" for i in range(4))
-    # an older ablate's run (no run.json) synced here before: same files -> same folder
-    make_run(remote / same, None, files={"metrics.json": '{"acc": 1}'})
-    make_run(local_runs / same, None, files={"metrics.json": '{"acc": 1}'})
-    # synced by an older ablate while it was running: its status and log lag behind -> same folder
-    make_run(remote / grown, None, files={"config.json": "{}", "run.log": "a\nb\n"})
-    make_run(local_runs / grown, None, status="running", files={"config.json": "{}", "run.log": "a\n"})
-    # an older ablate's run whose local namesake holds other results -> relocated
-    make_run(remote / differs, None, files={"metrics.json": '{"acc": 2}'})
-    make_run(local_runs / differs, None, files={"metrics.json": '{"acc": 3}'})
+    bare, damaged, stray, held = (f"s/20250101-00000{i}" for i in range(4))
+    # no run.json (every run writes it first), or one that is no JSON object: refused, nothing of it written here
+    make_run(remote / bare, None, files={"metrics.json": '{"acc": 1}'})
+    make_run(remote / damaged, None, files={"run.json": "[]", "metrics.json": '{"acc": 2}'})
+    make_run(local_runs / damaged, None, files={"metrics.json": '{"acc": 3}'})
+    # a local folder of the same name holds no run.json: another run's, so the box's run goes beside it
+    make_run(remote / stray, "stray-uid", files={"metrics.json": '{"acc": 4}'})
+    make_run(local_runs / stray, None, files={"metrics.json": '{"acc": 5}'})
     # a local process is writing the namesake right now -> relocated, even with nothing else against it
     make_run(remote / held, "box-uid")
     make_run(local_runs / held, None)
     lock = os.open(local_runs / held / ".lock", os.O_RDWR | os.O_CREAT)
     fcntl.flock(lock, fcntl.LOCK_EX)
-    kept = {d: hashes(local_runs / d) for d in (same, differs, held)}
-    conn = Connection(box).connect()
+    kept = hashes(local_runs)
     try:
-        first = sync(conn, local_runs)
-        second = sync(conn, local_runs)
+        first = cli("remote", "sync", *flags(box, "--runs-dir", local_runs))
+        conn = Connection(box).connect()
+        try:
+            second = sync(conn, local_runs)
+        finally:
+            conn.close()
     finally:
-        conn.close()
         os.close(lock)
-    assert first.relocated == {differs: f"{differs}-127.0.0.1", held: f"{held}-127.0.0.1"}
-    assert {d: hashes(local_runs / d) for d in kept} == kept
-    for d in (grown, differs, held):
-        assert hashes(local_runs / first.relocated.get(d, d)) == hashes(remote / d)
-    assert load_run(local_runs / f"{held}-127.0.0.1").uid == "box-uid"
-    assert second.relocated == first.relocated and second.copied == [] and not second.skipped
+    assert first.exit_code == 0, first.output
+    lines = [line for line in first.output.splitlines() if line.startswith("refused")]
+    assert lines == [f"refused {bare!r} from 127.0.0.1: no run.json, which every ablate run writes first; not synced",
+                     f"refused {damaged!r} from 127.0.0.1: run.json is not a JSON object; not synced"]
+    assert not (local_runs / bare).exists()
+    assert {k: v for k, v in hashes(local_runs).items() if k in kept} == kept  # every local file as it was
+    assert second.refused.keys() == {repr(bare), repr(damaged)}  # the manifest does not let them in later
+    assert second.relocated == {stray: f"{stray}-127.0.0.1", held: f"{held}-127.0.0.1"}
+    for d, uid in ((stray, "stray-uid"), (held, "box-uid")):
+        assert hashes(local_runs / f"{d}-127.0.0.1") == hashes(remote / d)
+        assert load_run(local_runs / f"{d}-127.0.0.1").uid == uid
+    assert second.copied == [] and not second.skipped
     assert sorted(p.name for p in (local_runs / "s").iterdir()) == sorted(
-        [Path(d).name for d in (same, grown, differs, held)] + [f"{Path(d).name}-127.0.0.1" for d in (differs, held)])
+        [Path(d).name for d in (damaged, stray, held)] + [f"{Path(d).name}-127.0.0.1" for d in (stray, held)])
 
 
 def test_sync_without_a_runs_folder_is_an_error(box, tmp_path):

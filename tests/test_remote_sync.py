@@ -157,12 +157,14 @@ def _harmless(tmp_path: Path, before: dict, runs_rel: str = "project/runs/") -> 
 def test_a_hostile_path_is_refused_and_nothing_is_written_for_it(project, tmp_path, spelling):
     rel = HOSTILE[spelling](tmp_path)
     assert problem(rel) or rel.count("/") == 1, spelling  # the rule itself names what is wrong
-    box = HostileBox({rel: b'{"acc": 0.11}', "stage1_baseline_eval/20250105-000000/metrics.json": b'{"acc": 0.5}'})
+    honest = "stage1_baseline_eval/20250105-000000"
+    box = HostileBox({rel: b'{"acc": 0.11}', f"{honest}/run.json": json.dumps({"uid": "honest"}),
+                      f"{honest}/metrics.json": b'{"acc": 0.5}'})
     before = hashes(tmp_path)
     result = sync(box, project)
     _harmless(tmp_path, before)
     assert repr(rel) in result.refused, (spelling, result.refused)
-    assert result.copied == ["stage1_baseline_eval/20250105-000000/metrics.json"]  # an honest entry still arrives
+    assert result.copied == [f"{honest}/run.json", f"{honest}/metrics.json"]  # an honest run still arrives
 
 
 def test_a_hostile_listing_and_identity_are_refused_together(project, tmp_path):

@@ -94,3 +94,30 @@ def test_the_whole_file_is_checked_before_any_stage_runs(tiny_llama, tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and says in err[0]
     assert not (tmp_path / "runs").exists()
+
+
+def test_each_evaluation_stage_builds_its_tasks_once(tiny_llama, tmp_path, monkeypatch):
+    """The tasks the study builds to find a reusable run are the ones the stage it then runs evaluates."""
+    import ablate.core.tasks
+    from ablate.stages.study import run_study
+
+    real, said = ablate.core.tasks.load_tasks, []
+
+    def load_tasks(*args, **kwargs):  # the real build, counted in the order of the study's own lines
+        said.append("built")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ablate.core.tasks, "load_tasks", load_tasks)
+    path = _study(tmp_path, tiny_llama, max_steps=2, save_steps=2)
+    path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "study": {"masks": ["prefill_bidir"]}}))
+    stage3 = "stage3_finetune_prefill_bidir"
+
+    run_study(path, say=said.append)
+    assert [line.split(" ")[:2] for line in said] == [
+        ["built"], [f"{STAGE1}:", "ran"], ["built"], [f"{STAGE2}:", "ran"], [f"{stage3}:", "ran"],
+        ["built"], [f"{STAGE4}:", "ran"]]
+    said.clear()
+    run_study(path, say=said.append)  # all reused: an evaluation's record needs its tasks, stage 4's config does not
+    assert [line.split(" ")[:2] for line in said] == [
+        ["built"], [f"{STAGE1}:", "reusing"], ["built"], [f"{STAGE2}:", "reusing"], [f"{stage3}:", "reusing"],
+        [f"{STAGE4}:", "reusing"]]

@@ -12,8 +12,10 @@ downloaded into a staging folder inside the local runs folder and compared with
 the local run of the same uid (``ablate.results.lineage``): a box copy that is
 ahead is installed file by file (atomically, ``run.json`` first); one that is
 behind leaves the local run alone; one that diverged goes into a side folder
-``<name>-<host>``. Checkpoints and ``final/`` (``--with-checkpoints``) follow only
-then, by rsync where both ends have it, else by resumable streamed SFTP. For
+``<name>-<host>``. A box run without a readable ``run.json`` uid is refused
+(every run writes one before anything else): nothing of it is written here.
+Checkpoints and ``final/`` (``--with-checkpoints``) follow only then, by rsync
+where both ends have it, else by resumable streamed SFTP. For
 every run still ``running`` there, ``.remote.json`` records what the box said
 about its writer (alive, heartbeat age on the box's own clock).
 """
@@ -110,10 +112,6 @@ def _names(name: str, host: str):
         yield f"{name}-{tag}-{n}"
 
 
-def _rewritten_while_running(rel: str) -> bool:
-    return rel in (STATUS_FILE, PROCESS_FILE, "train_log.jsonl", HISTORY_FILE) or rel.endswith(".log")
-
-
 class _Sync:
     def __init__(self, conn: Connection, root: Path, remote_root: str, result: SyncResult):
         self.conn, self.box, self.root, self.remote_root, self.result = conn, conn.box, root, remote_root, result
@@ -207,19 +205,12 @@ class _Sync:
             self.uids[stage_dir] = found
         return self.uids[stage_dir]
 
-    def fits(self, path: Path, view: Path, rels) -> bool:
-        """Whether a box run without a uid may go into the existing local folder ``path`` (its files agree)."""
-        if path.is_symlink() or not path.is_dir() or _held(path) or (path / RUN_FILE).exists():
-            return False  # a run with a uid is found by its uid, so one here is another run
-        # A copy synced while the run lived (by an older ablate) lags behind in what a live run rewrites.
-        lagging = read_status(path)[0] == RUNNING
-        return all((lagging and _rewritten_while_running(r)) or not (path / r).exists()
-                   or confine.same_content(view / r, path / r, self.result) for r in rels)
-
-    def free(self, stage_dir: Path, name: str, view: Path, rels) -> Path:
+    def free(self, stage_dir: Path, name: str) -> Path:
+        """The first of ``name``, ``name-host``, ... that nothing here holds: a run with a uid is found by its uid,
+        so whatever holds a name here (a run, a folder of other files) is another run's and never written into."""
         for candidate in _names(name, self.box.host):
             path = stage_dir / candidate
-            if not os.path.lexists(path) or self.fits(path, view, rels):
+            if not os.path.lexists(path):
                 return path
 
     def by_uid(self, key: str, stage_dir: Path, name: str, uid: str, view: Path, record: dict | None):
@@ -234,7 +225,7 @@ class _Sync:
                 return local, BEHIND, [["behind", self.rel(local), why]]
             if verdict != DIVERGED:
                 return local, verdict, []
-        target = self.free(stage_dir, name, view, ())
+        target = self.free(stage_dir, name)
         self.local_uids(stage_dir).append((target, uid))
         if found:
             why = (f"{self.label} holds a history of run {uid} ({progress(view).describe()}) that diverged from "
@@ -250,6 +241,9 @@ class _Sync:
         except Refused as exc:
             for rel in files:
                 self.result.refused[repr(f"{key}/{rel}")] = str(exc)
+            return
+        if RUN_FILE not in files:  # before the manifest's shortcut: a run that lost its run.json since is refused too
+            self.result.refused[repr(key)] = f"no {RUN_FILE}, which every ablate run writes first; not synced"
             return
         small = {r: e for r, e in files.items() if _small(r)}
         record = self.manifest["runs"].get(key)
@@ -292,19 +286,12 @@ class _Sync:
         if missing:
             self.result.skipped.setdefault(key, f"run not synced this time: {', '.join(missing)} still being written")
             return None
-        uid, notes = None, []
-        if RUN_FILE in small:
-            info, _ = read_json(view / RUN_FILE)
-            uid = (info or {}).get("uid")
-            why = confine.uid_problem(uid)
-            if why:
-                self.result.refused[repr(key)] = why
-                return None
-        if uid:
-            target, verdict, notes = self.by_uid(key, stage_dir, name, uid, view, record)
-        else:
-            target, verdict = self.free(stage_dir, name, view, arrived), AHEAD
-            notes = [["relocated", key, self.rel(target)]] if target.name != name else []
+        info, _ = read_json(view / RUN_FILE)
+        why = f"{RUN_FILE} is not a JSON object" if info is None else confine.uid_problem(info.get("uid"))
+        if why:
+            self.result.refused[repr(key)] = f"{why}; not synced"
+            return None
+        target, verdict, notes = self.by_uid(key, stage_dir, name, info["uid"], view, record)
         agreed = set()
         if verdict != BEHIND:
             for rel in sorted(arrived, key=lambda r: r != RUN_FILE):  # run.json first: a half-synced run is known

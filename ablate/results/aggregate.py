@@ -142,7 +142,7 @@ def aggregate(runs_dir: Path, damaged: list[str] | None = None, stages: dict | N
             if found is None:
                 continue
             training, seed = found
-            trained[entry["label"]] = training
+            trained[entry.get("label")] = training
             label = {"stage": STAGE4, "train_mask": entry["train_mask"], "mask": m["mask"],
                      "comparison": _across_seeds(m, across_data), "training": training, **extra}
             add(label, json.dumps(label, sort_keys=True, default=str), entry.get("train_seed", seed),

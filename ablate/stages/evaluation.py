@@ -6,7 +6,9 @@ Everything that can be checked (mask, tasks, task data, model, the runs
 folder, a named baseline) is checked before a run directory exists, so bad
 input leaves nothing behind. ``evaluation_run`` is the one life cycle of an
 evaluation run (claim, running, config/env, gate, status); ``run_eval`` (stages
-1 and 2) and ``run_stage4`` hold only their inputs and their work.
+1 and 2) and ``run_stage4`` hold only their inputs and their work. ``prepare``
+builds the inputs (tasks, task data, comparison record) once: ``ablate study``
+looks for a reusable run with them and hands them to the stage it runs.
 """
 
 from __future__ import annotations
@@ -33,12 +35,35 @@ from ablate.faults import fault_point
 log = logging.getLogger(__name__)
 
 
-def comparison_key(config: EvalConfig, task_data: dict[str, Path], model_identity: dict, tasks: dict | None = None,
-                   manager=None, device: str | None = None) -> dict:
+@dataclass(frozen=True)
+class EvalInputs:
+    """An evaluation's checked inputs, built once (``prepare``): the ``config`` they were built for, lm-eval's task
+    ``manager``, the ``task_data`` files, the built ``tasks`` and the comparison record ``key``."""
+
+    config: EvalConfig
+    manager: object
+    task_data: dict[str, Path]
+    tasks: dict
+    key: dict
+
+
+def prepare(config: EvalConfig, device: str | None = None) -> EvalInputs:
+    """``check_inputs`` and ``comparison_key`` for ``config``; raises BadInput."""
+    from ablate.core.identity import model_identity
+    from ablate.core.models import resolve_device
+
+    manager, task_data, tasks = check_inputs(config)
+    key = comparison_key(config, task_data, model_identity(config.model), tasks, manager,
+                         device or resolve_device(config.device))
+    return EvalInputs(config, manager, task_data, tasks, key)
+
+
+def comparison_key(config: EvalConfig, task_data: dict[str, Path], model_identity: dict, tasks: dict, manager,
+                   device: str | None = None) -> dict:
     """What must agree for two evaluation runs to be compared document by document: identities, not paths.
 
     Each task is what lm-eval resolved (``ablate.core.identity.task_identity``); the mask is left out, being
-    what stage 2 changes. Pass ``tasks`` and ``manager`` from ``check_inputs`` (else they are built again).
+    what stage 2 changes. ``tasks`` and ``manager`` are what ``check_inputs`` built.
     dtype and attention are what is asked for; the run refuses a model that transformers resolved otherwise
     (``ablate.core.models.check_resolved``, after the load, before the run folder), so they are what ran.
     """
@@ -46,8 +71,6 @@ def comparison_key(config: EvalConfig, task_data: dict[str, Path], model_identit
     from ablate.core.lm_eval_model import task_entry
     from ablate.core.models import resolve_device, resolve_dtype
 
-    if tasks is None:
-        manager, task_data, tasks = check_inputs(config)
     device = device or resolve_device(config.device)
 
     def yaml_of(name):
@@ -285,22 +308,24 @@ def evaluation_run(config_record: dict, stage: str, runs_dir: Path, state, devic
             rundir.set_status(run.path, metrics["status"], gated or "")
 
 
-def run_eval(config: EvalConfig, compare=None) -> Path | None:
+def run_eval(config: EvalConfig, compare=None, inputs: EvalInputs | None = None) -> Path | None:
     """Evaluate ``config.model`` into a new run; ``compare(key)`` (stage 2) is called before the model loads
     and returns what to add to ``metrics.json`` once the results are in: ``finish(metrics, rows) -> dict``,
-    ``rows`` being each task's per-document rows.
+    ``rows`` being each task's per-document rows. ``inputs``: what ``prepare(config)`` built (else built here).
 
     Under ``accelerate launch`` every process scores its share of the documents (lm-eval's data-parallel
     split) and rank 0 writes the run; the other ranks return None.
     """
-    from ablate.core.identity import model_identity
     from ablate.core.models import check_resolved, load_model, resolve_device
 
     started = time.time()
     device = resolve_device(config.device)
     state = eval_state(device)
-    manager, task_data, tasks = check_inputs(config)
-    key = comparison_key(config, task_data, model_identity(config.model), tasks, manager, device)
+    if inputs is None:
+        inputs = prepare(config, device)
+    elif inputs.config != config:
+        raise ValueError(f"run_eval: inputs were prepared for another config than this {config.stage} run's")
+    manager, tasks, key = inputs.manager, inputs.tasks, inputs.key
     finish = compare(key) if compare else None
     rundir.check_writable(Path(config.runs_dir), config.stage)
     model, tokenizer = load_model(config.model, device, config.dtype, config.attn_implementation)

@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ablate.stages.config import EvalConfig
-from ablate.stages.evaluation import run_eval
+from ablate.stages.evaluation import EvalInputs, run_eval
 
 
-def run_stage1(config: EvalConfig) -> Path:
-    return run_eval(config)
+def run_stage1(config: EvalConfig, inputs: EvalInputs | None = None) -> Path:
+    """``inputs``: what ``ablate.stages.evaluation.prepare(config)`` built (``ablate study``), else built here."""
+    return run_eval(config, inputs=inputs)

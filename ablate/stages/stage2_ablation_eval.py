@@ -26,13 +26,14 @@ from ablate.stages.config import EvalConfig
 from ablate.results.recovery import baseline_block
 from ablate.results.samples import verified_samples
 from ablate.results.verified import latest_verified, verified
-from ablate.stages.evaluation import run_eval
+from ablate.stages.evaluation import EvalInputs, run_eval
 
 log = logging.getLogger(__name__)
 
 
-def run_stage2(config: EvalConfig) -> Path:
-    return run_eval(config, compare=lambda key: _finisher(find_baseline(config, key)))
+def run_stage2(config: EvalConfig, inputs: EvalInputs | None = None) -> Path:
+    """``inputs``: what ``ablate.stages.evaluation.prepare(config)`` built (``ablate study``), else built here."""
+    return run_eval(config, compare=lambda key: _finisher(find_baseline(config, key)), inputs=inputs)
 
 
 def _finisher(baseline: dict):

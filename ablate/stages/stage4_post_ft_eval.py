@@ -225,7 +225,7 @@ def run_stage4(config: Stage4Config) -> Path | None:
     eval_config = stage4_eval_config(config, stage1)
     manager, task_data, tasks = check_inputs(eval_config)
     recorded = stage1.metrics["comparison"]
-    key = comparison_key(eval_config, task_data, recorded["model"])
+    key = comparison_key(eval_config, task_data, recorded["model"], tasks, manager, device)
     if key != recorded:
         raise BadInput(f"stage 1 run {stage1.path} was made on other task data or settings than its config.json "
                        f"now gives ({', '.join(mismatch(key, recorded))} differ; a --task-data file changed?)")

@@ -83,17 +83,14 @@ def _stop_unless_completed(stage: str, run) -> None:
 
 
 def _eval_stage(config, stage: str, where: Callable, run: Callable, say: Callable) -> tuple[rundir.Run, str]:
-    """Reuse the latest completed (or gated: it stops the study) run ``where`` accepts, else run the stage."""
-    from ablate.core.identity import model_identity
-    from ablate.core.models import resolve_device
-    from ablate.stages.evaluation import check_inputs, comparison_key
+    """Reuse the latest completed (or gated: it stops the study) run ``where`` accepts, else ``run(config,
+    inputs)``: the tasks built to find one are the ones it evaluates (built once, ``prepare``)."""
+    from ablate.stages.evaluation import prepare
 
-    manager, task_data, tasks = check_inputs(config)
-    key = comparison_key(config, task_data, model_identity(config.model), tasks, manager,
-                         resolve_device(config.device))
+    inputs = prepare(config)
     found = rundir.latest(Path(config.runs_dir), stage, statuses=rundir.USABLE,
-                          where=lambda r: r.metrics.get("comparison") == key and where(r))
-    return _reuse_or_run(stage, found, lambda: run(config), say)
+                          where=lambda r: r.metrics.get("comparison") == inputs.key and where(r))
+    return _reuse_or_run(stage, found, lambda: run(config, inputs), say)
 
 
 def _reuse_or_run(stage: str, found, run: Callable, say: Callable) -> tuple[rundir.Run, str]:
