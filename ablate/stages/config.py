@@ -23,6 +23,8 @@ from ablate.stages.checks import (ATTN_IMPLEMENTATIONS, _check_gate, check_batch
                                   check_report_to, check_runs_dir, check_runtime, check_seed, check_types)
 
 STAGES_DIR = Path(__file__).resolve().parent  # each stage's YAML sits beside its module and ships in the wheel
+# Settings that say where values came from, where a run lives or where else its logs go: never what it computes.
+PROVENANCE = frozenset({"config_file", "runs_dir", "report_to"})
 
 
 @dataclass(frozen=True)

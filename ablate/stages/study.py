@@ -27,11 +27,11 @@ from ablate.errors import BadInput
 from ablate.results import rundir
 from ablate.results.rundir import STAGE1, STAGE2, STAGE4
 from ablate.stages import study_file
+from ablate.stages.config import PROVENANCE
 
 log = logging.getLogger(__name__)
 
 TRAIN_MASKS = ("causal", "prefill_bidir")
-SAME_RUN_EXCEPT = ("config_file", "runs_dir", "report_to")  # where values came from, live or are also sent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +70,7 @@ def plan(path: str | Path) -> Plan:
 
 def _same(recorded: dict | None, want: dict) -> bool:
     """A run's config.json holds every value of ``want`` (as JSON holds them: tuples are lists)."""
-    want = json.loads(json.dumps({k: v for k, v in want.items() if k not in SAME_RUN_EXCEPT}))
+    want = json.loads(json.dumps({k: v for k, v in want.items() if k not in PROVENANCE}))
     return isinstance(recorded, dict) and all(recorded.get(k, object()) == v for k, v in want.items())
 
 
