@@ -12,12 +12,18 @@ flex attention) is then built by ``create_causal_mask`` /
 implementation, so every backend gets the format it needs and padding is never
 attended. Adding a mask is one function ``(prefix_lens, attention_mask) ->
 block ids | None`` plus a ``@register`` line.
+
+Packed layouts add an and-mask on segments: evaluation's shared contexts
+(``tree_function``, ablate.core.packing) and stage 3's packed rows
+(``packed_rows_mask``, ablate.core.sft_packing), where each row's block ids are
+those it has alone, made unique to the row, so every registered mask packs.
 """
 
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -113,6 +119,23 @@ def tree_function(segments: torch.Tensor, positions: torch.Tensor, window: int |
     return inner
 
 
+def row_function(segments: torch.Tensor, positions: torch.Tensor, window: int | None = None):
+    """Packed training rows (ablate.core.sft_packing): a token sees its own row only.
+
+    Padding (segment -1) may read what precedes it, so no query is left with nothing to attend (sdpa would give
+    NaN there, and NaN values spread through the zero weights of later layers). A sliding window is measured
+    in position ids, which restart for each row.
+    """
+    def inner(batch_idx, head_idx, q_idx, kv_idx):
+        seg_q = segments[batch_idx, q_idx]
+        ok = (segments[batch_idx, kv_idx] == seg_q) | (seg_q < 0)
+        if window is not None:
+            ok = ok & (positions[batch_idx, q_idx] - positions[batch_idx, kv_idx] < window)
+        return ok
+
+    return inner
+
+
 def model_attention_mask(
     config,
     mask_name: str,
@@ -136,6 +159,50 @@ def model_attention_mask(
     packed = segments is not None and int(segments.max()) > 1  # one continuation per row is the plain layout
     if block_ids is None and not packed:
         return attention_mask
+    return _build(config, mask_name, attention_mask, block_ids, dtype,
+                  (lambda window: tree_function(segments, positions, window)) if packed else None)
+
+
+def packed_rows_mask(config, mask_name: str, attention_mask: torch.Tensor, prefix_lens: torch.Tensor,
+                     segments: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """``attention_mask=`` for rows packed side by side (ablate.core.sft_packing): each row sees itself only, and
+    within itself exactly what ``mask_name`` gives it unpacked.
+
+    ``segments`` holds each token's row (an index into ``prefix_lens``, -1 on padding) and ``positions`` its
+    position in its row. Every mask, ``causal`` too, needs the 4D mask here: the 2D padding mask would let a
+    row see the rows before it.
+    """
+    check_attention_backend(mask_name, config._attn_implementation)
+    block_ids = packed_block_ids(mask_name, prefix_lens, segments, positions)
+    return _build(config, mask_name, attention_mask, block_ids, dtype,
+                  lambda window: row_function(segments, positions, window))
+
+
+def packed_block_ids(mask_name: str, prefix_lens: torch.Tensor, segments: torch.Tensor,
+                     positions: torch.Tensor) -> torch.Tensor | None:
+    """The mask's block ids of packed rows: each row's own, computed as if it stood alone (right-padded, as the
+    padded collator gives it), its non-negative ids offset to be unique to the row."""
+    real = segments >= 0
+    rows, at = segments[real], positions[real]
+    lengths = torch.bincount(rows, minlength=prefix_lens.shape[0])
+    alone = torch.arange(int(lengths.max()), device=segments.device)[None, :] < lengths[:, None]
+    ids = get_mask(mask_name).block_ids(prefix_lens.to(segments.device), alone)
+    if ids is None:
+        return None
+    span = max(int(ids.max()) + 1, 1)
+    unique = torch.where(ids >= 0, ids + span * torch.arange(len(ids), device=ids.device)[:, None], -1)
+    out = torch.full_like(segments, -1)
+    out[real] = unique[rows, at]
+    return out
+
+
+def _build(config, mask_name: str, attention_mask: torch.Tensor, block_ids: torch.Tensor | None,
+           dtype: torch.dtype, same_segment: Callable | None):
+    """The model's 4D mask(s) from block ids, per kind of attention layer, via transformers' own builders.
+
+    ``same_segment(window)`` is the packed layouts' and-mask; it carries the window itself, measured in position
+    ids (the sliding builder measures it in row indices).
+    """
     batch, length = attention_mask.shape
     # Only the shape, dtype and device of inputs_embeds are read by the mask builders.
     embeds = torch.empty(batch, length, 0, dtype=dtype, device=attention_mask.device)
@@ -147,11 +214,9 @@ def model_attention_mask(
         raise BadInput(f"mask '{mask_name}' does not support layer types {unknown} of this model")
     masks = {}
     for kind in kinds:
-        if packed:
-            # The sliding builder measures its window in row indices; packed rows need it in positions.
+        if same_segment is not None:
             window = config.sliding_window if kind == "sliding_attention" else None
-            masks[kind] = masking_utils.create_causal_mask(
-                **kwargs, and_mask_function=tree_function(segments, positions, window))
+            masks[kind] = masking_utils.create_causal_mask(**kwargs, and_mask_function=same_segment(window))
         elif kind == "sliding_attention":
             masks[kind] = masking_utils.create_sliding_window_causal_mask(**kwargs)
         else:
@@ -183,4 +248,13 @@ def dense_mask(mask_name: str, prefix_lens: torch.Tensor, attention_mask: torch.
         allow_is_causal_skip=False,
         device=attention_mask.device,
     )
+    return mask[:, 0]
+
+
+def dense_packed_mask(mask_name: str, batch: dict, window: int | None = None) -> torch.Tensor:
+    """Boolean ``[sequence, query, key]`` view of a packed batch's mask (True = may attend), built by
+    ``packed_rows_mask`` itself for sdpa; ``window``: the view of a sliding layer."""
+    config = SimpleNamespace(_attn_implementation="sdpa", sliding_window=window, layer_types=None)
+    mask = packed_rows_mask(config, mask_name, batch["attention_mask"].bool(), batch["prefix_len"],
+                            batch["segments"], batch["position_ids"], torch.float32)
     return mask[:, 0]

@@ -33,7 +33,6 @@ from pathlib import Path
 from ablate.results import rundir
 from ablate.results.rundir import STAGE1, STAGE2, STAGE4
 from ablate.results.verified import verified_runs
-from ablate.stages.config import PROVENANCE
 
 
 def _stats(values: list[float]) -> dict:
@@ -82,10 +81,12 @@ def _across_seeds(metrics: dict, across_data: bool = False) -> dict:
     return record
 
 
+# Settings that say where values came from, where a run lives or where else its logs go: never what it computes.
+PROVENANCE = frozenset({"config_file", "runs_dir", "report_to"})
 DRAWN = ("files", "docs_sha256")  # what differs between two draws of one task's documents
 # Stage 3 settings that decide where and how often a run logs or saves, not what it trains.
-NOT_TRAINING = PROVENANCE | {"seed", "device", "logging_steps", "save_steps", "save_total_limit", "gate",
-                             "ignore_gate", "eval_steps", "probe_samples", "model"}
+NOT_TRAINING = frozenset(PROVENANCE | {"seed", "device", "logging_steps", "save_steps", "save_total_limit", "gate",
+                             "ignore_gate", "eval_steps", "probe_samples", "model"})
 TRAINING_DATA = frozenset({"data", "eval_data"})  # the files a data draw changes
 
 

@@ -281,6 +281,8 @@ def verified_summary(run: rundir.Run) -> dict:
     norms = [r["grad_norm"] for r in steps if isinstance(r.get("grad_norm"), (int, float)) and math.isfinite(r["grad_norm"])]
     recomputed = {"train_loss": _finite(mean_loss(steps)), "eval_loss": end.get("eval_loss"),
                   "train_steps_per_second": end.get("train_steps_per_second"), "probe": end.get("probe"),
+                  "train_tokens_per_second": end.get("train_tokens_per_second"),
+                  "padding_fraction": end.get("padding_fraction"),
                   "grad_norm": {"last": norms[-1] if norms else None, "max": max(norms) if norms else None}}
     for key, value in recomputed.items():
         _same(file, key, summary.get(key), value, log.name)

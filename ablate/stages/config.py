@@ -23,8 +23,6 @@ from ablate.stages.checks import (ATTN_IMPLEMENTATIONS, _check_gate, check_batch
                                   check_report_to, check_runs_dir, check_runtime, check_seed, check_types)
 
 STAGES_DIR = Path(__file__).resolve().parent  # each stage's YAML sits beside its module and ships in the wheel
-# Settings that say where values came from, where a run lives or where else its logs go: never what it computes.
-PROVENANCE = frozenset({"config_file", "runs_dir", "report_to"})
 
 
 @dataclass(frozen=True)
@@ -162,6 +160,12 @@ class FinetuneConfig:
     max_length: int = field(default=1024, metadata={"help": "tokens per example, prompt and response"})
     truncate_prompts: bool = field(default=False, metadata={
         "help": "drop the first tokens of prompts that do not fit (default: refuse)"})
+    packing: bool = field(default=True, metadata={
+        "help": "pack each micro-batch's rows into sequences of --pack-length tokens, each row attending to itself "
+                "only (the same rows, mask and loss as padded batches, less padding); --no-packing pads each row "
+                "to the batch's longest. Off by itself, with one log line, where it cannot be exact (FlashAttention)"})
+    pack_length: int | None = field(default=None, metadata={
+        "help": "tokens per packed sequence (default: --max-length); at least --max-length, as a row is never split"})
     max_steps: int = field(default=2000, metadata={"help": "optimizer steps"})
     learning_rate: float = field(default=2e-5, metadata={"help": "peak learning rate"})
     lr_scheduler: str = field(default="cosine", metadata={"help": "transformers scheduler name (cosine, linear, constant)"})
@@ -224,6 +228,9 @@ class FinetuneConfig:
                      "save_steps", "save_total_limit", "spike_window", "probe_samples"):
             if getattr(self, name) < 1:
                 raise BadInput(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.pack_length is not None and self.pack_length < self.max_length:
+            raise BadInput(f"--pack-length {self.pack_length} is shorter than --max-length {self.max_length}; "
+                           "a row is never split, so a sequence must hold the longest row")
         if self.lora_r is not None and self.lora_r < 1:
             raise BadInput(f"--lora-r must be >= 1, got {self.lora_r}")
         if self.lora_alpha < 1:

@@ -24,11 +24,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 from transformers import Trainer, TrainerCallback
 
 from ablate.core.checkpoints import save_final, save_raw
 from ablate.core.leakage import probe
-from ablate.core.masks import model_attention_mask
+from ablate.core.masks import model_attention_mask, packed_rows_mask
 from ablate.core.models import resolved as resolved_runtime
 from ablate.core.sft_data import supervised_tokens
 from ablate.faults import fault_point
@@ -47,21 +48,46 @@ log = logging.getLogger(__name__)
 
 
 class MaskedTrainer(Trainer):
-    """The stock Trainer; each batch's ``prefix_len`` becomes the attention mask of the forward."""
+    """The stock Trainer; each batch's ``prefix_len`` becomes the attention mask of the forward.
 
-    def __init__(self, *args, mask_name: str, **kwargs):
+    It counts the real tokens and the positions (padding included) its training forwards are fed."""
+
+    def __init__(self, *args, mask_name: str, eval_collator=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.mask_name = mask_name
+        self.eval_collator = eval_collator or self.data_collator
+        self.fed = None  # [real tokens, positions] on the device, summed without a sync per step
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
-        prefix_len = inputs.pop("prefix_len")
+        prefix_len, segments = inputs.pop("prefix_len"), inputs.pop("segments", None)
         config = self.accelerator.unwrap_model(model).config
         dtype = next(model.parameters()).dtype
-        inputs["attention_mask"] = model_attention_mask(
-            config, self.mask_name, inputs["attention_mask"].bool(), prefix_len, dtype)
+        real = inputs["attention_mask"].bool()
+        if model.training:
+            fed = torch.stack([real.sum(), torch.tensor(real.numel(), device=real.device)])
+            self.fed = fed if self.fed is None else self.fed + fed
+        if segments is None:
+            inputs["attention_mask"] = model_attention_mask(config, self.mask_name, real, prefix_len, dtype)
+        else:  # packed rows: position_ids travel with the batch
+            inputs["attention_mask"] = packed_rows_mask(config, self.mask_name, real, prefix_len, segments,
+                                                        inputs["position_ids"], dtype)
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        train_collator, self.data_collator = self.data_collator, self.eval_collator
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = train_collator
+
+    def tokens_fed(self) -> dict | None:
+        """Real tokens and positions fed to training forwards, summed over processes (call it on every rank)."""
+        if self.fed is None:
+            return None
+        real, positions = (int(x) for x in self.accelerator.reduce(self.fed, "sum"))
+        return {"real": real, "positions": positions}
 
     def _save(self, output_dir=None, state_dict=None):
         # Periodic checkpoints get the same fallback as the final save; the Trainer
@@ -140,6 +166,7 @@ class Trained:
     diverged: str | None  # why the model is unusable, or None
     save: dict | None  # how final/ was saved (None when not usable, and on ranks > 0)
     resumed_from: Path | None
+    tokens_fed: dict | None  # real tokens and positions this session's training forwards took (None: none)
 
 
 def train(config: FinetuneConfig, prepared: Prepared, run_dir: Path, resume: Resume | None, is_main: bool) -> Trained:
@@ -159,6 +186,7 @@ def train(config: FinetuneConfig, prepared: Prepared, run_dir: Path, resume: Res
         model=model, args=args, train_dataset=[asdict(e) for e in prepared.train],
         eval_dataset=[asdict(e) for e in prepared.held], data_collator=prepared.collate,
         callbacks=[train_log, RecordCheckpoints(is_main), KillPoints()], mask_name=config.mask,
+        eval_collator=prepared.padded,
     )
     metrics = {}
     if saved is not None and saved.global_step >= config.max_steps:
@@ -168,6 +196,7 @@ def train(config: FinetuneConfig, prepared: Prepared, run_dir: Path, resume: Res
         load_weights(model, resume.checkpoint)
     else:
         metrics = trainer.train(resume_from_checkpoint=str(resume.checkpoint) if resume else None).metrics
+    tokens_fed = trainer.tokens_fed() if metrics else None
     diverged = train_log.diverged or nonfinite_weights(model)
     eval_loss = trainer.evaluate()["eval_loss"] if not diverged else None
     probe_after = probe(model, prepared.probe_batch, config.mask)
@@ -178,19 +207,24 @@ def train(config: FinetuneConfig, prepared: Prepared, run_dir: Path, resume: Res
         save["path"] = str(run_dir / "final")
         log.info("saved the final model as %s in %s", save["format"], save["path"])
     return Trained(trainer, train_log, metrics, eval_loss, {"before": probe_before, "after": probe_after},
-                   mask_check, resolved, diverged, save, resume.checkpoint if resume else None)
+                   mask_check, resolved, diverged, save, resume.checkpoint if resume else None, tokens_fed)
 
 
 def _check_mask(config: FinetuneConfig, prepared: Prepared, bf16: bool) -> dict | None:
     """The mask must take effect on this stack (backend, dtype, versions) before step 1."""
     if config.mask == "causal":
         return None
-    import torch
+    from ablate.core.mask_check import check_mask, check_rows, check_training_mask
+    from ablate.core.sft_packing import packed_forward
 
-    from ablate.core.mask_check import check_training_mask
-
-    rows = prepared.collate([asdict(e) for e in prepared.train[:GUARD_EXAMPLES]])
-    return check_training_mask(prepared.model, rows, config.mask, autocast_dtype=torch.bfloat16 if bf16 else None)
+    autocast = torch.bfloat16 if bf16 else None
+    if not prepared.packing["packed"]:
+        rows = prepared.collate([asdict(e) for e in prepared.train[:GUARD_EXAMPLES]])
+        return check_training_mask(prepared.model, rows, config.mask, autocast_dtype=autocast)
+    # The run path is the packed one: the check rows side by side in one sequence, under the packed mask.
+    pairs = [(e.input_ids[:e.prefix_len], e.input_ids[e.prefix_len:]) for e in prepared.train[:GUARD_EXAMPLES]]
+    return check_mask(prepared.model, config.mask, check_rows(pairs), packed_forward(prepared.model, autocast),
+                      autocast, where="training (packed rows)")
 
 
 def summarize(config: FinetuneConfig, prepared: Prepared, trained: Trained, run_dir: Path, started: float,
@@ -206,7 +240,9 @@ def summarize(config: FinetuneConfig, prepared: Prepared, trained: Trained, run_
              trained.eval_loss, f" ({reason})" if reason else "")
     if is_main:
         end_train_log(run_dir / "train_log.jsonl", summary["global_step"], eval_loss=trained.eval_loss,
-                      probe=summary["probe"], train_steps_per_second=summary["train_steps_per_second"])
+                      probe=summary["probe"], train_steps_per_second=summary["train_steps_per_second"],
+                      train_tokens_per_second=summary["train_tokens_per_second"],
+                      padding_fraction=summary["padding_fraction"])
         rundir.write_json(run_dir / "summary.json", finite(summary))
         rundir.set_status(run_dir, status, reason)
 
@@ -215,6 +251,7 @@ def _summary(config: FinetuneConfig, prepared: Prepared, trained: Trained, run_d
              status: str) -> dict:
     model, state, leak, norms = prepared.model, trained.trainer.state, prepared.leak, trained.train_log.grad_norms
     good = [p for p in intact(run_dir) if step_of(p) <= trained.train_log.last_good_step]
+    runtime, fed = trained.metrics.get("train_runtime"), trained.tokens_fed
     return {
         "stage": config.stage,
         "run_id": run_dir.name,
@@ -236,6 +273,12 @@ def _summary(config: FinetuneConfig, prepared: Prepared, trained: Trained, run_d
         "eval_loss": trained.eval_loss,
         "train_runtime": trained.metrics.get("train_runtime"),  # this process's training; None when none was left
         "train_steps_per_second": trained.metrics.get("train_steps_per_second"),
+        # Real (non-padding) tokens per second of this session's training, over every process; the padding
+        # fraction is the share of the positions fed that were padding.
+        "train_tokens_per_second": round(fed["real"] / runtime, 3) if fed and runtime else None,
+        "padding_fraction": round(1 - fed["real"] / fed["positions"], 6) if fed else None,
+        "tokens_fed": fed,
+        "packing": prepared.packing,
         "wall_seconds": round(time.time() - started, 3),
         "grad_norm": {"last": norms[-1] if norms else None, "max": max(norms) if norms else None},
         "diverged_reason": trained.diverged,

@@ -5,11 +5,15 @@
 ``prepare`` returns everything a run needs as one frozen ``Prepared``; what can be refused (data with no
 supervised token, a label-leaking mask, a LoRA adapter as the model, LoRA targets the model lacks, a
 scheduler the Trainer refuses) is refused here with ``BadInput``, before ``run_stage3`` creates the folder.
+Training batches are packed (ablate.core.sft_packing) unless ``--no-packing``, or unless packing cannot be
+exact for the model (an attention implementation without a 4D mask, a forward without position ids): then
+they are padded, and one log line says why.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,9 +21,11 @@ from typing import Any
 
 from ablate.core.leakage import find_leak
 from ablate.core.sft_data import Collator, data_identity, load_rows, refuse_unsupervised, split_eval, tokenize
+from ablate.core.sft_packing import PackingCollator, packing_refusal
 from ablate.errors import BadInput
 from ablate.stages.config import FinetuneConfig
 
+log = logging.getLogger(__name__)
 GUARD_EXAMPLES = 256  # examples the structural guard inspects (the mask is per-row, so a sample suffices)
 
 
@@ -31,7 +37,9 @@ class Prepared:
     tokenizer: Any
     train: list  # tokenized training examples (ablate.core.sft_data.Tokenized)
     held: list  # held-out examples: the eval loss and the probe
-    collate: Collator
+    collate: Collator | PackingCollator  # the training batches' (evaluation's are padded: ``padded``)
+    padded: Collator
+    packing: dict  # whether training batches are packed, into how many tokens, or why not
     leak: Any  # the first label leak of the mask, or None (a leaky mask runs only with --allow-label-leakage)
     probe_batch: dict  # the study's probe: held-out examples under the mask and causally, before and after
     identity: dict  # the base model's identity, recorded in run.json (what stage 4 and --resume check)
@@ -49,16 +57,24 @@ def prepare(config: FinetuneConfig, device: str, is_main: bool = True) -> Prepar
     train, held, collate, leak = prepare_data(config, tokenizer)  # before the (slow) fingerprint and model load
     identity = model_identity(config.model)
     model, tokenizer = load_model(config.model, device, config.dtype, config.attn_implementation, tokenizer)
+    padded = Collator(tokenizer.pad_token_id)
+    packing = {"packed": isinstance(collate, PackingCollator), "pack_length": getattr(collate, "pack_length", None),
+               "unpacked_because": None if config.packing else "--no-packing"}
+    if packing["packed"] and (why := packing_refusal(model)):
+        # The guard passed on packed batches; it gives padded ones the same verdict (tests/test_sft_packing.py).
+        log.warning("packing off: %s; training on padded batches", why)
+        collate, packing = padded, {"packed": False, "pack_length": None, "unpacked_because": why}
     model = with_lora(config, model) if config.lora_r else model
     if not any(p.requires_grad for p in model.parameters()):
         raise BadInput(f"--model {config.model} loaded with no trainable parameter; nothing to finetune")
     check_schedule(config, next(model.parameters()).is_cuda, is_main)
     probe_batch = collate([asdict(e) for e in held[: config.probe_samples]])
-    return Prepared(model, tokenizer, train, held, collate, leak, probe_batch, identity, data_id)
+    return Prepared(model, tokenizer, train, held, collate, padded, packing, leak, probe_batch, identity, data_id)
 
 
 def prepare_data(config: FinetuneConfig, tokenizer):
-    """Read, tokenize and split the data; check the mask for leakage. Raises BadInput."""
+    """Read, tokenize and split the data; check the mask for leakage on the batches training will see (packed
+    unless --no-packing). Raises BadInput."""
     fmt = config.row_format()
     kw = dict(tokenizer=tokenizer, fmt=fmt, max_length=config.max_length, split_range=config.split_range,
               truncate_prompts=config.truncate_prompts, seed=config.seed)
@@ -74,8 +90,11 @@ def prepare_data(config: FinetuneConfig, tokenizer):
         train, held = split_eval(examples, config.eval_fraction, config.seed)
         refuse_unsupervised(train, len(train), f"--data {config.data} (training split)", config.max_length)
         refuse_unsupervised(held, len(held), f"--data {config.data} (held-out split)", config.max_length)
-    collate = Collator(tokenizer.pad_token_id)
+    collate = (PackingCollator(tokenizer.pad_token_id, config.pack_length or config.max_length) if config.packing
+               else Collator(tokenizer.pad_token_id))
     leak = find_leak(config.mask, collate([asdict(e) for e in train[:GUARD_EXAMPLES]]))
+    if leak and leak.other_row is not None:  # a packing fault, not a property of the mask: no flag allows it
+        raise BadInput(f"packed batches are not kept apart ({leak}); train with --no-packing")
     if leak and not config.allow_label_leakage:
         raise BadInput(f"mask '{config.mask}' leaks labels ({leak}); training on it teaches copying, "
                        "not prediction. Use prefill_bidir, or --allow-label-leakage for diagnosis only")

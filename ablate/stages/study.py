@@ -25,9 +25,9 @@ from typing import Callable
 
 from ablate.errors import BadInput
 from ablate.results import rundir
+from ablate.results.aggregate import PROVENANCE
 from ablate.results.rundir import STAGE1, STAGE2, STAGE4
 from ablate.stages import study_file
-from ablate.stages.config import PROVENANCE
 
 log = logging.getLogger(__name__)
 
