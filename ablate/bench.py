@@ -1,15 +1,24 @@
-"""Stock lm-eval against ablate on the same model, tasks and documents, alternating, in one process.
+"""Benchmarks in one process, alternating so that warm-up and a busy machine fall on both sides.
 
     ablate fetch
     ablate bench --model smollm2 --tasks gsm8k_next_step --limit 100   # the demo's task (built from GSM8K)
+    ablate bench-stage3 --steps 3 --repeats 2                           # stage 3: packed vs padded batches
+    ablate tiny-model --out /tmp/tiny && ablate bench-stage3 --model /tmp/tiny --data tests/data/sft.jsonl \
+        --steps 2 --batch-size 4 --max-length 64 --device cpu          # tiny CPU example
 
-For each task, stock lm-eval's HF model (``HFLM``, causal) and ablate's
+``run_bench``: for each task, stock lm-eval's HF model (``HFLM``, causal) and ablate's
 (``PrefillMaskLM``, causal, prefix-shared) evaluate the same documents
-``repeats`` times each, in alternating order so that warm-up and a busy
-machine fall on both. Reported per task: the median wall seconds of each, their
+``repeats`` times each, in alternating order. Reported per task: the median wall seconds of each, their
 ratio, the tokens each put through the model (stock: one forward per request),
 tokens per second, whether every prediction is identical, and the largest
 loglikelihood difference. Timings are wall-clock of the whole ``simple_evaluate``.
+
+``run_stage3_bench``: per mask, stage 3's own Trainer (``MaskedTrainer`` on the rows, collators and settings
+``ablate.stages.stage3_setup.prepare`` gives a stage 3 run) takes ``steps`` optimizer steps on padded and on
+packed batches, ``repeats`` times each (padded, packed, packed, padded, ...), each from the model's initial
+weights. Reported: real (non-padding) tokens per second over the Trainer's own ``train_runtime`` (the figure
+stage 3's summary.json records; checkpoints off), the positions fed, the padding fraction, the ratio
+packed/padded, and whether the per-step losses of the first runs agree (the same rows and objective).
 """
 
 from __future__ import annotations

@@ -112,7 +112,6 @@ def test_head_to_heads_pool_across_seeds(tmp_path):
         s4 = tmp_path / STAGE4 / f"2026010{seed}-000003"
         s4.mkdir(parents=True)
         (s4 / "status.txt").write_text("completed\n")
-        (s4 / "config.json").write_text(json.dumps({"seed": seed}))
         (s4 / "metrics.json").write_text(json.dumps({
             "stage": STAGE4, "status": "completed", "mask": "prefill_bidir", "comparison": drawn(seed),
             "checkpoints": entries, "head_to_head": {"before": f"causal-{seed}", "after": f"prefill_bidir-{seed}",

@@ -41,6 +41,11 @@ def _stats(values: list[float]) -> dict:
             "std": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)}
 
 
+def _order(seed) -> tuple:
+    """Seeds in order: numbers first, by value; then anything else (None, ``"1/2"``) by its text."""
+    return (0, seed, "") if isinstance(seed, int) else (1, 0, str(seed))
+
+
 def _paired(by_seed: dict[int, dict]) -> dict:
     """Per-seed paired differences (``recovery.paired_difference`` blocks) pooled: mean/std/n of the macro delta,
     per task, and each seed's delta with its interval and whether the interval excludes 0 (its verdict)."""
@@ -51,16 +56,16 @@ def _paired(by_seed: dict[int, dict]) -> dict:
             "per_seed": {seed: {"delta": b["macro"]["delta"], "delta_ci95": b["macro"].get("delta_ci95"),
                                 "delta_excludes_0": b["macro"].get("delta_excludes_0"),
                                 "mcnemar_p": (b["macro"].get("mcnemar") or {}).get("p_value")}
-                         for seed, b in sorted(by_seed.items())}}
+                         for seed, b in sorted(by_seed.items(), key=lambda kv: _order(kv[0]))}}
 
 
 def _summarise(label: dict, by_seed: dict[int, tuple[dict, dict]], paired: dict[int, dict]) -> dict:
     """``by_seed``: seed -> (per-task metrics, macro metrics) of one run; ``paired``: seed -> its paired block."""
     tasks = sorted(set().union(*(t.keys() for t, _ in by_seed.values())))
-    out = {**label, "seeds": sorted(by_seed),
+    out = {**label, "seeds": sorted(by_seed, key=_order),
            "tasks": {name: _stats([t[name]["acc"] for t, _ in by_seed.values() if name in t]) for name in tasks},
            "macro": _stats([m["acc"] for _, m in by_seed.values()]),
-           "per_seed": {seed: m["acc"] for seed, (_, m) in sorted(by_seed.items())}}
+           "per_seed": {seed: m["acc"] for seed, (_, m) in sorted(by_seed.items(), key=lambda kv: _order(kv[0]))}}
     if paired:
         out["paired"] = {"what": PAIRED[label["stage"]], **_paired(paired)}
     return out
@@ -136,7 +141,7 @@ def aggregate(runs_dir: Path, damaged: list[str] | None = None, stages: dict | N
             add(label, key, m.get("seed"), (m["tasks"], m["macro"]), (m.get("baseline") or {}).get("paired"))
     for run in usable(runs(STAGE4)):
         m = run.metrics
-        trained = {}
+        trained, seeds = {}, {}
         for entry in m.get("checkpoints", []):
             if entry.get("scored") == "checkpoint":  # a checkpoint's score is not the finetune's result
                 continue
@@ -145,6 +150,7 @@ def aggregate(runs_dir: Path, damaged: list[str] | None = None, stages: dict | N
                 continue
             training, seed = found
             trained[entry.get("label")] = training
+            seeds[entry.get("label")] = entry.get("train_seed", seed)
             label = {"stage": STAGE4, "train_mask": entry["train_mask"], "mask": m["mask"],
                      "comparison": _across_seeds(m, across_data), "training": training, **extra}
             add(label, json.dumps(label, sort_keys=True, default=str), entry.get("train_seed", seed),
@@ -155,7 +161,8 @@ def aggregate(runs_dir: Path, damaged: list[str] | None = None, stages: dict | N
             label = {"stage": STAGE4, "head_to_head": True, "mask": m["mask"],
                      "comparison": _across_seeds(m, across_data),
                      "training": {"before": trained[h["before"]], "after": trained[h["after"]]}, **extra}
-            seed = (run.config or {}).get("seed", m.get("seed"))
+            a, b = seeds[h["before"]], seeds[h["after"]]
+            seed = a if a == b else f"{a}/{b}"  # two finetunes of one seed, as stage 4 pairs them
             add(label, json.dumps(label, sort_keys=True, default=str), seed,
                 ({t: {"acc": b["delta"]} for t, b in h["tasks"].items()}, {"acc": h["macro"]["delta"]}), h)
     return [_summarise(label, by_seed, paired) for label, by_seed, paired in groups.values()]
