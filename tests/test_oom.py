@@ -191,6 +191,16 @@ def test_stage1_records_the_retries_in_metrics_and_the_run_log(tiny_llama, tmp_p
     assert m_oom["tasks"] == m_clean["tasks"]
     for name in ("samples_ablate_tiny.jsonl", "samples_oom_gen.jsonl"):
         assert (oom / name).read_text() == (clean / name).read_text()
+    # Every evaluation run records its peak memory (ablate.core.memory); a measurement the reader does not verify.
+    from ablate.results import rundir
+    from ablate.results.verified import verified_metrics
+
+    parameter_bytes = sum(p.numel() * p.element_size() for p in load_model(str(tiny_llama), "cpu", "float32",
+                                                                           "sdpa")[0].parameters())
+    memory = m_oom["peak_memory"]
+    assert memory["measure"] == "cpu_peak_rss" and memory["bytes"] == memory["cpu_peak_rss_bytes"] > parameter_bytes
+    assert memory["cuda_max_allocated_bytes"] is None and memory["cpu_peak_rss_since"] == "run start"
+    assert verified_metrics(rundir.load_run(oom), tmp_path / "oom")["peak_memory"] == memory
     log = (oom / "run.log").read_text()
     for r in m_oom["oom_retries"]:
         assert (f"WARNING ablate.core.oom: out of memory on {r['rows']} rows of {r['tokens']} tokens during "

@@ -171,10 +171,11 @@ def test_the_guard_reads_the_packed_mask_and_labels(monkeypatch):
     batch = rows()
     packed = PackingCollator(0, PACK_LENGTH)(batch)
     labels = packed["labels"].clone()
-    second = (packed["segments"][0] != packed["segments"][0, 0]).nonzero()[0, 0]  # where row 2 of sequence 0 starts
-    labels[0, second] = packed["input_ids"][0, second]
+    seq = next(i for i, seg in enumerate(packed["segments"]) if len(set(seg[seg >= 0].tolist())) > 1)  # 2+ rows
+    second = (packed["segments"][seq] != packed["segments"][seq, 0]).nonzero()[0, 0]  # where its second row starts
+    labels[seq, second] = packed["input_ids"][seq, second]
     leak = find_leak("causal", {**packed, "labels": labels})  # a row trained to predict the next row's first token
-    assert leak is not None and leak.other_row == int(packed["segments"][0, second])
+    assert leak is not None and leak.other_row == int(packed["segments"][seq, second])
     assert "packed rows must not see or predict each other" in str(leak)
     # A mask that lets rows see each other (causal over the whole sequence) is found in the mask itself.
     monkeypatch.setattr(masks, "row_function", lambda segments, positions, window=None:
@@ -220,6 +221,21 @@ def test_the_collator_keeps_rows_whole_restarts_positions_and_masks_first_labels
     assert all(torch.equal(packed[k], again[k]) for k in packed)
     with pytest.raises(BadInput, match="never split"):
         PackingCollator(0, 16)(batch)
+
+
+def test_a_packed_batch_never_feeds_more_positions_than_the_padded_one():
+    """Every layout, not an example: seeded batches of every size and spread against several pack lengths."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(500):
+        pack_length = rng.choice([16, 25, 64, 128, 256])
+        lengths = [rng.randint(2, pack_length) for _ in range(rng.randint(1, 16))]
+        bins = PackingCollator(0, pack_length).layout(lengths)
+        assert sorted(i for b in bins for i in b) == list(range(len(lengths)))  # every row once, whole
+        width = max(sum(lengths[i] for i in b) for b in bins)
+        assert width <= pack_length and len(bins) * width <= len(lengths) * max(lengths), (pack_length, lengths)
+    assert PackingCollator(0, 25).layout([10, 10, 10]) == [[0], [1], [2]]  # two wide sequences would feed 40, not 30
 
 
 def test_packing_that_cannot_be_exact_falls_back(tiny_llama):

@@ -13,7 +13,10 @@ import typer
 
 from ablate.cli.console import fail, quiet_libraries
 from ablate.cli.tables import recovery_table, study_table, summary_table
+from ablate.demo.real import REAL_PRESETS
 from ablate.errors import BadInput
+
+DEMO = REAL_PRESETS["real"]  # bench-stage3's defaults: the demo's stage 3
 
 
 def demo(
@@ -133,10 +136,47 @@ def bench(
         typer.echo(f"wrote {out}")
 
 
+def bench_stage3(
+    model: str = typer.Option("smollm2", help="model folder or hub id; smollm2 = the fetched SmolLM2-135M-Instruct"),
+    data: str = typer.Option(None, help="stage 3 rows (as ablate stage3 --data; 5% held out); default: the demo's "
+                             "own rows for --seed, built once into the cache"),
+    mask: str = typer.Option("causal,prefill_bidir", help="comma-separated training masks"),
+    steps: int = typer.Option(DEMO.finetune_steps, help="optimizer steps per run (the demo's)"),
+    repeats: int = typer.Option(2, help="runs of each, alternating (padded, packed, packed, padded, ...)"),
+    batch_size: int = typer.Option(DEMO.batch_size, help="rows per optimizer step (the demo's)"),
+    max_length: int = typer.Option(DEMO.max_length, help="tokens per row, prompt and response (the demo's)"),
+    pack_length: int = typer.Option(None, help="tokens per packed sequence (default: --max-length, as stage 3)"),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto"),
+    dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16"),
+    attn_implementation: str = typer.Option("sdpa", help="sdpa, eager or flex_attention"),
+    seed: int = typer.Option(0, help="the demo seed whose rows are used, and stage 3's seed"),
+    out: Path = typer.Option(None, help="also write the figures as JSON here"),
+):
+    """Stage 3 on packed vs padded batches: the same rows, steps and seed; real tokens/s, padding, same losses."""
+    from ablate.bench import render_stage3, run_stage3_bench
+    from ablate.results.files import write_json
+    from ablate.stages.config import check_runtime
+
+    quiet_libraries()
+    masks = tuple(m.strip() for m in mask.split(",") if m.strip())
+    for name in masks:
+        check_runtime(name, device, dtype, attn_implementation)
+    if len(set(masks)) != len(masks):
+        fail(f"--mask names a mask twice: {mask}")
+    result = run_stage3_bench(model, data, masks, steps, repeats, batch_size, max_length, pack_length, device,
+                              dtype, attn_implementation, seed, echo=typer.echo)
+    typer.echo(render_stage3(result))
+    if out:
+        write_json(out, result)
+        typer.echo(f"wrote {out}")
+
+
 def register(app: typer.Typer) -> None:
     app.command(epilog="Examples:\n\n  ablate demo\n\n  ablate demo --preset smoke --workdir /tmp/ablate-demo")(demo)
     app.command(epilog="Example:\n\n  ablate fetch")(fetch)
     app.command(epilog="Examples:\n\n  ablate bench\n\n  ablate bench --tasks hellaswag,piqa,arc_easy,arc_challenge,"
                 "winogrande --limit 8")(bench)
+    app.command("bench-stage3", epilog="Examples:\n\n  ablate bench-stage3 --steps 3\n\n  ablate bench-stage3 "
+                "--mask prefill_bidir --pack-length 512 --out bench-stage3.json")(bench_stage3)
     app.command("tiny-model", epilog="Example:\n\n  ablate tiny-model --arch mistral3 --out /tmp/tiny-mistral3")(
         tiny_model)

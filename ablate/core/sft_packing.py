@@ -64,9 +64,23 @@ class PackingCollator:
         self.pad = pad_token_id
         self.pack_length = pack_length
 
+    def layout(self, lengths: list[int]) -> list[list[int]]:
+        """The packing that feeds the fewest positions (sequences x widest): best-fit decreasing into the pack
+        length, or into a multiple of the longest row under it. The longest row itself is one candidate, so a
+        packed batch never feeds more positions than the padded one (ties: the narrower sequences)."""
+        longest = max(lengths)
+        capacities = sorted({*range(longest, self.pack_length + 1, longest), self.pack_length} - {0})
+        best = None
+        for capacity in capacities if longest <= self.pack_length else [self.pack_length]:
+            bins = best_fit_decreasing(lengths, capacity)
+            width = max(sum(lengths[i] for i in members) for members in bins)
+            if best is None or len(bins) * width < best[0]:
+                best = (len(bins) * width, bins)
+        return best[1]
+
     def __call__(self, batch: list[dict]) -> dict:
         lengths = [len(b["input_ids"]) for b in batch]
-        bins = best_fit_decreasing(lengths, self.pack_length)
+        bins = self.layout(lengths)
         width = max(sum(lengths[i] for i in members) for members in bins)
         shape = (len(bins), width)
         ids, labels = torch.full(shape, self.pad), torch.full(shape, -100)

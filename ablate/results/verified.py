@@ -17,6 +17,10 @@ run's run.json, config.json and env.json must be what its results recorded;
 else the run is damaged, in one line naming the file and what disagrees. So a
 number shown can differ from the truth only if someone edits the samples and
 the digests recorded for them to agree.
+
+What a run measured rather than computed (``peak_memory`` in metrics.json and summary.json, ``oom_retries``,
+``timing``) cannot be recomputed from samples, so it is left out of the verified set on purpose: it passes
+through as recorded, and no verified number depends on it.
 """
 
 from __future__ import annotations
@@ -121,7 +125,7 @@ def verified_metrics(run: rundir.Run, runs_dir: Path) -> dict:
     from its samples, its ``recovery`` against the stage 1 and 2 runs the run names, ``head_to_head``, and what
     each entry copies from its stage 3 run. BadInput, naming the file and what disagrees, when the cache does.
     """
-    metrics = json.loads(json.dumps(run.metrics))
+    metrics = json.loads(json.dumps(run.metrics))  # peak_memory, timing: measurements, not verified (module doc)
     file = _file(run)
     if run.stage in (STAGE1, STAGE2):
         rows = _evaluation(run.path, file, metrics, metrics.get("samples"))
@@ -267,7 +271,7 @@ def verified_summary(run: rundir.Run) -> dict:
     """A stage 3 run's summary.json, its numbers checked against ``train_log.jsonl``: the train loss (its mean over
     the logged steps) and grad norms recomputed from the steps, and the eval loss, speed and probe against the
     log's last line (the run's end, written beside summary.json). BadInput when they disagree."""
-    summary = json.loads(json.dumps(run.summary))
+    summary = json.loads(json.dumps(run.summary))  # peak_memory, oom_retries: measurements, not verified
     file, log = _file(run), Path(run.path) / "train_log.jsonl"
     try:
         rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]

@@ -286,10 +286,14 @@ def evaluation_run(config_record: dict, stage: str, runs_dir: Path, state, devic
     path (``accelerate launch``); the run is marked running (heartbeat, signals, ``run.log``; ``failed`` with the
     reason if the body raises) and rank 0 writes ``config.json`` (``config_record``) and ``env.json``. The body
     evaluates and sets ``run.metrics`` (rank 0); on leaving, the digests of config.json and env.json go into it
-    (``files``), the ``gate`` is checked (``gated`` with the reason), and metrics.json and status.txt are written.
+    (``files``) with the run's peak memory (``peak_memory``, ablate.core.memory), the ``gate`` is checked (``gated``
+    with the reason), and metrics.json and status.txt are written.
     Everything checkable is checked before this is entered: bad input leaves no folder.
     """
+    from ablate.core.memory import PeakMemory
+
     record = {"model_identity": model_identity} if model_identity is not None else {}
+    memory = PeakMemory(device)  # from here: the model is loaded, the evaluation is to come
     run = EvaluationRun(rundir.claim(state, lambda: rundir.new_run_dir(Path(runs_dir), stage, **record)),
                         state.is_main_process)
     with rundir.active(run.path, is_main=run.is_main):
@@ -300,6 +304,7 @@ def evaluation_run(config_record: dict, stage: str, runs_dir: Path, state, devic
         if run.is_main and run.metrics is not None:
             metrics = run.metrics
             metrics["files"] = record_files(run.path)  # as written; a reader refuses them edited
+            metrics["peak_memory"] = memory.read()  # a measurement: not among the numbers a reader verifies
             gated = check_gate(gate, metrics)
             if gated:
                 metrics["status"] = rundir.GATED

@@ -9,7 +9,9 @@ model and the Trainer's settings before the run folder exists. ``train`` runs th
 ``prefix_len`` into the attention mask): the mask is checked before the first step and the study's probe run
 before and after, and a usable model is saved with the raw state-dict fallback (ablate.core.checkpoints).
 ``summarize`` writes ``summary.json`` (with the fingerprint of ``final/`` and the digest of the data, which
-stage 4 and ``--resume`` check), applies the gate and sets the status.
+stage 4 and ``--resume`` check), applies the gate and sets the status. Out of memory in a training step, ``train``
+halves the micro-batch and doubles gradient accumulation (the same rows a step; ablate.core.oom) and goes on from
+the newest intact checkpoint or the start; summary.json records each halving and the run's peak memory.
 
 A run is ``completed`` only if its model is usable; ablate.stages.stage3_divergence says when it is
 ``diverged`` instead. ``--resume`` continues a failed or crashed run as ablate.stages.stage3_resume decides,
@@ -32,7 +34,9 @@ from ablate.core.leakage import probe
 from ablate.core.masks import model_attention_mask, packed_rows_mask
 from ablate.core.models import resolved as resolved_runtime
 from ablate.core.sft_data import supervised_tokens
-from ablate.faults import fault_point
+from ablate.core.memory import PeakMemory
+from ablate.core.oom import StepOutOfMemory, halve_training, is_out_of_memory, release
+from ablate.faults import fault_point, train_oom_fault
 from ablate.results import rundir
 from ablate.results.environment import environment
 from ablate.results.gates import check_gate
@@ -41,7 +45,7 @@ from ablate.stages.config import FinetuneConfig
 from ablate.stages.stage3_checkpoints import RecordCheckpoints, intact, step_of
 from ablate.stages.stage3_divergence import TrainLog, finite, nonfinite_weights, unusable_result
 from ablate.stages.stage3_divergence import loss_ceiling  # noqa: F401  (the rules, read from the stage too)
-from ablate.stages.stage3_resume import Resume, load_weights, restore
+from ablate.stages.stage3_resume import Resume, after_oom, load_weights, restore
 from ablate.stages.stage3_setup import GUARD_EXAMPLES, Prepared, prepare
 
 log = logging.getLogger(__name__)
@@ -74,6 +78,16 @@ class MaskedTrainer(Trainer):
                                                         inputs["position_ids"], dtype)
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        rows, step = len(inputs["prefix_len"]), self.state.global_step + 1
+        try:
+            train_oom_fault(rows, step)
+            return super().training_step(model, inputs, num_items_in_batch)
+        except Exception as exc:  # out of memory in the forward or backward: which step, on what (ablate.core.oom)
+            if not is_out_of_memory(exc) or isinstance(exc, StepOutOfMemory):
+                raise
+            raise StepOutOfMemory(step, rows, int(inputs["attention_mask"].sum())) from exc
 
     def get_eval_dataloader(self, eval_dataset=None):
         train_collator, self.data_collator = self.data_collator, self.eval_collator
@@ -167,11 +181,18 @@ class Trained:
     save: dict | None  # how final/ was saved (None when not usable, and on ranks > 0)
     resumed_from: Path | None
     tokens_fed: dict | None  # real tokens and positions this session's training forwards took (None: none)
+    train_batch: dict | None = None  # the per-device micro-batch and accumulation the run ended with
+    oom_retries: tuple = ()  # each halving of the micro-batch after an out-of-memory error (ablate.core.oom)
+    peak_memory: dict | None = None  # ablate.core.memory, from the start of training to the saved model
 
 
 def train(config: FinetuneConfig, prepared: Prepared, run_dir: Path, resume: Resume | None, is_main: bool) -> Trained:
-    """Check the mask, probe, train (or go on from ``resume.checkpoint``), evaluate, probe, and save a usable model."""
+    """Check the mask, probe, train (or go on from ``resume.checkpoint``), evaluate, probe, and save a usable model.
+
+    Out of memory in a training step, train again with half the micro-batch and twice the accumulation (the same
+    rows a step) from the newest intact checkpoint or the start (ablate.core.oom, ablate.stages.stage3_resume)."""
     model = prepared.model
+    memory = PeakMemory(next(model.parameters()).device)
     log.info("data: %d training, %d held-out examples from %s", len(prepared.train), len(prepared.held), config.data)
     model.config.use_cache = False
     resolved = resolved_runtime(model)  # what transformers resolved, not what was asked for (config.json)
@@ -180,22 +201,7 @@ def train(config: FinetuneConfig, prepared: Prepared, run_dir: Path, resume: Res
     mask_check = _check_mask(config, prepared, args.bf16)
     probe_before = probe(model, prepared.probe_batch, config.mask)
     saved = restore(resume, is_main) if resume else None
-    train_log = TrainLog(run_dir / "train_log.jsonl", config.spike_factor, config.spike_window, is_main,
-                         list(saved.log_history) if saved else [], vocab_size=model.config.vocab_size)
-    trainer = MaskedTrainer(
-        model=model, args=args, train_dataset=[asdict(e) for e in prepared.train],
-        eval_dataset=[asdict(e) for e in prepared.held], data_collator=prepared.collate,
-        callbacks=[train_log, RecordCheckpoints(is_main), KillPoints()], mask_name=config.mask,
-        eval_collator=prepared.padded,
-    )
-    metrics = {}
-    if saved is not None and saved.global_step >= config.max_steps:
-        # Killed after its last step (final eval, final save): nothing is left to train. Resumed at max_steps the
-        # Trainer would still take one step more (it checks max_steps after a step), so load the weights instead.
-        trainer.state = saved
-        load_weights(model, resume.checkpoint)
-    else:
-        metrics = trainer.train(resume_from_checkpoint=str(resume.checkpoint) if resume else None).metrics
+    trainer, train_log, metrics, oom_retries = _fit(config, prepared, args, run_dir, resume, saved, is_main)
     tokens_fed = trainer.tokens_fed() if metrics else None
     diverged = train_log.diverged or nonfinite_weights(model)
     eval_loss = trainer.evaluate()["eval_loss"] if not diverged else None
@@ -207,7 +213,45 @@ def train(config: FinetuneConfig, prepared: Prepared, run_dir: Path, resume: Res
         save["path"] = str(run_dir / "final")
         log.info("saved the final model as %s in %s", save["format"], save["path"])
     return Trained(trainer, train_log, metrics, eval_loss, {"before": probe_before, "after": probe_after},
-                   mask_check, resolved, diverged, save, resume.checkpoint if resume else None, tokens_fed)
+                   mask_check, resolved, diverged, save, resume.checkpoint if resume else None, tokens_fed,
+                   {"micro_batch": args.per_device_train_batch_size,
+                    "gradient_accumulation_steps": args.gradient_accumulation_steps}, tuple(oom_retries), memory.read())
+
+
+def _fit(config: FinetuneConfig, prepared: Prepared, args, run_dir: Path, resume: Resume | None, saved,
+         is_main: bool) -> tuple[MaskedTrainer, TrainLog, dict, list[dict]]:
+    """Train (from ``resume.checkpoint`` when given); out of memory in a step, halve ``args``' micro-batch, double
+    its accumulation and train again from the newest intact checkpoint or the start. Returns the trainer, its log,
+    ``train()``'s metrics (empty when nothing was left to train) and the halvings."""
+    start, batch, oom_retries = resume.checkpoint if resume else None, (args.per_device_train_batch_size,
+                                                                         args.gradient_accumulation_steps), []
+    while True:
+        args.per_device_train_batch_size, args.gradient_accumulation_steps = batch  # read by the Trainer's init
+        train_log = TrainLog(run_dir / "train_log.jsonl", config.spike_factor, config.spike_window, is_main,
+                             list(saved.log_history) if saved else [], vocab_size=prepared.model.config.vocab_size)
+        trainer = MaskedTrainer(
+            model=prepared.model, args=args, train_dataset=[asdict(e) for e in prepared.train],
+            eval_dataset=[asdict(e) for e in prepared.held], data_collator=prepared.collate,
+            callbacks=[train_log, RecordCheckpoints(is_main), KillPoints()], mask_name=config.mask,
+            eval_collator=prepared.padded,
+        )
+        if saved is not None and saved.global_step >= config.max_steps:
+            # Killed after its last step (final eval, final save): nothing is left to train. Resumed at max_steps
+            # the Trainer would still take one step more (it checks max_steps after a step): load the weights.
+            trainer.state = saved
+            load_weights(prepared.model, start)
+            return trainer, train_log, {}, oom_retries
+        try:
+            metrics = trainer.train(resume_from_checkpoint=str(start) if start else None).metrics
+            return trainer, train_log, metrics, oom_retries
+        except StepOutOfMemory as exc:
+            if args.world_size > 1:
+                raise  # the other ranks wait for this one in a collective: no retry in step with them
+            failed = StepOutOfMemory(exc.step, exc.rows, exc.tokens)  # not the traceback: it holds the activations
+        batch = halve_training(oom_retries, failed, *batch)  # BadInput when one row does not fit
+        release(trainer)
+        start, saved = after_oom(config, run_dir, prepared.model, prepared.tokenizer, is_main)
+        oom_retries[-1]["resumed_from"] = str(start) if start else None
 
 
 def _check_mask(config: FinetuneConfig, prepared: Prepared, bf16: bool) -> dict | None:
@@ -290,5 +334,8 @@ def _summary(config: FinetuneConfig, prepared: Prepared, trained: Trained, run_d
         "resolved": trained.resolved,
         "save": trained.save,
         "resumed_from": str(trained.resumed_from) if trained.resumed_from else None,
+        "train_batch": trained.train_batch,  # per device; smaller than config.json's after an out-of-memory retry
+        "oom_retries": list(trained.oom_retries),
+        "peak_memory": trained.peak_memory,  # a measurement, not verified (ablate.results.verified)
         "files": record_files(run_dir),  # config.json and env.json as written; a reader refuses them edited
     }

@@ -8,6 +8,10 @@ run.json records them), and the checkpoint to go on from, its newest intact one 
 ``run_stage3`` and ``ablate study`` take its ``Resume``. Only a ``failed`` or ``crashed`` run is resumed; a
 completed, gated or diverged one is refused. Inside the reopened run, ``restore`` says why newer checkpoints
 were passed over and drops what the lost attempt wrote past the checkpoint.
+
+Out of memory in a training step, the run goes on in the same process in the same way (``after_oom``): from its
+newest intact checkpoint through the Trainer's own resume, or, with none yet, from the start with the weights it
+started from put back; ablate.core.oom chooses the smaller micro-batch.
 """
 
 from __future__ import annotations
@@ -194,3 +198,43 @@ def trim_train_log(path: Path, history: list[dict]) -> list[dict]:
         kept = [{"step": e.get("step"), "time": None, **e} for e in history]
     write_jsonl(path, kept)
     return kept
+
+
+def after_oom(config: FinetuneConfig, run_dir: Path, model, tokenizer,
+              is_main: bool) -> tuple[Path | None, TrainerState | None]:
+    """Where a run goes on after an out-of-memory error in a training step: its newest intact checkpoint and that
+    checkpoint's state (train_log.jsonl trimmed to it, as ``restore`` does), or, with none yet, ``(None, None)``:
+    the start, with the weights the run started from put back into ``model`` and the log emptied."""
+    checkpoint, passed_over = newest_intact(run_dir)
+    for line in passed_over:
+        log.warning("%s", line)
+    if checkpoint is None:
+        log.info("going on from the start (no intact checkpoint yet), with the weights the run started from")
+        initial_weights(config, model, tokenizer)
+        if is_main:
+            write_jsonl(run_dir / "train_log.jsonl", [])
+        return None, None
+    saved = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    log.info("going on from %s (step %d)", checkpoint, saved.global_step)
+    if is_main:
+        trim_train_log(run_dir / "train_log.jsonl", list(saved.log_history))
+    return checkpoint, saved
+
+
+def initial_weights(config: FinetuneConfig, model, tokenizer) -> None:
+    """Put back into ``model`` (in place) the trainable weights the run started from: the base model read again
+    on the CPU as ``prepare`` read it (in the dtype ``model`` has), and a LoRA adapter initialised as ``prepare``
+    initialises it (``with_lora`` seeds it). Only for a restart from the start; no second copy lives on the device."""
+    from ablate.core.models import load_model
+    from ablate.stages.stage3_setup import with_lora
+
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    fresh, _ = load_model(config.model, "cpu", dtype, config.attn_implementation, tokenizer)
+    if config.lora_r:
+        fresh = with_lora(config, fresh)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    weights = {name: value for name, value in fresh.state_dict().items() if name in trainable}
+    if set(weights) != trainable:
+        raise RuntimeError(f"the weights {config.model} starts from lack {sorted(trainable - set(weights))[:3]}")
+    model.load_state_dict(weights, strict=False)
+    del fresh
