@@ -21,7 +21,7 @@ from typing import Any
 
 from ablate.core.leakage import find_leak
 from ablate.core.sft_data import Collator, data_identity, load_rows, refuse_unsupervised, split_eval, tokenize
-from ablate.core.sft_packing import PackingCollator, packing_refusal
+from ablate.core.sft_packing import MIN_SAVING, PackingCollator, packing_refusal
 from ablate.errors import BadInput
 from ablate.stages.config import FinetuneConfig
 
@@ -90,9 +90,12 @@ def prepare_data(config: FinetuneConfig, tokenizer):
         train, held = split_eval(examples, config.eval_fraction, config.seed)
         refuse_unsupervised(train, len(train), f"--data {config.data} (training split)", config.max_length)
         refuse_unsupervised(held, len(held), f"--data {config.data} (held-out split)", config.max_length)
-    collate = (PackingCollator(tokenizer.pad_token_id, config.pack_length or config.max_length) if config.packing
+    collate = (PackingCollator(tokenizer.pad_token_id, config.pack_length or config.max_length, MIN_SAVING) if config.packing
                else Collator(tokenizer.pad_token_id))
-    leak = find_leak(config.mask, collate([asdict(e) for e in train[:GUARD_EXAMPLES]]))
+    guarded = [asdict(e) for e in train[:GUARD_EXAMPLES]]
+    # A packing collator returns the padded layout for a batch that packing would barely shorten: guard both.
+    leak = find_leak(config.mask, collate(guarded)) or (
+        find_leak(config.mask, Collator(tokenizer.pad_token_id)(guarded)) if config.packing else None)
     if leak and leak.other_row is not None:  # a packing fault, not a property of the mask: no flag allows it
         raise BadInput(f"packed batches are not kept apart ({leak}); train with --no-packing")
     if leak and not config.allow_label_leakage:
