@@ -323,7 +323,7 @@ def test_stage2_compares_with_a_corrupted_stage1_only_by_refusing(study, capsys)
 
 # ---------------------------------------------------------------- stage 4
 
-VOLATILE = {"run_id", "timing", "files", "wall_seconds", "mask_check", "oom_retries"}
+VOLATILE = {"run_id", "timing", "files", "wall_seconds", "mask_check", "oom_retries", "peak_memory"}
 
 
 def numbers(value):

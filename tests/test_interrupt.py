@@ -51,8 +51,11 @@ def test_ctrl_c_mid_run_is_one_line_exit_130_and_a_failed_run(stage, tiny_llama,
         "stage3", "--model", tiny_llama, "--data", "tests/data/sft.jsonl", "--device", "cpu", "--max-steps", "2000",
         "--max-length", "64", "--logging-steps", "1", "--save-steps", "1000"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    # A terminal's Ctrl-C reaches a process whose SIGINT is at its default; a suite started in the background
+    # (`cmd &` in a script) hands its children SIGINT ignored, and Python then installs no handler.
     proc = subprocess.Popen([sys.executable, "-m", "ablate", *argv, "--runs-dir", str(runs)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         _wait(lambda: any(_status(r)[:1] == ["running"] for r in _runs(runs)), proc)
         if stage == "stage3":  # inside the Trainer's loop: a step has been logged
