@@ -19,23 +19,13 @@ from ablate.core.oom import smaller_micro_batch
 from ablate.errors import BadInput
 from ablate.results import rundir
 from ablate.results.verified import verified_summary
-from ablate.stages.config import load_finetune_config
 from ablate.stages.stage3_finetune import run_stage3
+from test_finetune import config, summary_of  # its run: 6 steps of 4 rows, a checkpoint every 2, constant lr
 
 DATA = Path(__file__).parent / "data" / "sft.jsonl"
 FAULT = "ABLATE_FAULT_TRAIN_OOM_ROWS"
 
 
-def config(model, runs, **overrides):
-    """tests/test_finetune.py's run: 6 steps of 4 rows, a checkpoint every 2, a constant learning rate."""
-    flags = dict(model=str(model), data=str(DATA), device="cpu", runs_dir=str(runs), max_steps=6,
-                 learning_rate=1e-3, lr_scheduler="constant", warmup_steps=0, logging_steps=1,
-                 save_steps=2, batch_size=4, gradient_accumulation_steps=1, probe_samples=4)
-    return load_finetune_config({**flags, **overrides})
-
-
-def summary_of(run):
-    return json.loads((run / "summary.json").read_text())
 
 
 def weights(run, name="model.safetensors"):
