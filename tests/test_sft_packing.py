@@ -284,6 +284,8 @@ def test_stage3_packed_trains_what_padded_trains(tiny_llama, tmp_path):
     assert packed["eval_loss"] == pytest.approx(padded["eval_loss"], abs=1e-5)
     assert packed["train_loss"] == pytest.approx(padded["train_loss"], abs=1e-5)
     assert packed["mask_check"]["passed"] and packed["mask_check"]["where"] == "training (packed rows)"
+    # A packing run pads the micro-batches packing would barely shorten: that path is checked too.
+    assert packed["mask_check"]["padded_path"]["passed"] and packed["mask_check"]["padded_path"]["where"] == "training"
     a, b = (load_file(str(runs[p] / "final" / "model.safetensors")) for p in (True, False))
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5, msg=name)

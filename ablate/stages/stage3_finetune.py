@@ -262,13 +262,16 @@ def _check_mask(config: FinetuneConfig, prepared: Prepared, bf16: bool) -> dict 
     from ablate.core.sft_packing import packed_forward
 
     autocast = torch.bfloat16 if bf16 else None
+    # The padded path always runs: a packing run pads every micro-batch that packing would barely shorten.
+    padded = check_training_mask(prepared.model, prepared.padded([asdict(e) for e in prepared.train[:GUARD_EXAMPLES]]),
+                                 config.mask, autocast_dtype=autocast)
     if not prepared.packing["packed"]:
-        rows = prepared.collate([asdict(e) for e in prepared.train[:GUARD_EXAMPLES]])
-        return check_training_mask(prepared.model, rows, config.mask, autocast_dtype=autocast)
-    # The run path is the packed one: the check rows side by side in one sequence, under the packed mask.
+        return padded
+    # And the packed path: the check rows side by side in one sequence, under the packed mask.
     pairs = [(e.input_ids[:e.prefix_len], e.input_ids[e.prefix_len:]) for e in prepared.train[:GUARD_EXAMPLES]]
-    return check_mask(prepared.model, config.mask, check_rows(pairs), packed_forward(prepared.model, autocast),
-                      autocast, where="training (packed rows)")
+    packed = check_mask(prepared.model, config.mask, check_rows(pairs), packed_forward(prepared.model, autocast),
+                        autocast, where="training (packed rows)")
+    return {**packed, "padded_path": padded}
 
 
 def summarize(config: FinetuneConfig, prepared: Prepared, trained: Trained, run_dir: Path, started: float,
