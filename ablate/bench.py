@@ -213,7 +213,8 @@ def run_stage3_bench(model: str, data: str | None = None, masks: tuple[str, ...]
     resolved_dtype = str(next(prepared.model.parameters()).dtype).replace("torch.", "")
     out = {"model": model, "data": str(paths["train"]), "rows": len(prepared.train), "device": device,
            "dtype": resolved_dtype, "attn_implementation": attn_implementation, "batch_size": first.batch_size,
-           "max_length": first.max_length, "pack_length": prepared.packing["pack_length"], "steps": first.max_steps,
+           "max_length": first.max_length, "pack_length": prepared.packing["pack_length"],
+           "row_attention": prepared.packing["row_attention"], "steps": first.max_steps,
            "repeats": repeats, "warmup": "one untimed step of each, per mask", "seed": seed, "masks": {}}
     # On a GPU the Trainer autocasts to bf16 (ablate.stages.config), so the losses agree to bf16's precision.
     tolerance = LOSS_TOLERANCE if resolved_dtype == "float32" and not device.startswith("cuda") else 2e-2
@@ -253,10 +254,16 @@ def _stage3_figures(runs: dict, tolerance: float) -> dict:
     }
 
 
+def _pack_layout(result: dict) -> str:
+    length = (f"pack length {result['pack_length']}" if result["pack_length"] else
+              "each micro-batch packed into one sequence")
+    return length + (", attention per row" if result.get("row_attention") else ", one attention over each sequence")
+
+
 def render_stage3(result: dict) -> str:
     lines = [f"stage 3 on {result['model']} ({result['device']}, {result['dtype']}, {result['attn_implementation']}): "
              f"{result['rows']} rows from {result['data']}, batch {result['batch_size']}, max length "
-             f"{result['max_length']}, pack length {result['pack_length']}, {result['steps']} steps, "
+             f"{result['max_length']}, {_pack_layout(result)}, {result['steps']} steps, "
              f"{result['repeats']} run(s) each",
              f"{'mask':<15}{'padded tok/s':>13}{'packed tok/s':>13}{'ratio':>7}{'real tok':>9}{'padded pos':>11}"
              f"{'packed pos':>11}{'padded pad':>11}{'packed pad':>11}  losses agree (max |d|)"]

@@ -34,7 +34,8 @@ def test_bench_stage3_compares_packed_with_padded(tiny_llama, uneven_rows, tmp_p
     assert code == 0, printed
     assert "padded tok/s" in printed and "packed tok/s" in printed and "ratio" in printed
     result = json.loads(out.read_text())
-    assert result["steps"] == 2 and result["repeats"] == 2 and result["pack_length"] == 64
+    assert result["steps"] == 2 and result["repeats"] == 2 and result["pack_length"] is None
+    assert result["row_attention"] and "each micro-batch packed into one sequence, attention per row" in printed
     assert set(result["masks"]) == set(MASKS)
     for mask in MASKS:
         figures = result["masks"][mask]
@@ -49,7 +50,7 @@ def test_bench_stage3_compares_packed_with_padded(tiny_llama, uneven_rows, tmp_p
         assert figures["losses_agree"] and figures["max_loss_difference"] <= 1e-4
         pad, fed = figures["padding_fraction"], figures["tokens_fed"]
         assert 0 < pad["padded"] and pad["packed"] <= pad["padded"]
-        assert fed["packed"]["positions"] < fed["padded"]["positions"]
+        assert fed["packed"]["positions"] == fed["packed"]["real"] < fed["padded"]["positions"]  # no padding
 
 
 BAD = {

@@ -9,6 +9,7 @@ packing, and a short stage 3 run packed against --no-packing.
 
 import json
 import random
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -16,11 +17,12 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from ablate.cli import app
-from ablate.core import leakage, masks
+from ablate.core import leakage, masks, row_attention
 from ablate.core.leakage import find_leak
 from ablate.core.mask_check import reference_mask
 from ablate.core.masks import MASKS, dense_mask, dense_packed_mask, model_attention_mask, packed_rows_mask
 from ablate.core.models import load_model
+from ablate.core.row_attention import row_spans, rows_attention
 from ablate.core.sft_data import Collator
 from ablate.core.sft_packing import PackingCollator, best_fit_decreasing, packing_refusal, unpack
 from ablate.core.tiny import ARCHS as TINY_ARCHS
@@ -72,13 +74,18 @@ def padded_forward(model, mask_name, batch):
     return out.loss, out.logits.cpu(), int(n)
 
 
-def packed_forward(model, mask_name, batch):
-    packed = on_model(model, PackingCollator(0, PACK_LENGTH)(batch))
+def packed_forward(model, mask_name, batch, attend="mask", pack_length=PACK_LENGTH):
+    """``attend``: ``mask`` (the model's own attention over the packed mask) or ``rows`` (per row:
+    ablate.core.row_attention, as MaskedTrainer runs sdpa)."""
+    packed = on_model(model, PackingCollator(0, pack_length)(batch))
     mask = packed_rows_mask(model.config, mask_name, packed["attention_mask"].bool(), packed["prefix_len"],
                             packed["segments"], packed["position_ids"], torch.float32)
     n = (packed["labels"][:, 1:] != -100).sum()  # what the Trainer counts as num_items_in_batch
-    out = model(input_ids=packed["input_ids"], attention_mask=mask, position_ids=packed["position_ids"],
-                labels=packed["labels"], num_items_in_batch=n)
+    spans = {"row_spans": row_spans(packed["segments"])} if attend == "rows" else {}
+    with rows_attention(model) if attend == "rows" else nullcontext(False) as per_row:
+        assert per_row == (attend == "rows")
+        out = model(input_ids=packed["input_ids"], attention_mask=mask, position_ids=packed["position_ids"],
+                    labels=packed["labels"], num_items_in_batch=n, **spans)
     return out.loss, unpack(out.logits, packed).cpu(), int(n)
 
 
@@ -88,10 +95,17 @@ def gradients(model, loss):
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
+# How packed rows attend: the implementation over the whole packed mask, or (sdpa) once per row, in sequences of
+# PACK_LENGTH (padding after the last row) or all in one sequence (stage 3's default under sdpa).
+ATTEND = [("sdpa", "mask", PACK_LENGTH), ("sdpa", "rows", PACK_LENGTH), ("sdpa", "rows", None),
+          ("eager", "mask", PACK_LENGTH), ("flex_attention", "mask", PACK_LENGTH)]
+
+
 @pytest.mark.parametrize("arch,overrides", ARCHS, ids=[a for a, _ in ARCHS])
 @pytest.mark.parametrize("mask", ["causal", "prefill_bidir"])
-@pytest.mark.parametrize("impl", ["sdpa", "eager", "flex_attention"])
-def test_a_packed_batch_has_the_padded_losses_and_gradients(tiny_models, arch, overrides, mask, impl):
+@pytest.mark.parametrize("impl,attend,pack_length", ATTEND, ids=[f"{i}-{a}-{p}" for i, a, p in ATTEND])
+def test_a_packed_batch_has_the_padded_losses_and_gradients(tiny_models, arch, overrides, mask, impl, attend,
+                                                            pack_length):
     if impl == "flex_attention" and not torch.cuda.is_available():
         pytest.skip("flex attention is checked on CUDA only (on CPU it differs from sdpa even unmasked: "
                     "tests/test_models.py)")
@@ -102,11 +116,14 @@ def test_a_packed_batch_has_the_padded_losses_and_gradients(tiny_models, arch, o
     window = getattr(model.config, "sliding_window", None)
     if window:
         assert max(length for length, _ in SHAPES) > window + 1  # the window bites
-    assert len(PackingCollator(0, PACK_LENGTH)(batch)["input_ids"]) < len(batch)  # rows do share sequences
+    assert len(PackingCollator(0, pack_length)(batch)["input_ids"]) < len(batch)  # rows do share sequences
     padded_loss, padded_logits, n_padded = padded_forward(model, mask, batch)
     padded_grads = gradients(model, padded_loss)
-    packed_loss, packed_logits, n_packed = packed_forward(model, mask, batch)
+    calls = row_attention.CALLS["rows"]
+    packed_loss, packed_logits, n_packed = packed_forward(model, mask, batch, attend, pack_length)
     packed_grads = gradients(model, packed_loss)
+    layers = model.config.get_text_config().num_hidden_layers
+    assert row_attention.CALLS["rows"] - calls == (layers if attend == "rows" else 0)  # every layer, per row
     assert n_packed == n_padded  # the same supervised tokens, counted as the Trainer counts them
     torch.testing.assert_close(per_row_losses(packed_logits, batch), per_row_losses(padded_logits, batch),
                                rtol=0, atol=1e-5)
@@ -142,6 +159,35 @@ def test_a_row_sees_only_itself_and_there_exactly_its_own_mask(mask, window):
         assert torch.equal(block, definition)
         if window is None:  # and what the unpacked builder gives the row alone
             assert torch.equal(block, dense_mask(mask, torch.tensor([prefix]), torch.ones(1, n, dtype=torch.bool))[0])
+
+
+@pytest.mark.parametrize("pack_length", [PACK_LENGTH, None])
+def test_attention_per_row_reads_nothing_outside_each_rows_square(tiny_llama, pack_length):
+    """Structural: open every entry of the packed mask outside the rows' own squares, and the per-row path gives
+    the same logits (it never reads there), while the model's own sdpa over that mask does not; padding's
+    outputs stay finite."""
+    model, _ = load_model(str(tiny_llama), "cpu", "float32", "sdpa")
+    packed = PackingCollator(0, pack_length)(rows())
+    mask = packed_rows_mask(model.config, "prefill_bidir", packed["attention_mask"].bool(), packed["prefix_len"],
+                            packed["segments"], packed["position_ids"], torch.float32)
+    segments = packed["segments"]
+    square = (segments[:, None, :] == segments[:, :, None]) & (segments >= 0)[:, :, None]
+    opened = mask | ~square[:, None]  # every other row and the padding made visible
+    assert not torch.equal(opened, mask)
+    kw = dict(input_ids=packed["input_ids"], position_ids=packed["position_ids"])
+    with torch.no_grad():
+        with rows_attention(model):
+            spans = row_spans(segments)
+            owners = [int(segments[b, start]) for b, seq in enumerate(spans) for start, _ in seq]
+            assert sorted(owners) == list(range(len(SHAPES)))  # every row one span, whole
+            assert [end - start for seq in spans for start, end in seq] == [SHAPES[r][0] for r in owners]
+            per_row = model(attention_mask=mask, row_spans=spans, **kw).logits
+            per_row_opened = model(attention_mask=opened, row_spans=spans, **kw).logits
+        stock_opened = model(attention_mask=opened, **kw).logits
+    real = segments >= 0
+    assert torch.equal(per_row[real], per_row_opened[real])
+    assert not torch.allclose(stock_opened[real], per_row[real], atol=1e-3)
+    assert per_row.isfinite().all()
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
@@ -236,6 +282,7 @@ def test_a_packed_batch_never_feeds_more_positions_than_the_padded_one():
         width = max(sum(lengths[i] for i in b) for b in bins)
         assert width <= pack_length and len(bins) * width <= len(lengths) * max(lengths), (pack_length, lengths)
     assert PackingCollator(0, 25).layout([10, 10, 10]) == [[0], [1], [2]]  # two wide sequences would feed 40, not 30
+    assert PackingCollator(0, None).layout([7, 3, 9]) == [[0, 1, 2]]  # no pack length: one sequence, no padding
 
 
 def test_packing_that_cannot_be_exact_falls_back(tiny_llama):
@@ -272,10 +319,12 @@ def test_stage3_packed_trains_what_padded_trains(tiny_llama, tmp_path):
                                        max_steps=4, save_steps=10, max_length=128))
             for packing in (True, False)}
     packed, padded = (summary_of(runs[p]) for p in (True, False))
-    assert packed["packing"] == {"packed": True, "pack_length": 128, "unpacked_because": None}
-    assert padded["packing"] == {"packed": False, "pack_length": None, "unpacked_because": "--no-packing"}
+    assert packed["packing"] == {"packed": True, "pack_length": None, "unpacked_because": None,
+                                 "row_attention": True}  # sdpa: each micro-batch in one sequence, per row
+    assert padded["packing"] == {"packed": False, "pack_length": None, "unpacked_because": "--no-packing",
+                                 "row_attention": False}
     assert packed["tokens_fed"]["real"] == padded["tokens_fed"]["real"]  # the same rows, step by step
-    assert packed["tokens_fed"]["positions"] < padded["tokens_fed"]["positions"]
+    assert packed["tokens_fed"]["positions"] == packed["tokens_fed"]["real"] < padded["tokens_fed"]["positions"]
     for summary in (packed, padded):
         assert summary["status"] == "completed" and summary["train_tokens_per_second"] > 0
         assert summary["padding_fraction"] == pytest.approx(

@@ -145,7 +145,7 @@ def bench_stage3(
     repeats: int = typer.Option(2, help="runs of each, alternating (padded, packed, packed, padded, ...)"),
     batch_size: int = typer.Option(DEMO.batch_size, help="rows per optimizer step (the demo's)"),
     max_length: int = typer.Option(DEMO.max_length, help="tokens per row, prompt and response (the demo's)"),
-    pack_length: int = typer.Option(None, help="tokens per packed sequence (default: --max-length, as stage 3)"),
+    pack_length: int = typer.Option(None, help="tokens per packed sequence (default: as stage 3: the whole micro-batch under sdpa)"),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto"),
     dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16"),
     attn_implementation: str = typer.Option("sdpa", help="sdpa, eager or flex_attention"),

@@ -7,7 +7,8 @@ print(PackingCollator(0, 8)([{'input_ids': [1, 5, 6], 'labels': [-100, 5, 6], 'p
 
 ``PackingCollator`` gets the very rows the padded ``ablate.core.sft_data.Collator`` would get, so each optimizer
 step sees the same rows, and packs them best-fit decreasing into sequences of at most ``pack_length`` tokens (a
-row is never split). Positions restart at 0 for each row, ``segments`` names each token's row (-1 on padding),
+row is never split), or, with no pack length, all into one sequence: no padding at all, for models that attend
+per row (ablate.core.row_attention: sdpa once per row, so a long sequence costs no more attention than its rows). Positions restart at 0 for each row, ``segments`` names each token's row (-1 on padding),
 and the first label of every row is -100, so no row is trained to predict from the row before it. The mask
 (``ablate.core.masks.packed_rows_mask``) keeps each row to itself, with exactly what its mask gives it alone.
 
@@ -31,6 +32,9 @@ PACKABLE_ATTENTION = ("sdpa", "eager", "flex_attention")
 # 2-core CPU, the demo's rows, pack length 128): packing saved 2.8% of the positions and ran 1.04x under causal
 # but 0.90x under prefill_bidir, where the padded batch's own mask is already 4D. The 10% is a guess above that.
 MIN_SAVING = 0.10
+# Attending per row (ablate.core.row_attention), attention costs what the rows cost however they are laid out, so
+# any saving of positions is worth the packed mask (about 1% of a step on the demo's rows).
+MIN_SAVING_PER_ROW = 0.0
 
 
 def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -65,15 +69,18 @@ class PackingCollator:
     Padding's positions go on from its sequence's last row, as right padding's do.
     """
 
-    def __init__(self, pad_token_id: int, pack_length: int, min_saving: float = 0.0):
+    def __init__(self, pad_token_id: int, pack_length: int | None, min_saving: float = 0.0):
         self.pad = pad_token_id
-        self.pack_length = pack_length
+        self.pack_length = pack_length  # None: the whole micro-batch in one sequence
         self.min_saving = min_saving  # below this saving of positions, the padded batch (Collator's) is returned
 
     def layout(self, lengths: list[int]) -> list[list[int]]:
         """The packing that feeds the fewest positions (sequences x widest): best-fit decreasing into the pack
         length, or into a multiple of the longest row under it. The longest row itself is one candidate, so a
-        packed batch never feeds more positions than the padded one (ties: the narrower sequences)."""
+        packed batch never feeds more positions than the padded one (ties: the narrower sequences). With no pack
+        length, one sequence of the rows in batch order (it feeds exactly the real tokens)."""
+        if self.pack_length is None:
+            return [list(range(len(lengths)))]
         longest = max(lengths)
         capacities = sorted({*range(longest, self.pack_length + 1, longest), self.pack_length} - {0})
         best = None
@@ -138,20 +145,23 @@ def packing_refusal(model) -> str | None:
 
 def packed_forward(model, autocast_dtype: torch.dtype | None = None):
     """``ablate.core.mask_check``'s run path for a packed run: the check rows packed into one sequence, the
-    trainer's mask and position ids, the logits handed back in the padded layout the check compares."""
+    trainer's mask, position ids and attention (per row where the model has it: ablate.core.row_attention), the
+    logits handed back in the padded layout the check compares."""
     from ablate.core.masks import packed_rows_mask
+    from ablate.core.row_attention import row_spans, rows_attention
 
     def forward(rows: list[tuple[list[int], int]], mask_name: str) -> torch.Tensor:
         device = next(model.parameters()).device
-        batch = PackingCollator(0, sum(len(t) for t, _ in rows))(
+        batch = PackingCollator(0, None)(
             [{"input_ids": list(t), "labels": list(t), "prefix_len": p} for t, p in rows])
         batch = {k: v.to(device) for k, v in batch.items()}
         mask = packed_rows_mask(model.config, mask_name, batch["attention_mask"].bool(), batch["prefix_len"],
                                 batch["segments"], batch["position_ids"], next(model.parameters()).dtype)
         autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), autocast, rows_attention(model) as per_row:
+            spans = {"row_spans": row_spans(batch["segments"])} if per_row else {}
             logits = model(input_ids=batch["input_ids"], attention_mask=mask,
-                           position_ids=batch["position_ids"]).logits
+                           position_ids=batch["position_ids"], **spans).logits
         return unpack(logits, batch)
 
     return forward

@@ -161,11 +161,13 @@ class FinetuneConfig:
     truncate_prompts: bool = field(default=False, metadata={
         "help": "drop the first tokens of prompts that do not fit (default: refuse)"})
     packing: bool = field(default=True, metadata={
-        "help": "pack each micro-batch's rows into sequences of --pack-length tokens, each row attending to itself "
-                "only (the same rows, mask and loss as padded batches, less padding); --no-packing pads each row "
-                "to the batch's longest. Off by itself, with one log line, where it cannot be exact (FlashAttention)"})
+        "help": "pack each micro-batch's rows into one sequence (sdpa, which then attends once per row) or "
+                "sequences of --pack-length tokens, each row attending to itself only (the same rows, mask and "
+                "loss as padded batches, no padding); --no-packing pads each row to the batch's longest. Off by "
+                "itself, with one log line, where it cannot be exact (FlashAttention)"})
     pack_length: int | None = field(default=None, metadata={
-        "help": "tokens per packed sequence (default: --max-length); at least --max-length, as a row is never split"})
+        "help": "tokens per packed sequence (default: the whole micro-batch under sdpa, --max-length under eager "
+                "and flex_attention); at least --max-length, as a row is never split"})
     max_steps: int = field(default=2000, metadata={"help": "optimizer steps"})
     learning_rate: float = field(default=2e-5, metadata={"help": "peak learning rate"})
     lr_scheduler: str = field(default="cosine", metadata={"help": "transformers scheduler name (cosine, linear, constant)"})

@@ -33,6 +33,7 @@ from ablate.core.checkpoints import save_final, save_raw
 from ablate.core.leakage import probe
 from ablate.core.masks import model_attention_mask, packed_rows_mask
 from ablate.core.models import resolved as resolved_runtime
+from ablate.core.row_attention import has_row_attention, row_spans, rows_attention
 from ablate.core.sft_data import supervised_tokens
 from ablate.core.memory import PeakMemory
 from ablate.core.oom import StepOutOfMemory, halve_training, is_out_of_memory, release
@@ -76,6 +77,11 @@ class MaskedTrainer(Trainer):
         else:  # packed rows: position_ids travel with the batch
             inputs["attention_mask"] = packed_rows_mask(config, self.mask_name, real, prefix_len, segments,
                                                         inputs["position_ids"], dtype)
+            if has_row_attention(model):  # sdpa once per row (ablate.core.row_attention)
+                inputs["row_spans"] = row_spans(segments)
+                with rows_attention(model):
+                    return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                                num_items_in_batch=num_items_in_batch)
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
 

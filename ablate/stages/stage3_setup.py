@@ -21,7 +21,8 @@ from typing import Any
 
 from ablate.core.leakage import find_leak
 from ablate.core.sft_data import Collator, data_identity, load_rows, refuse_unsupervised, split_eval, tokenize
-from ablate.core.sft_packing import MIN_SAVING, PackingCollator, packing_refusal
+from ablate.core.row_attention import ROW_ATTENTION, has_row_attention
+from ablate.core.sft_packing import MIN_SAVING, MIN_SAVING_PER_ROW, PackingCollator, packing_refusal
 from ablate.errors import BadInput
 from ablate.stages.config import FinetuneConfig
 
@@ -59,11 +60,17 @@ def prepare(config: FinetuneConfig, device: str, is_main: bool = True) -> Prepar
     model, tokenizer = load_model(config.model, device, config.dtype, config.attn_implementation, tokenizer)
     padded = Collator(tokenizer.pad_token_id)
     packing = {"packed": isinstance(collate, PackingCollator), "pack_length": getattr(collate, "pack_length", None),
-               "unpacked_because": None if config.packing else "--no-packing"}
+               "unpacked_because": None if config.packing else "--no-packing", "row_attention": False}
     if packing["packed"] and (why := packing_refusal(model)):
         # The guard passed on packed batches; it gives padded ones the same verdict (tests/test_sft_packing.py).
         log.warning("packing off: %s; training on padded batches", why)
-        collate, packing = padded, {"packed": False, "pack_length": None, "unpacked_because": why}
+        collate, packing = padded, {"packed": False, "pack_length": None, "unpacked_because": why,
+                                    "row_attention": False}
+    elif packing["packed"]:
+        packing["row_attention"] = has_row_attention(model)  # MaskedTrainer attends per row where it can
+        if collate.pack_length is None and not packing["row_attention"]:  # not what transformers resolved
+            collate = packing_collator(config, tokenizer.pad_token_id, per_row=False)  # the guard read both
+            packing["pack_length"] = collate.pack_length
     model = with_lora(config, model) if config.lora_r else model
     if not any(p.requires_grad for p in model.parameters()):
         raise BadInput(f"--model {config.model} loaded with no trainable parameter; nothing to finetune")
@@ -90,18 +97,29 @@ def prepare_data(config: FinetuneConfig, tokenizer):
         train, held = split_eval(examples, config.eval_fraction, config.seed)
         refuse_unsupervised(train, len(train), f"--data {config.data} (training split)", config.max_length)
         refuse_unsupervised(held, len(held), f"--data {config.data} (held-out split)", config.max_length)
-    collate = (PackingCollator(tokenizer.pad_token_id, config.pack_length or config.max_length, MIN_SAVING) if config.packing
-               else Collator(tokenizer.pad_token_id))
+    pad = tokenizer.pad_token_id
+    collate = packing_collator(config, pad) if config.packing else Collator(pad)
     guarded = [asdict(e) for e in train[:GUARD_EXAMPLES]]
-    # A packing collator returns the padded layout for a batch that packing would barely shorten: guard both.
-    leak = find_leak(config.mask, collate(guarded)) or (
-        find_leak(config.mask, Collator(tokenizer.pad_token_id)(guarded)) if config.packing else None)
+    # A packing collator returns the padded layout for a batch that packing would barely shorten: guard both,
+    # and the pack-length layout a model without per-row attention gets instead of one sequence.
+    layouts = [collate] + ([Collator(pad), packing_collator(config, pad, per_row=False)] if config.packing else [])
+    leak = next((found for layout in layouts if (found := find_leak(config.mask, layout(guarded)))), None)
     if leak and leak.other_row is not None:  # a packing fault, not a property of the mask: no flag allows it
         raise BadInput(f"packed batches are not kept apart ({leak}); train with --no-packing")
     if leak and not config.allow_label_leakage:
         raise BadInput(f"mask '{config.mask}' leaks labels ({leak}); training on it teaches copying, "
                        "not prediction. Use prefill_bidir, or --allow-label-leakage for diagnosis only")
     return train, held, collate, leak
+
+
+def packing_collator(config: FinetuneConfig, pad: int, per_row: bool | None = None) -> PackingCollator:
+    """Stage 3's packing: under an attention with a per-row form (sdpa: ablate.core.row_attention) the whole
+    micro-batch in one sequence unless --pack-length caps it; otherwise into --pack-length, default --max-length,
+    only where that saves MIN_SAVING of the positions."""
+    per_row = config.attn_implementation in ROW_ATTENTION if per_row is None else per_row
+    if per_row:
+        return PackingCollator(pad, config.pack_length, MIN_SAVING_PER_ROW)
+    return PackingCollator(pad, config.pack_length or config.max_length, MIN_SAVING)
 
 
 def refuse_adapter(model: str) -> None:
