@@ -243,7 +243,7 @@ def _stage3_figures(runs: dict, tolerance: float) -> dict:
         "seconds": {m: [round(r["seconds"], 3) for r in runs[m]] for m in STAGE3_MODES},
         "real_tokens_per_second": {m: round(s, 1) for m, s in speed.items()},
         "ratio": round(speed["packed"] / speed["padded"], 3),
-        "tokens_fed": fed,  # per run: real tokens and positions (padding included)
+        "tokens_fed": fed,  # per run: real tokens, positions (padding included), positions through the head
         "same_rows": fed["padded"]["real"] == fed["packed"]["real"],
         "padding_fraction": {m: round(1 - f["real"] / f["positions"], 4) for m, f in fed.items()},
         "losses": losses,  # per step, the first run of each
@@ -266,11 +266,13 @@ def render_stage3(result: dict) -> str:
              f"{result['max_length']}, {_pack_layout(result)}, {result['steps']} steps, "
              f"{result['repeats']} run(s) each",
              f"{'mask':<15}{'padded tok/s':>13}{'packed tok/s':>13}{'ratio':>7}{'real tok':>9}{'padded pos':>11}"
-             f"{'packed pos':>11}{'padded pad':>11}{'packed pad':>11}  losses agree (max |d|)"]
+             f"{'packed pos':>11}{'padded pad':>11}{'packed pad':>11}{'padded head':>12}{'packed head':>12}"
+             "  losses agree (max |d|)"]
     for mask, t in result["masks"].items():
         speed, fed, pad = t["real_tokens_per_second"], t["tokens_fed"], t["padding_fraction"]
         lines.append(f"{mask:<15}{speed['padded']:>13.0f}{speed['packed']:>13.0f}{t['ratio']:>7.2f}"
                      f"{fed['packed']['real']:>9}{fed['padded']['positions']:>11}{fed['packed']['positions']:>11}"
-                     f"{pad['padded']:>11.1%}{pad['packed']:>11.1%}  {str(t['losses_agree']):<5} "
+                     f"{pad['padded']:>11.1%}{pad['packed']:>11.1%}{fed['padded']['head']:>12}"
+                     f"{fed['packed']['head']:>12}  {str(t['losses_agree']):<5} "
                      f"({t['max_loss_difference']:.1e})")
     return "\n".join(lines)

@@ -133,6 +133,39 @@ def test_a_packed_batch_has_the_padded_losses_and_gradients(tiny_models, arch, o
         torch.testing.assert_close(packed_grads[name], grad, rtol=0, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("arch,overrides", ARCHS, ids=[a for a, _ in ARCHS])
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_the_head_at_supervised_positions_only_gives_the_same_loss_and_gradients(tiny_models, arch, overrides,
+                                                                                 layout):
+    """MaskedTrainer's training forwards: logits_to_keep at the positions supervised_logits picks, shift_labels
+    their targets; against the head over every position (the model's own loss either way)."""
+    from ablate.core.sft_data import supervised_logits
+
+    model, _ = load_model(str(tiny_models(arch, **overrides)), "cpu", "float32", "sdpa")
+    model.train()
+    batch = Collator(0)(rows()) if layout == "padded" else PackingCollator(0, None)(rows())
+    segments = batch.get("segments")
+    mask = (model_attention_mask(model.config, "prefill_bidir", batch["attention_mask"].bool(), batch["prefix_len"],
+                                 torch.float32) if segments is None else
+            packed_rows_mask(model.config, "prefill_bidir", batch["attention_mask"].bool(), batch["prefix_len"],
+                             segments, batch["position_ids"], torch.float32))
+    n = (batch["labels"][:, 1:] != -100).sum()
+    kw = dict(input_ids=batch["input_ids"], attention_mask=mask, labels=batch["labels"], num_items_in_batch=n,
+              **({} if segments is None else {"position_ids": batch["position_ids"]}))
+    full = model(**kw)
+    full_grads = gradients(model, full.loss)
+    keep, targets = supervised_logits(batch["labels"])
+    assert keep.numel() < batch["labels"].shape[1]  # prompts, padding: positions the head is spared
+    assert int((targets != -100).sum()) == int(n)  # every supervised token still a target
+    kept = model(**kw, logits_to_keep=keep, shift_labels=targets)
+    assert kept.logits.shape[1] == keep.numel()
+    kept_grads = gradients(model, kept.loss)
+    torch.testing.assert_close(kept.loss, full.loss, rtol=0, atol=1e-5)
+    assert set(kept_grads) == set(full_grads)
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(kept_grads[name], grad, rtol=0, atol=1e-5, msg=name)
+
+
 def row_blocks(dense, packed):
     """Each row's own square of a packed dense mask, by the batch's row order."""
     out = []

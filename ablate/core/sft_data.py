@@ -211,6 +211,17 @@ def supervised_tokens(examples: list[Tokenized]) -> int:
     return sum(sum(1 for label in e.labels[1:] if label != -100) for e in examples)
 
 
+def supervised_logits(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The positions whose next token is supervised in any row (``logits_to_keep``) and each row's target there
+    (``shift_labels``, -100 where that row has none), or None when no position is: the loss needs the language
+    model head at these positions only. ``labels`` is ``[rows, length]``, unshifted, as the model takes it."""
+    wanted = labels[:, 1:] != -100
+    keep = wanted.any(0).nonzero().flatten()
+    if keep.numel() == 0:
+        return None
+    return keep, labels[:, 1:][:, keep].contiguous()
+
+
 def refuse_unsupervised(examples: list[Tokenized], n_rows: int, what: str, max_length: int) -> int:
     """The supervised token count of ``examples``; BadInput before step 1 when there is none to learn from."""
     n = supervised_tokens(examples)

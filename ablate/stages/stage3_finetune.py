@@ -34,7 +34,7 @@ from ablate.core.leakage import probe
 from ablate.core.masks import model_attention_mask, packed_rows_mask
 from ablate.core.models import resolved as resolved_runtime
 from ablate.core.row_attention import has_row_attention, row_spans, rows_attention
-from ablate.core.sft_data import supervised_tokens
+from ablate.core.sft_data import supervised_logits, supervised_tokens
 from ablate.core.memory import PeakMemory
 from ablate.core.oom import StepOutOfMemory, halve_training, is_out_of_memory, release
 from ablate.faults import fault_point, train_oom_fault
@@ -52,10 +52,21 @@ from ablate.stages.stage3_setup import GUARD_EXAMPLES, Prepared, prepare
 log = logging.getLogger(__name__)
 
 
+def takes_logits_to_keep(model) -> bool:
+    """Whether the model's forward can compute its head at chosen positions only (transformers' causal LMs)."""
+    import inspect
+
+    from ablate.core.row_attention import base_model
+
+    return "logits_to_keep" in inspect.signature(base_model(model).forward).parameters
+
+
 class MaskedTrainer(Trainer):
     """The stock Trainer; each batch's ``prefix_len`` becomes the attention mask of the forward.
 
-    It counts the real tokens and the positions (padding included) its training forwards are fed."""
+    Training forwards compute the language model head only at positions whose next token is supervised (the
+    model's own ``logits_to_keep`` and ``shift_labels``: the loss and gradients are unchanged), and count the
+    real tokens, the positions (padding included) and the head's positions they are fed."""
 
     def __init__(self, *args, mask_name: str, eval_collator=None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -69,8 +80,13 @@ class MaskedTrainer(Trainer):
         config = self.accelerator.unwrap_model(model).config
         dtype = next(model.parameters()).dtype
         real = inputs["attention_mask"].bool()
+        head = inputs["labels"].numel()
+        if model.training and takes_logits_to_keep(model) and (kept := supervised_logits(inputs["labels"])):
+            # The head (vocabulary-wide logits) only where a next token is supervised; the same loss, exactly.
+            inputs["logits_to_keep"], inputs["shift_labels"] = kept
+            head = kept[1].numel()
         if model.training:
-            fed = torch.stack([real.sum(), torch.tensor(real.numel(), device=real.device)])
+            fed = torch.stack([real.sum(), *(torch.tensor(n, device=real.device) for n in (real.numel(), head))])
             self.fed = fed if self.fed is None else self.fed + fed
         if segments is None:
             inputs["attention_mask"] = model_attention_mask(config, self.mask_name, real, prefix_len, dtype)
@@ -106,8 +122,8 @@ class MaskedTrainer(Trainer):
         """Real tokens and positions fed to training forwards, summed over processes (call it on every rank)."""
         if self.fed is None:
             return None
-        real, positions = (int(x) for x in self.accelerator.reduce(self.fed, "sum"))
-        return {"real": real, "positions": positions}
+        real, positions, head = (int(x) for x in self.accelerator.reduce(self.fed, "sum"))
+        return {"real": real, "positions": positions, "head": head}
 
     def _save(self, output_dir=None, state_dict=None):
         # Periodic checkpoints get the same fallback as the final save; the Trainer
