@@ -169,3 +169,71 @@ def test_memory_is_not_verified_but_verified_numbers_still_are(straight, tmp_pat
     (run / "summary.json").write_text(json.dumps(summary))
     with pytest.raises(BadInput, match="train_loss"):
         verified_summary(rundir.load_run(run))
+
+
+def test_resume_after_an_out_of_memory_retry_goes_on_at_the_micro_batch_it_reached(tiny_llama, tmp_path):
+    """Killed after a retry halved the micro-batch: --resume goes on from the checkpoint at that micro-batch
+    (its trainer_state.json's), not config.json's, which would run out of memory again."""
+    from test_finetune import _stage3_cli
+
+    killed = _stage3_cli(tiny_llama, tmp_path / "runs", "--batch-size", "4", "--gradient-accumulation-steps", "1",
+                         env={FAULT: "2@3", "ABLATE_FAULT_KILL_AT": "step:5"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    (run,) = (tmp_path / "runs" / "stage3_finetune_prefill_bidir").iterdir()
+    assert "micro-batch 4 -> 2" in (run / "run.log").read_text()
+    assert main(["stage3", "--resume", "--runs-dir", str(tmp_path / "runs")]) == 0
+    summary = summary_of(run)
+    assert summary["resumed_from"].endswith("checkpoint-4") and summary["global_step"] == 8
+    assert summary["train_batch"] == {"micro_batch": 2, "gradient_accumulation_steps": 2}
+    assert summary["oom_retries"] == []  # none in the resumed process
+    assert "going on at micro-batch 2 x 2 accumulation" in (run / "run.log").read_text()
+    straight = run_stage3(config(tiny_llama, tmp_path / "straight", max_steps=8, lr_scheduler="cosine",
+                                 warmup_steps=2, batch_size=2, gradient_accumulation_steps=2))
+    assert_close(run, straight)
+
+
+def test_out_of_memory_before_a_checkpoint_refuses_a_base_model_changed_since_the_start(
+        tiny_llama, tmp_path, monkeypatch):
+    """Starting again reads the base model again: if its folder changed since the run started, the run fails with
+    one line rather than train another model under this run's recorded identity."""
+    import ablate.stages.stage3_finetune as stage3
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    real_fault = stage3.train_oom_fault
+
+    def swap_then_fault(rows, step):  # the folder is rewritten while step 1 runs, then step 1 runs out of memory
+        (model / "config.json").write_text((model / "config.json").read_text().replace("}", ', "note": 1}', 1)
+                                           if '"note"' not in (model / "config.json").read_text()
+                                           else (model / "config.json").read_text())
+        real_fault(rows, step)
+
+    monkeypatch.setattr(stage3, "train_oom_fault", swap_then_fault)
+    monkeypatch.setenv(FAULT, "2")
+    with pytest.raises(BadInput, match="no longer the model the run started from"):
+        run_stage3(config(model, tmp_path / "runs"))
+
+
+@pytest.mark.parametrize("recorded,expected", [
+    ({"micro_batch": 2, "gradient_accumulation_steps": 2}, (2, 2)),  # after a retry: the rows a step kept
+    ({"micro_batch": 1, "gradient_accumulation_steps": 4}, (1, 4)),
+    ({"micro_batch": 4, "gradient_accumulation_steps": 1}, (4, 1)),  # config.json's own
+    ({"micro_batch": 3, "gradient_accumulation_steps": 2}, (4, 1)),  # another number of rows a step
+    ({"micro_batch": 8, "gradient_accumulation_steps": 1}, (4, 1)),  # larger than config.json's
+    ({"micro_batch": 2, "gradient_accumulation_steps": 2.0}, (4, 1)),  # not integers
+    ({"micro_batch": True, "gradient_accumulation_steps": 4}, (4, 1)),
+    ({"micro_batch": 0, "gradient_accumulation_steps": 4}, (4, 1)),
+    ({"micro_batch": 2}, (4, 1)),  # a key missing
+    ({"micro_batch": 2, "gradient_accumulation_steps": 2, "extra": 1}, (4, 1)),
+    ("2x2", (4, 1)),
+    (None, (4, 1)),  # checkpoints recorded before the field existed
+])
+def test_resume_takes_a_checkpoint_s_recorded_micro_batch_only_when_it_keeps_the_rows_a_step(
+        tmp_path, recorded, expected):
+    from ablate.stages.stage3_resume import checkpoint_batch
+
+    checkpoint = tmp_path / "checkpoints" / "checkpoint-4"
+    checkpoint.mkdir(parents=True)
+    entry = {"step": 4, "files": {}, **({} if recorded is None else {"train_batch": recorded})}
+    (checkpoint.parent / "digests.json").write_text(json.dumps({"checkpoint-4": entry}))
+    assert checkpoint_batch(checkpoint, config("m", tmp_path, batch_size=4, gradient_accumulation_steps=1)) == expected

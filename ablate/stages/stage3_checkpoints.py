@@ -57,13 +57,29 @@ def _safetensors_problem(path: Path) -> str | None:
     return None
 
 
-def record(checkpoint: Path) -> None:
-    """Add a finished checkpoint's digests to ``digests.json`` (atomically), dropping rotated-away ones."""
+def record(checkpoint: Path, train_batch: dict | None = None) -> None:
+    """Add a finished checkpoint's digests to ``digests.json`` (atomically), dropping rotated-away ones, with the
+    per-device ``train_batch`` (micro-batch, accumulation) it was trained at: after an out-of-memory retry it is
+    not config.json's, and the Trainer's own trainer_state.json keeps the first run's."""
     checkpoint = Path(checkpoint)
     manifest = _manifest(checkpoint.parent) or {}
     manifest = {name: entry for name, entry in manifest.items() if (checkpoint.parent / name).is_dir()}
-    manifest[checkpoint.name] = {"step": step_of(checkpoint), "files": file_digests(checkpoint)}
+    manifest[checkpoint.name] = {"step": step_of(checkpoint), "files": file_digests(checkpoint),
+                                 **({"train_batch": train_batch} if train_batch else {})}
     write_json(checkpoint.parent / DIGESTS, manifest)
+
+
+def recorded_batch(checkpoint: Path) -> dict | None:
+    """The ``train_batch`` ``record`` wrote for ``checkpoint`` (``{"micro_batch", "gradient_accumulation_steps"}``,
+    positive integers), or None."""
+    entry = (_manifest(Path(checkpoint).parent) or {}).get(Path(checkpoint).name)
+    batch = entry.get("train_batch") if isinstance(entry, dict) else None
+    keys = ("micro_batch", "gradient_accumulation_steps")
+    if not isinstance(batch, dict) or set(batch) != set(keys):
+        return None
+    if not all(type(batch[k]) is int and batch[k] > 0 for k in keys):
+        return None
+    return batch
 
 
 def _manifest(folder: Path) -> dict | None:
@@ -157,4 +173,6 @@ class RecordCheckpoints(TrainerCallback):
 
         PartialState().wait_for_everyone()  # every rank's rng_state_N.pth is in the folder
         if self.is_main:
-            record(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+            record(Path(args.output_dir) / f"checkpoint-{state.global_step}",
+                   {"micro_batch": args.per_device_train_batch_size,
+                    "gradient_accumulation_steps": args.gradient_accumulation_steps})

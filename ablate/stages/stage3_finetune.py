@@ -46,7 +46,7 @@ from ablate.stages.config import FinetuneConfig
 from ablate.stages.stage3_checkpoints import RecordCheckpoints, intact, step_of
 from ablate.stages.stage3_divergence import TrainLog, finite, nonfinite_weights, unusable_result
 from ablate.stages.stage3_divergence import loss_ceiling  # noqa: F401  (the rules, read from the stage too)
-from ablate.stages.stage3_resume import Resume, after_oom, load_weights, restore
+from ablate.stages.stage3_resume import Resume, after_oom, checkpoint_batch, load_weights, restore
 from ablate.stages.stage3_setup import GUARD_EXAMPLES, Prepared, prepare
 
 log = logging.getLogger(__name__)
@@ -245,8 +245,9 @@ def _fit(config: FinetuneConfig, prepared: Prepared, args, run_dir: Path, resume
     """Train (from ``resume.checkpoint`` when given); out of memory in a step, halve ``args``' micro-batch, double
     its accumulation and train again from the newest intact checkpoint or the start. Returns the trainer, its log,
     ``train()``'s metrics (empty when nothing was left to train) and the halvings."""
-    start, batch, oom_retries = resume.checkpoint if resume else None, (args.per_device_train_batch_size,
-                                                                         args.gradient_accumulation_steps), []
+    start, oom_retries = resume.checkpoint if resume else None, []
+    batch = (checkpoint_batch(start, config) if start else
+             (args.per_device_train_batch_size, args.gradient_accumulation_steps))
     while True:
         args.per_device_train_batch_size, args.gradient_accumulation_steps = batch  # read by the Trainer's init
         train_log = TrainLog(run_dir / "train_log.jsonl", config.spike_factor, config.spike_window, is_main,
@@ -272,7 +273,7 @@ def _fit(config: FinetuneConfig, prepared: Prepared, args, run_dir: Path, resume
             failed = StepOutOfMemory(exc.step, exc.rows, exc.tokens)  # not the traceback: it holds the activations
         batch = halve_training(oom_retries, failed, *batch)  # BadInput when one row does not fit
         release(trainer)
-        start, saved = after_oom(config, run_dir, prepared.model, prepared.tokenizer, is_main)
+        start, saved = after_oom(config, run_dir, prepared.model, prepared.tokenizer, is_main, prepared.identity)
         oom_retries[-1]["resumed_from"] = str(start) if start else None
 
 

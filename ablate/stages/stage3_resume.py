@@ -29,7 +29,7 @@ from ablate.results import rundir
 from ablate.results.files import read_json, write_jsonl
 from ablate.results.samples import config_digest
 from ablate.stages.config import FinetuneConfig
-from ablate.stages.stage3_checkpoints import checkpoints, intact, newest_intact, problem, step_of
+from ablate.stages.stage3_checkpoints import checkpoints, intact, newest_intact, problem, recorded_batch, step_of
 
 log = logging.getLogger(__name__)
 RESUMABLE = (rundir.FAILED, rundir.CRASHED)
@@ -200,16 +200,26 @@ def trim_train_log(path: Path, history: list[dict]) -> list[dict]:
     return kept
 
 
-def after_oom(config: FinetuneConfig, run_dir: Path, model, tokenizer,
-              is_main: bool) -> tuple[Path | None, TrainerState | None]:
+def after_oom(config: FinetuneConfig, run_dir: Path, model, tokenizer, is_main: bool,
+              identity: dict | None = None) -> tuple[Path | None, TrainerState | None]:
     """Where a run goes on after an out-of-memory error in a training step: its newest intact checkpoint and that
     checkpoint's state (train_log.jsonl trimmed to it, as ``restore`` does), or, with none yet, ``(None, None)``:
-    the start, with the weights the run started from put back into ``model`` and the log emptied."""
+    the start, with the weights the run started from put back into ``model`` and the log emptied. Those weights
+    are read again from ``config.model``, so it must still be what the run started from (``identity``, as
+    run.json records it): BadInput otherwise."""
     checkpoint, passed_over = newest_intact(run_dir)
     for line in passed_over:
         log.warning("%s", line)
     if checkpoint is None:
         log.info("going on from the start (no intact checkpoint yet), with the weights the run started from")
+        if identity is not None:
+            from ablate.core.identity import describe, model_identity
+
+            now = model_identity(config.model)
+            if now != identity:
+                raise BadInput(f"out of memory before the first checkpoint, and {config.model} is no longer the "
+                               f"model the run started from ({describe(identity)}, now {describe(now)}): "
+                               "starting again would train another model")
         initial_weights(config, model, tokenizer)
         if is_main:
             write_jsonl(run_dir / "train_log.jsonl", [])
@@ -219,6 +229,24 @@ def after_oom(config: FinetuneConfig, run_dir: Path, model, tokenizer,
     if is_main:
         trim_train_log(run_dir / "train_log.jsonl", list(saved.log_history))
     return checkpoint, saved
+
+
+def checkpoint_batch(checkpoint: Path, config: FinetuneConfig) -> tuple[int, int]:
+    """The per-device micro-batch and accumulation to go on from ``checkpoint`` with: the ones it was trained at
+    (recorded beside its digests: smaller than config.json's after an out-of-memory retry, which config.json's
+    would run into again), when they keep config.json's rows a step; else config.json's."""
+    batch, accumulation = config.batch_size, config.gradient_accumulation_steps
+    reached = recorded_batch(checkpoint)
+    if reached is None or (reached["micro_batch"], reached["gradient_accumulation_steps"]) == (batch, accumulation):
+        return batch, accumulation
+    micro, steps = reached["micro_batch"], reached["gradient_accumulation_steps"]
+    if micro * steps != batch * accumulation or micro > batch:
+        log.warning("%s was trained at micro-batch %d x %d accumulation, which is not this run's %d rows a step; "
+                    "going on at config.json's %d x %d", checkpoint, micro, steps, batch * accumulation, batch,
+                    accumulation)
+        return batch, accumulation
+    log.info("going on at micro-batch %d x %d accumulation, as the run had after an out-of-memory retry", micro, steps)
+    return micro, steps
 
 
 def initial_weights(config: FinetuneConfig, model, tokenizer) -> None:
