@@ -205,6 +205,22 @@ if s3:
             f"{s3['examples_measured']} training examples, {s3['mean_example_tokens']})",
             f"- peak memory: {s3['peak_mib']} MiB (torch.cuda.max_memory_allocated)",
             f"- its mask check before step 1: {mc.get('passed') if mc else 'not recorded'}", ""]
+for impl in ("sdpa", "flex_attention"):
+    b3 = load(f"bench_stage3_{impl}")
+    if not b3:
+        continue
+    out += [f"## Stage 3 packed vs padded ({b3['dtype']}, {impl}): `ablate bench-stage3`", "",
+            f"{b3['rows']} rows, batch {b3['batch_size']}, max length {b3['max_length']}, pack length "
+            f"{b3['pack_length'] or 'one sequence per micro-batch'}, attention per row: {b3.get('row_attention')}, "
+            f"{b3['steps']} steps x {b3['repeats']} runs each.", "",
+            "| mask | padded real tok/s | packed real tok/s | ratio | peak MiB padded / packed | losses agree |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for mask, t in b3["masks"].items():
+        mem = {m: round(v / 2**20) if v else None for m, v in t["peak_memory_bytes"].items()}
+        out.append(f"| {mask} | {t['real_tokens_per_second']['padded']} | {t['real_tokens_per_second']['packed']} | "
+                   f"{t['ratio']} | {mem['padded']} / {mem['packed']} | {t['losses_agree']} "
+                   f"({t['max_loss_difference']:.1e}) |")
+    out.append("")
 demo = load("demo")
 if demo:
     out += ["## The real demo (`ablate demo --device cuda`)", "", f"- {demo['seconds']} s, exit {demo['rc']}"]
@@ -234,6 +250,10 @@ if [ "$GPU" = 1 ]; then
     l=$(left); step bench $((l < 150 ? l : 150)) "$ABLATE" bench --device cuda --dtype bfloat16 --limit 100 \
       --repeats 2 --out "$WORK/bench.json"
     l=$(left); step stage3 $((l < 150 ? l : 150)) "$PY" "$WORK/parts.py" stage3 "$WORK" "$MODEL" "$DATA"
+    for impl in sdpa flex_attention; do  # packed vs padded stage 3 on the demo's rows, bf16 (issue 20)
+      l=$(left); step "bench_stage3_$impl" $((l < 150 ? l : 150)) "$ABLATE" bench-stage3 --device cuda \
+        --dtype bfloat16 --attn-implementation "$impl" --steps 3 --repeats 2 --out "$WORK/bench_stage3_$impl.json"
+    done
     t0=$(date +%s)
     step demo "$(left)" "$ABLATE" demo --device cuda --workdir "$WORK/demo"
     if [ -d "$WORK/demo/runs" ] && ! grep -q "^demo:" "$WORK/notes.txt"; then
