@@ -18,9 +18,12 @@ batch size 1), hence this short loop.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from transformers import DynamicCache
 
+from ablate.core.layer_masks import forward_masks, installed
 from ablate.core.masks import model_attention_mask
 
 
@@ -35,8 +38,10 @@ def masked_greedy(model, mask_name: str, input_ids: torch.Tensor, attention_mask
     prompt = torch.full((batch,), length, device=input_ids.device)  # with left padding the prompt ends every row
     mask = model_attention_mask(model.config, mask_name, attention_mask.bool(), prompt, model.dtype)
     cache = DynamicCache(config=model.config)
-    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                   use_cache=True).logits[:, -1]
+    with forward_masks(model, mask_name, attention_mask.bool(), prompt, model.dtype):
+        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                       use_cache=True).logits[:, -1]
+    per_layer = installed(model)  # decoding: every mask gives a new token the whole prefix, in every layer
     eos = torch.tensor(eos_token_ids, device=input_ids.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     sequences, last = input_ids, positions[:, -1]
@@ -50,6 +55,7 @@ def masked_greedy(model, mask_name: str, input_ids: torch.Tensor, attention_mask
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
         last = last + 1
-        logits = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=last[:, None],
-                       past_key_values=cache, use_cache=True).logits[:, -1]
+        with per_layer.stock() if per_layer else nullcontext():
+            logits = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=last[:, None],
+                           past_key_values=cache, use_cache=True).logits[:, -1]
     return sequences

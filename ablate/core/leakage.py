@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ablate.core.layer_masks import forward_masks
 from ablate.core.masks import dense_mask, dense_packed_mask, model_attention_mask, packed_rows_mask
 
 
@@ -77,7 +78,8 @@ def response_loss(model, batch: dict, mask_name: str) -> float:
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
     real, dtype, extra = batch["attention_mask"].bool(), next(model.parameters()).dtype, {}
-    if "segments" in batch:
+    packed = "segments" in batch
+    if packed:
         mask = packed_rows_mask(model.config, mask_name, real, batch["prefix_len"], batch["segments"],
                                 batch["position_ids"], dtype)
         extra["position_ids"] = batch["position_ids"]
@@ -85,7 +87,8 @@ def response_loss(model, batch: dict, mask_name: str) -> float:
         mask = model_attention_mask(model.config, mask_name, real, batch["prefix_len"], dtype)
     was_training = model.training
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), forward_masks(model, mask_name, real, batch["prefix_len"], dtype,
+                                        batch.get("segments"), batch.get("position_ids"), rows=packed):
         loss = model(input_ids=batch["input_ids"], attention_mask=mask, labels=batch["labels"], **extra).loss
     model.train(was_training)
     return float(loss)

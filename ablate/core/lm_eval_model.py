@@ -52,6 +52,7 @@ from lm_eval.tasks import TaskManager
 from lm_eval.tasks._yaml_loader import load_yaml
 from tqdm import tqdm
 
+from ablate.core import layer_masks
 from ablate.core.generation import masked_greedy
 from ablate.core.masks import check_attention_backend, get_mask, model_attention_mask
 from ablate.core.oom import generate_in_halves, half, is_out_of_memory, one_row_error, record_halving
@@ -180,8 +181,11 @@ def _check_request(context_enc: list[int], continuation_enc: list[int], max_leng
 
 @register_model("ablate-hf")
 class PrefillMaskLM(HFLM):
-    def __init__(self, pretrained, mask: str = "causal", **kwargs):
+    def __init__(self, pretrained, mask: str = "causal", mask_layers: str | None = None, **kwargs):
         self.spec = get_mask(mask)
+        if mask_layers is not None and mask == "causal":
+            raise BadInput("--mask-layers chooses the layers of a mask other than causal; the causal mask is "
+                           "causal in every layer")
         # HFLM's one-token logits cache would share a forward pass between requests whose prompt boundary
         # may differ; the re-stated loop shares contexts itself (ablate.core.packing), so the flag is off.
         super().__init__(pretrained=pretrained, backend="causal", logits_cache=False, **kwargs)
@@ -193,6 +197,8 @@ class PrefillMaskLM(HFLM):
             self._rank, self._world_size = state.process_index, state.num_processes
         check_attention_backend(mask, self.model.config._attn_implementation)
         self.mask = mask
+        # The mask in these layers only, causal elsewhere (ablate.core.layer_masks); None: every layer.
+        self.mask_layers = layer_masks.install(self.model, mask_layers)
         self.tokens_processed = 0  # tokens that went through the model (padding excluded)
         self.tokens_unique = 0  # distinct token prefixes of the requests' inputs: the least any loop computes
         self.tokens_unshared = 0  # what one forward per request (stock lm-eval) would process
@@ -224,7 +230,8 @@ class PrefillMaskLM(HFLM):
             device_type=self.device.type,
             dtype=self.mixed_precision_dtype,
             enabled=self.mixed_precision_dtype is not None,
-        ):
+        ), layer_masks.forward_masks(self.model, mask_name, padding, prefix_lens, self.model.dtype,
+                                     segments=segments, positions=positions):
             return self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
 
     def _check_mask_once(self, pairs: list[tuple[list[int], list[int]]]) -> None:

@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 import transformers
 
+from ablate.core import layer_masks
 from ablate.errors import BadInput
 
 ROWS = 3  # rows checked
@@ -108,8 +109,10 @@ def masks_forward(model, autocast_dtype: torch.dtype | None = None) -> Forward:
         ids, lengths, width = _padded(rows, device)
         padding = torch.arange(width, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
         prefix = torch.tensor([p for _, p in rows], device=device)
-        mask = model_attention_mask(model.config, mask_name, padding, prefix, next(model.parameters()).dtype)
-        with torch.no_grad(), _autocast(device, autocast_dtype):
+        dtype = next(model.parameters()).dtype
+        mask = model_attention_mask(model.config, mask_name, padding, prefix, dtype)
+        with torch.no_grad(), _autocast(device, autocast_dtype), \
+                layer_masks.forward_masks(model, mask_name, padding, prefix, dtype):
             return model(input_ids=ids, attention_mask=mask).logits
 
     return forward
@@ -142,12 +145,18 @@ def _reference(model, rows: list[CheckRow], mask_name: str, autocast_dtype) -> t
     ids, lengths, width = _padded(rows, device)
     dtype = next(model.parameters()).dtype
     prefix = [p for _, p in rows]
-    masks = {kind: reference_mask(mask_name, lengths, prefix, width, dtype, window=window).to(device)
-             for kind, window in _layer_windows(model.config).items()}
+    def by_kind(name):
+        return {kind: reference_mask(name, lengths, prefix, width, dtype, window=window).to(device)
+                for kind, window in _layer_windows(model.config).items()}
+
+    masks = by_kind(mask_name)
     # Models declaring layer_types take a {layer type: mask} mapping, the others one mask.
     mask = masks if getattr(model.config, "layer_types", None) else next(iter(masks.values()))
     positions = torch.arange(width, device=device)[None].expand(len(rows), -1)
-    with _eager(model) as eager, torch.no_grad(), _autocast(device, autocast_dtype):
+    per_layer = layer_masks.installed(model)  # the mask in the chosen layers, the definition's causal elsewhere
+    layers = (nullcontext() if per_layer is None else
+              per_layer.stock() if mask_name == "causal" else per_layer.apply(masks, by_kind("causal")))
+    with _eager(model) as eager, torch.no_grad(), _autocast(device, autocast_dtype), layers:
         return eager(input_ids=ids, attention_mask=mask, position_ids=positions).logits
 
 
@@ -185,8 +194,10 @@ def check_mask(model, mask_name: str, rows: list[CheckRow], forward: Forward | N
     """
     forward = forward or masks_forward(model, autocast_dtype)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    per_layer = layer_masks.installed(model)
     record = {
         "mask": mask_name, "where": where, "backend": base.config._attn_implementation, "reference": "eager",
+        **({"layers": layer_masks.describe(tuple(sorted(per_layer.layers)))} if per_layer else {}),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "device": str(_device(model)),
         "torch": torch.__version__, "transformers": transformers.__version__,
         "rows": len(rows), "tokens": sum(len(tokens) for tokens, _ in rows),

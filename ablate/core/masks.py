@@ -153,14 +153,34 @@ def model_attention_mask(
     describe packed rows (a shared prompt followed by several continuations): the
     mask then also keeps each continuation to the prompt and itself.
     """
-    spec = get_mask(mask_name)
     check_attention_backend(mask_name, config._attn_implementation)
-    block_ids = spec.block_ids(prefix_lens, attention_mask)
-    packed = segments is not None and int(segments.max()) > 1  # one continuation per row is the plain layout
-    if block_ids is None and not packed:
+    block_ids, same_segment = _tree_parts(mask_name, attention_mask, prefix_lens, segments, positions)
+    if block_ids is None and same_segment is None:
         return attention_mask
-    return _build(config, mask_name, attention_mask, block_ids, dtype,
-                  (lambda window: tree_function(segments, positions, window)) if packed else None)
+    return _build(config, mask_name, attention_mask, block_ids, dtype, same_segment)
+
+
+def _tree_parts(mask_name, attention_mask, prefix_lens, segments, positions):
+    """Block ids and and-mask of evaluation's layouts: plain rows, or a shared prompt and its continuations."""
+    block_ids = get_mask(mask_name).block_ids(prefix_lens, attention_mask)
+    packed = segments is not None and int(segments.max()) > 1  # one continuation per row is the plain layout
+    return block_ids, (lambda window: tree_function(segments, positions, window)) if packed else None
+
+
+def masks_by_kind(config, mask_name: str, attention_mask: torch.Tensor, prefix_lens: torch.Tensor,
+                  dtype: torch.dtype, segments: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                  rows: bool = False) -> dict:
+    """``{layer kind: 4D mask}`` (``full_attention``, ``sliding_attention``) of ``model_attention_mask``'s layouts
+    (``rows``: ``packed_rows_mask``'s), built as they build it, even for ``causal`` (whose plain layout the model
+    otherwise builds itself): what ablate.core.layer_masks hands each layer. A kind's mask may be None under sdpa
+    (transformers' "no mask needed: causal" answer, which sdpa reads as causal)."""
+    check_attention_backend(mask_name, config._attn_implementation)
+    if rows:
+        block_ids = packed_block_ids(mask_name, prefix_lens, segments, positions)
+        same_segment = lambda window: row_function(segments, positions, window)  # noqa: E731
+    else:
+        block_ids, same_segment = _tree_parts(mask_name, attention_mask, prefix_lens, segments, positions)
+    return _build(config, mask_name, attention_mask, block_ids, dtype, same_segment, by_kind=True)
 
 
 def packed_rows_mask(config, mask_name: str, attention_mask: torch.Tensor, prefix_lens: torch.Tensor,
@@ -197,7 +217,7 @@ def packed_block_ids(mask_name: str, prefix_lens: torch.Tensor, segments: torch.
 
 
 def _build(config, mask_name: str, attention_mask: torch.Tensor, block_ids: torch.Tensor | None,
-           dtype: torch.dtype, same_segment: Callable | None):
+           dtype: torch.dtype, same_segment: Callable | None, by_kind: bool = False):
     """The model's 4D mask(s) from block ids, per kind of attention layer, via transformers' own builders.
 
     ``same_segment(window)`` is the packed layouts' and-mask; it carries the window itself, measured in position
@@ -222,7 +242,7 @@ def _build(config, mask_name: str, attention_mask: torch.Tensor, block_ids: torc
         else:
             masks[kind] = masking_utils.create_causal_mask(**kwargs)
     # Models declaring layer_types (Qwen2/3) take a mapping; the others one mask.
-    return masks if getattr(config, "layer_types", None) else masks[kinds[0]]
+    return masks if by_kind or getattr(config, "layer_types", None) else masks[kinds[0]]
 
 
 # transformers 5.2x renamed the mask builders' `past_key_values` to `cache` (the old name warns until 5.40).

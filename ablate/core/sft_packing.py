@@ -147,6 +147,7 @@ def packed_forward(model, autocast_dtype: torch.dtype | None = None):
     """``ablate.core.mask_check``'s run path for a packed run: the check rows packed into one sequence, the
     trainer's mask, position ids and attention (per row where the model has it: ablate.core.row_attention), the
     logits handed back in the padded layout the check compares."""
+    from ablate.core.layer_masks import forward_masks
     from ablate.core.masks import packed_rows_mask
     from ablate.core.row_attention import row_spans, rows_attention
 
@@ -158,7 +159,9 @@ def packed_forward(model, autocast_dtype: torch.dtype | None = None):
         mask = packed_rows_mask(model.config, mask_name, batch["attention_mask"].bool(), batch["prefix_len"],
                                 batch["segments"], batch["position_ids"], next(model.parameters()).dtype)
         autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
-        with torch.no_grad(), autocast, rows_attention(model) as per_row:
+        per_layer = forward_masks(model, mask_name, batch["attention_mask"].bool(), batch["prefix_len"],
+                                  next(model.parameters()).dtype, batch["segments"], batch["position_ids"], rows=True)
+        with torch.no_grad(), autocast, rows_attention(model) as per_row, per_layer:
             spans = {"row_spans": row_spans(batch["segments"])} if per_row else {}
             logits = model(input_ids=batch["input_ids"], attention_mask=mask,
                            position_ids=batch["position_ids"], **spans).logits

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from ablate.core.checkpoints import save_final, save_raw
+from ablate.core.layer_masks import forward_masks
 from ablate.core.leakage import probe
 from ablate.core.masks import model_attention_mask, packed_rows_mask
 from ablate.core.models import resolved as resolved_runtime
@@ -72,7 +74,8 @@ class MaskedTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.mask_name = mask_name
         self.eval_collator = eval_collator or self.data_collator
-        self.fed = None  # [real tokens, positions] on the device, summed without a sync per step
+        self.fed = None  # [real tokens, positions, head positions] on the device, summed without a sync per step
+        self._step_contexts: ExitStack | None = None  # a training step's attention contexts (compute_loss's)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
@@ -88,6 +91,7 @@ class MaskedTrainer(Trainer):
         if model.training:
             fed = torch.stack([real.sum(), *(torch.tensor(n, device=real.device) for n in (real.numel(), head))])
             self.fed = fed if self.fed is None else self.fed + fed
+        per_row = nullcontext()
         if segments is None:
             inputs["attention_mask"] = model_attention_mask(config, self.mask_name, real, prefix_len, dtype)
         else:  # packed rows: position_ids travel with the batch
@@ -95,21 +99,30 @@ class MaskedTrainer(Trainer):
                                                         inputs["position_ids"], dtype)
             if has_row_attention(model):  # sdpa once per row (ablate.core.row_attention)
                 inputs["row_spans"] = row_spans(segments)
-                with rows_attention(model):
-                    return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                                num_items_in_batch=num_items_in_batch)
-        return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                    num_items_in_batch=num_items_in_batch)
+                per_row = rows_attention(model)
+        per_layer = forward_masks(model, self.mask_name, real, prefix_len, dtype, segments,
+                                  inputs.get("position_ids"), rows=segments is not None)
+        if self._step_contexts is not None:  # training: held through the backward too, where gradient
+            self._step_contexts.enter_context(per_row)  # checkpointing runs each layer's forward again
+            self._step_contexts.enter_context(per_layer)
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        with per_row, per_layer:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         rows, step = len(inputs["prefix_len"]), self.state.global_step + 1
         try:
             train_oom_fault(rows, step)
-            return super().training_step(model, inputs, num_items_in_batch)
+            with ExitStack() as self._step_contexts:
+                return super().training_step(model, inputs, num_items_in_batch)
         except Exception as exc:  # out of memory in the forward or backward: which step, on what (ablate.core.oom)
             if not is_out_of_memory(exc) or isinstance(exc, StepOutOfMemory):
                 raise
             raise StepOutOfMemory(step, rows, int(inputs["attention_mask"].sum())) from exc
+        finally:
+            self._step_contexts = None
 
     def get_eval_dataloader(self, eval_dataset=None):
         train_collator, self.data_collator = self.data_collator, self.eval_collator
