@@ -9,6 +9,7 @@ gradients (padded, and packed with attention per row) on tiny float32 models of 
 sdpa and eager; the runtime mask check passes on per-layer masks and fails a run path that ignores them.
 """
 
+import json
 import random
 from contextlib import contextmanager
 
@@ -284,3 +285,96 @@ def test_the_mask_check_compares_per_layer_masks_and_fails_a_path_that_ignores_t
     with pytest.raises(MaskCheckFailed, match="differ from the eager reference"):
         check_mask(model, "prefill_bidir", rows, everywhere)
     assert masks_forward(model)(rows, "prefill_bidir").shape[0] == 2  # the default run path takes the layers
+
+
+# --- the stages ---------------------------------------------------------------------------------------------
+
+def read_samples(run):
+    return [json.loads(line) for line in (run.path / "samples_ablate_tiny.jsonl").read_text().splitlines()]
+
+
+def _main(args):
+    from ablate.cli import main
+
+    return main([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def layered_runs(three_layer, tmp_path_factory):
+    """Stage 1, then stage 2 under prefill_bidir in every layer and in layer 1 only, stage 3 in layers 1-2 and
+    stage 4 under layer 1 only, on a three-layer tiny llama."""
+    from ablate.results import rundir
+
+    runs = tmp_path_factory.mktemp("layered")
+    model = three_layer("llama")
+    common = ["--model", model, "--tasks", "ablate_tiny", "--device", "cpu", "--limit", "6", "--runs-dir", runs]
+    assert _main(["stage1", *common]) == 0
+    assert _main(["stage2", "--mask", "prefill_bidir", *common]) == 0
+    assert _main(["stage2", "--mask", "prefill_bidir", "--mask-layers", "first:1", *common]) == 0
+    assert _main(["stage2", "--mask", "prefill_bidir", "--mask-layers", "last:1", *common]) == 0
+    assert _main(["stage2", "--mask", "prefill_bidir", "--mask-layers", "1", *common]) == 0
+    assert _main(["stage3", "--mask", "prefill_bidir", "--mask-layers", "1-2", "--model", model, "--data",
+                  "tests/data/sft.jsonl", "--max-steps", "2", "--save-steps", "2", "--device", "cpu",
+                  "--max-length", "64", "--runs-dir", runs]) == 0
+    assert _main(["stage4", "--mask", "prefill_bidir", "--mask-layers", "1", "--device", "cpu",
+                  "--runs-dir", runs]) == 0
+    return runs, {stage: [rundir.load_run(p) for p in sorted((runs / stage).iterdir()) if p.is_dir()]
+                  for stage in ("stage1_baseline_eval", "stage2_ablation_eval", "stage3_finetune_prefill_bidir",
+                                "stage4_post_ft_eval")}
+
+
+def test_stage2_records_the_resolved_layers_and_checks_them(layered_runs):
+    from ablate.results.verified import verified_metrics
+
+    runs, found = layered_runs
+    every, first, last, one = (r.metrics for r in found["stage2_ablation_eval"])
+    assert every["mask_layers"] is None and every["num_layers"] == LAYERS
+    assert (first["mask_layers"], last["mask_layers"], one["mask_layers"]) == ("0", "2", "1")  # resolved
+    assert one["mask_check"]["passed"] and one["mask_check"]["layers"] == "1"
+    assert "layers" not in every["mask_check"]
+    logprobs = {name: [x for r in read_samples(run) for x in r["logprobs"]]
+                for name, run in zip(("every", "first", "last", "one"), found["stage2_ablation_eval"])}
+    logprobs["causal"] = [x for r in read_samples(found["stage1_baseline_eval"][0]) for x in r["logprobs"]]
+    assert len({json.dumps(logprobs[k]) for k in ("every", "first", "one", "causal")}) == 4  # four answers
+    # Exact property: in the last layer only the prompt positions' outputs change, and nothing is scored from
+    # them but the last prompt position's, which sees the whole prompt causally too: the causal scores.
+    assert logprobs["last"] == pytest.approx(logprobs["causal"], abs=1e-5)
+    assert logprobs["first"] != pytest.approx(logprobs["causal"], abs=1e-4)
+    for run in found["stage2_ablation_eval"]:
+        verified_metrics(run, runs)
+    run = found["stage2_ablation_eval"][3]
+    edited = json.loads((run.path / "metrics.json").read_text())
+    edited["mask_layers"] = "0-2"
+    (run.path / "metrics.json").write_text(json.dumps(edited))
+    try:
+        from ablate.results import rundir
+
+        with pytest.raises(BadInput, match="mask_layers"):
+            verified_metrics(rundir.load_run(run.path), runs)
+    finally:
+        (run.path / "metrics.json").write_text(json.dumps(run.metrics))
+
+
+def test_stage3_trains_under_the_layers_and_stage4_reads_its_own_stage2(layered_runs):
+    _, found = layered_runs
+    (s3,) = found["stage3_finetune_prefill_bidir"]
+    assert s3.summary["status"] == "completed" and s3.summary["mask_layers"] == "1-2"
+    assert s3.summary["mask_check"]["passed"] and s3.summary["mask_check"]["layers"] == "1-2"
+    (s4,) = found["stage4_post_ft_eval"]
+    assert s4.metrics["mask_layers"] == "1"
+    assert s4.metrics["stage2_run"] == str(found["stage2_ablation_eval"][3].path)  # layer 1's, not another's
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--mask", "prefill_bidir", "--mask-layers", "3"], "names layer 3, but the model has 3 layers"),
+    (["--mask", "prefill_bidir", "--mask-layers", "last:9"], "K must be 1 to 3"),
+    (["--mask", "prefill_bidir", "--mask-layers", "2-1"], "runs backwards"),
+    (["--mask", "causal", "--mask-layers", "0"], "causal in every layer"),
+])
+def test_a_bad_layer_spec_is_one_line_exit_2_and_writes_no_run(three_layer, tmp_path, capsys, flags, message):
+    code = _main(["stage2", "--model", three_layer("llama"), "--tasks", "ablate_tiny", "--device", "cpu",
+                  "--limit", "2", "--runs-dir", tmp_path, *flags])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("ablate: error:")]
+    assert code == 2 and len(errors) == 1 and message in errors[0] and "Traceback" not in err, err
+    assert not list(tmp_path.glob("stage2_ablation_eval/*"))

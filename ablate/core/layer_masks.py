@@ -152,16 +152,22 @@ def _kind(module, masks: dict) -> str:
 
 
 def install(model, spec: str | None) -> tuple[int, ...] | None:
-    """Per-layer masks on ``model`` (its base model under a peft wrapper) for ``spec``; None: none. Returns the
-    resolved layers. Raises BadInput for a bad spec."""
-    if spec is None:
-        return None
+    """Per-layer masks on ``model`` (its base model under a peft wrapper) for ``spec``, replacing any installed
+    before; None: none (every layer takes the mask the forward passes). Returns the resolved layers. Raises
+    BadInput for a bad spec (then nothing changes)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layers = parse_layers(spec, num_layers(base.config))
-    if getattr(base, "ablate_layer_masks", None) is not None:
+    layers = None if spec is None else parse_layers(spec, num_layers(base.config))  # before anything changes
+    if getattr(base, "ablate_layer_masks", None) is not None:  # another run's layers on the same model object
         base.ablate_layer_masks.remove()
-    base.ablate_layer_masks = LayerMasks(base, layers)
+        base.ablate_layer_masks = None
+    if layers is not None:
+        base.ablate_layer_masks = LayerMasks(base, layers)
     return layers
+
+
+def check_spec(spec: str | None, model) -> tuple[int, ...] | None:
+    """``spec`` resolved against ``model``'s layers (BadInput if it names one it lacks), installing nothing."""
+    return None if spec is None else parse_layers(spec, num_layers(model.config))
 
 
 def installed(model) -> LayerMasks | None:
@@ -186,3 +192,18 @@ def forward_masks(model, mask_name: str, attention_mask: torch.Tensor, prefix_le
     build = dict(attention_mask=attention_mask, prefix_lens=prefix_lens, dtype=dtype, segments=segments,
                  positions=positions, rows=rows)
     return layer_masks.apply(masks_by_kind(config, mask_name, **build), masks_by_kind(config, "causal", **build))
+
+
+def same_layers(metrics: dict, spec: str | None) -> bool:
+    """Whether an evaluation run's recorded layers (``mask_layers``, resolved on its model of ``num_layers``) are
+    those ``spec`` names; None: every layer."""
+    recorded = metrics.get("mask_layers")
+    if spec is None or recorded is None:
+        return spec is None and recorded is None
+    n = metrics.get("num_layers")
+    if type(n) is not int or n < 1:
+        return False
+    try:
+        return recorded == describe(parse_layers(spec, n))
+    except BadInput:
+        return False

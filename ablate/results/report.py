@@ -20,7 +20,8 @@ from ablate.results import rundir
 from ablate.results.curves import plot_curves
 from ablate.results.environment import provenance
 from ablate.results.rundir import STAGE1, STAGE2, STAGE3_PREFIX, STAGE4
-from ablate.results.status import DAMAGE, TRAIN_MASKS, ablation, collect, latest, number, stage4_shown
+from ablate.results.status import (DAMAGE, TRAIN_MASKS, ablation, collect, latest, mask_name, number,
+                                   stage4_shown)
 
 
 def _ci(pair) -> str:
@@ -52,7 +53,7 @@ def stage12_section(s1: rundir.Run | None, s2: rundir.Run | None) -> list[str]:
                      f"{p_value(p['mcnemar']['p_value'])} (+{p['mcnemar']['gained']}/-{p['mcnemar']['lost']})"
                      if p else "n/a", number(b["retention"], 3), number(t["chance"], 3),
                      str(t.get("n", ""))])  # the macro row has no n
-    out += [f"Model `{m2['model']}`; stage 2 mask `{m2['mask']}`. Stage 1: `{m2['baseline']['run']}`; "
+    out += [f"Model `{m2['model']}`; stage 2 mask `{mask_name(m2)}`. Stage 1: `{m2['baseline']['run']}`; "
             f"stage 2: `{s2.path}`.", ""]
     out += ["**LEAKY**: stage 2 ran under a mask that lets scored tokens see their own future "
             "(--allow-label-leakage); its accuracy measures copying, not the model.", ""] if m2.get("leaky") else []
@@ -110,7 +111,7 @@ def _what(entry: dict) -> str:
 def _stage4_run(s4: rundir.Run) -> list[str]:
     m = s4.metrics
     only = all(e["scored"] == "checkpoint" for e in m["checkpoints"])
-    out = [f"Evaluated with `{m['mask']}` in `{s4.path}`" + (" (checkpoints only: not the finetuned models' final "
+    out = [f"Evaluated with `{mask_name(m)}` in `{s4.path}`" + (" (checkpoints only: not the finetuned models' final "
                                                             "results)" if only else "")
            + f"; stage 1 `{m['stage1_run']}`; stage 2 "
            f"`{m['stage2_run'] or 'none: ' + str(m['stage2_reason'])}`. Intervals: 95% paired bootstrap over "
@@ -203,12 +204,12 @@ def plot(path: Path, s1, s2, s4s) -> list[str]:
     if s1 and s1.metrics:
         series.append(("stage 1: causal", s1.metrics["tasks"], bool(s1.metrics.get("leaky"))))
     if s2 and s2.metrics:
-        series.append((f"stage 2: {s2.metrics['mask']}", s2.metrics["tasks"], bool(s2.metrics.get("leaky"))))
+        series.append((f"stage 2: {mask_name(s2.metrics)}", s2.metrics["tasks"], bool(s2.metrics.get("leaky"))))
     for s4 in s4s or []:
         for entry in s4.metrics["checkpoints"]:
             what = (f"finetuned {entry['train_mask']}" if entry["scored"] == "final" else
                     f"{entry['train_mask']} checkpoint, step {entry['step']} ({entry['run_status']} run)")
-            series.append((f"stage 4: {what}, read {s4.metrics['mask']}", entry["tasks"], entry["leaky"]))
+            series.append((f"stage 4: {what}, read {mask_name(s4.metrics)}", entry["tasks"], entry["leaky"]))
     series = [(label + (" (LEAKY)" if leaky else ""), per_task, leaky) for label, per_task, leaky in series]
     if not series:
         return []

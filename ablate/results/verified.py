@@ -132,6 +132,7 @@ def verified_metrics(run: rundir.Run, runs_dir: Path) -> dict:
         _same(file, "leaky", metrics.get("leaky"), LEAKS.get(metrics.get("mask"), metrics.get("leaky")),
               f"its mask {metrics.get('mask')} and ablate.core.masks")
         _same(file, "seed", metrics.get("seed"), (metrics.get("comparison") or {}).get("seed"), "its comparison record")
+        _layers(file, metrics)
         if run.stage == STAGE2 and "baseline" in metrics:
             _baseline(file, metrics, rows, runs_dir)
     elif run.stage == STAGE4:
@@ -309,6 +310,13 @@ def _differing(a, b) -> list[str]:
     """The top-level keys in which two comparison records differ."""
     a, b = a if isinstance(a, dict) else {}, b if isinstance(b, dict) else {}
     return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)] or ([] if a == b else ["the record"])
+
+
+def _layers(file: Path, metrics: dict) -> None:
+    """``mask_layers`` is what the run's mask check ran with (which recorded the layers it checked)."""
+    check = metrics.get("mask_check")
+    if isinstance(check, dict) and check.get("passed") is not None:
+        _same(file, "mask_layers", metrics.get("mask_layers"), check.get("layers"), "its mask check")
 
 
 def _same(file: Path, key: str, cached, recomputed, source: str = "its samples") -> None:

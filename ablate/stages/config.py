@@ -25,6 +25,27 @@ from ablate.stages.checks import (ATTN_IMPLEMENTATIONS, _check_gate, check_batch
 STAGES_DIR = Path(__file__).resolve().parent  # each stage's YAML sits beside its module and ships in the wheel
 
 
+MASK_LAYERS_HELP = ("apply --mask in these decoder layers only, the causal mask in the others (0-based: 0-7, "
+                    "0,2,4, first:4, last:4, all; default: every layer)")
+
+
+def check_mask_layers(mask: str, spec: str | None) -> None:
+    """--mask-layers: only with a mask other than causal, and a well-formed spec (its layers are checked against the
+    model once it is loaded: ablate.core.layer_masks)."""
+    if spec is None:
+        return
+    if mask == "causal":
+        raise BadInput("--mask-layers chooses the layers of a mask other than causal; the causal mask is causal in "
+                       "every layer")
+    from ablate.core.layer_masks import parse_layers
+
+    try:
+        parse_layers(spec, 1 << 20)  # the syntax now; the range against the model's layers after loading it
+    except BadInput as exc:
+        if "K must be" not in str(exc):
+            raise
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     """An lm-evaluation-harness run of one model under one attention mask (stages 1 and 2)."""
@@ -33,6 +54,7 @@ class EvalConfig:
     model: str = field(default="", metadata={"help": "hub model id or local path"})
     tasks: tuple[str, ...] = field(default=(), metadata={"help": "lm-eval task names, comma-separated"})
     mask: str = field(default="causal", metadata={"help": "attention mask over the prompt (see `ablate masks`)"})
+    mask_layers: str | None = field(default=None, metadata={"help": MASK_LAYERS_HELP})
     include_path: str | None = field(default=None, metadata={"help": "extra folder of lm-eval task YAMLs"})
     task_data: tuple[str, ...] = field(default=(), metadata={
         "help": "TASK=FILE: read a task's rows from a local file (repeatable)", "repeat": True})
@@ -61,6 +83,7 @@ class EvalConfig:
         if not self.tasks:
             raise BadInput("no tasks given: pass --tasks a,b,c")
         check_runtime(self.mask, self.device, self.dtype, self.attn_implementation)
+        check_mask_layers(self.mask, self.mask_layers)
         check_leakage(self.mask, self.allow_label_leakage)
         if self.stage == STAGE1 and self.mask != "causal":
             raise BadInput("stage 1 is the causal baseline; use `ablate stage2 --mask ...` for other masks")
@@ -144,6 +167,7 @@ class FinetuneConfig:
     model: str = field(default="", metadata={"help": "hub model id or local path"})
     data: str = field(default="", metadata={"help": "JSONL/JSON/Parquet/CSV file or Hugging Face dataset id"})
     mask: str = field(default="prefill_bidir", metadata={"help": "training mask: prefill_bidir or causal"})
+    mask_layers: str | None = field(default=None, metadata={"help": MASK_LAYERS_HELP})
     prompt_field: str = field(default="prompt", metadata={"help": "field holding the prompt"})
     response_field: str = field(default="response", metadata={"help": "field holding the response"})
     text_field: str | None = field(default=None, metadata={
@@ -217,6 +241,7 @@ class FinetuneConfig:
         if not self.data:
             raise BadInput("no training data given: pass --data FILE or a dataset id")
         check_runtime(self.mask, self.device, self.dtype, self.attn_implementation)
+        check_mask_layers(self.mask, self.mask_layers)
         self.row_format()  # refuses a malformed template before any data is read
         schedulers = [t.value for t in SchedulerType]
         if self.lr_scheduler not in schedulers:
@@ -327,6 +352,7 @@ class Stage4Config:
         "help": "stage 3 run directory (repeatable; default: the latest completed run of each mask)",
         "flag": "--checkpoint", "repeat": True})
     mask: str = field(default="prefill_bidir", metadata={"help": "mask to evaluate with"})
+    mask_layers: str | None = field(default=None, metadata={"help": MASK_LAYERS_HELP})
     also_causal: bool = field(default=False, metadata={"help": "also evaluate each model with the causal mask"})
     stage1_run: str | None = field(default=None, metadata={"help": "the stage 1 run to compare with"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
@@ -342,6 +368,7 @@ class Stage4Config:
         check_types(self)
         check_runs_dir(self.runs_dir)
         check_runtime(self.mask, self.device, self.dtype, self.attn_implementation)
+        check_mask_layers(self.mask, self.mask_layers)
         if self.batch_size is not None:
             check_batch_size(self.batch_size)
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ablate.results import rundir
 from ablate.results.files import write_jsonl
+from ablate.core import layer_masks
 from ablate.core.masks import MASKS
 from ablate.results.environment import environment
 from ablate.results.gates import check_gate
@@ -202,14 +203,16 @@ def check_lengths(config: EvalConfig, tasks: dict, tokenizer) -> None:
                                    " holds; raise --max-length" if tokens else "which cannot be scored"))
 
 
-def evaluate(config: EvalConfig, model, tokenizer, device: str, mask: str, tasks, manager) -> dict:
-    """One lm-eval pass: ``{"tasks", "macro", "timing", "oom_retries", "rows"}`` (rows: per-task sample rows);
+def evaluate(config: EvalConfig, model, tokenizer, device: str, mask: str, tasks, manager,
+             mask_layers: str | None = None) -> dict:
+    """One lm-eval pass: ``{"tasks", "macro", "timing", "oom_retries", "mask_layers", "rows"}`` (rows: per-task
+    sample rows; mask_layers: the layers ``mask`` was applied in, as resolved on this model, None for all);
     None on ranks > 0."""
     from lm_eval import simple_evaluate
 
     from ablate.core.lm_eval_model import PrefillMaskLM, sample_rows
 
-    lm = PrefillMaskLM(pretrained=model, tokenizer=tokenizer, mask=mask, device=device,
+    lm = PrefillMaskLM(pretrained=model, tokenizer=tokenizer, mask=mask, mask_layers=mask_layers, device=device,
                        batch_size=config.batch_size, max_length=config.max_length)
     started = time.time()
     results = simple_evaluate(
@@ -246,6 +249,8 @@ def evaluate(config: EvalConfig, model, tokenizer, device: str, mask: str, tasks
         "oom_retries": lm.oom_retries,
         # The runtime check that the mask took effect (ablate.core.mask_check); None where none ran.
         "mask_check": getattr(lm, "mask_check", None),
+        "mask_layers": layer_masks.describe(lm.mask_layers) if lm.mask_layers else None,
+        "num_layers": layer_masks.num_layers(model.config),
         "rows": rows,
     }
 
@@ -336,12 +341,13 @@ def run_eval(config: EvalConfig, compare=None, inputs: EvalInputs | None = None)
     model, tokenizer = load_model(config.model, device, config.dtype, config.attn_implementation)
     check_resolved(model, key, f"model '{config.model}'")
     check_lengths(config, tasks, tokenizer)
+    layer_masks.check_spec(config.mask_layers, model)  # its layers exist, before the run folder does
 
     with evaluation_run(config.to_dict(), config.stage, config.runs_dir, state, device, key["model"],
                         config.gate) as run:
         log.info("run %s: %s on %s with mask %s", run.path, config.model, ",".join(config.tasks), config.mask)
         fault_point("eval")
-        result = evaluate(config, model, tokenizer, device, config.mask, tasks, manager)
+        result = evaluate(config, model, tokenizer, device, config.mask, tasks, manager, config.mask_layers)
         if result is None:  # another rank: its documents went to rank 0, which writes the run
             return None
         rows = result.pop("rows")
@@ -351,6 +357,10 @@ def run_eval(config: EvalConfig, compare=None, inputs: EvalInputs | None = None)
             "status": rundir.COMPLETED,
             "model": config.model,
             "mask": config.mask,
+            # the layers the mask was applied in (ablate.core.layer_masks.describe, resolved on this model;
+            # None: every layer), popped from the result so it sits beside the mask
+            "mask_layers": result.pop("mask_layers"),
+            "num_layers": result.pop("num_layers"),
             # a scored token saw its own future (a leaking mask, run with --allow-label-leakage): not a result
             "leaky": MASKS[config.mask].leaks_labels,
             "seed": config.seed,

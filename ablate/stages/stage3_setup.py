@@ -21,6 +21,7 @@ from typing import Any
 
 from ablate.core.leakage import find_leak
 from ablate.core.sft_data import Collator, data_identity, load_rows, refuse_unsupervised, split_eval, tokenize
+from ablate.core import layer_masks
 from ablate.core.row_attention import ROW_ATTENTION, has_row_attention
 from ablate.core.sft_packing import MIN_SAVING, MIN_SAVING_PER_ROW, PackingCollator, packing_refusal
 from ablate.errors import BadInput
@@ -45,6 +46,7 @@ class Prepared:
     probe_batch: dict  # the study's probe: held-out examples under the mask and causally, before and after
     identity: dict  # the base model's identity, recorded in run.json (what stage 4 and --resume check)
     data_identity: dict  # the data files' digests, taken before they were read (what --resume checks)
+    mask_layers: tuple[int, ...] | None = None  # the layers under the mask (ablate.core.layer_masks); None: all
 
 
 def prepare(config: FinetuneConfig, device: str, is_main: bool = True) -> Prepared:
@@ -71,12 +73,14 @@ def prepare(config: FinetuneConfig, device: str, is_main: bool = True) -> Prepar
         if collate.pack_length is None and not packing["row_attention"]:  # not what transformers resolved
             collate = packing_collator(config, tokenizer.pad_token_id, per_row=False)  # the guard read both
             packing["pack_length"] = collate.pack_length
+    mask_layers = layer_masks.install(model, config.mask_layers)  # hooks on the base model's attention modules
     model = with_lora(config, model) if config.lora_r else model
     if not any(p.requires_grad for p in model.parameters()):
         raise BadInput(f"--model {config.model} loaded with no trainable parameter; nothing to finetune")
     check_schedule(config, next(model.parameters()).is_cuda, is_main)
     probe_batch = collate([asdict(e) for e in held[: config.probe_samples]])
-    return Prepared(model, tokenizer, train, held, collate, padded, packing, leak, probe_batch, identity, data_id)
+    return Prepared(model, tokenizer, train, held, collate, padded, packing, leak, probe_batch, identity, data_id,
+                    mask_layers)
 
 
 def prepare_data(config: FinetuneConfig, tokenizer):

@@ -29,6 +29,7 @@ from ablate.results.gates import refuse_gated
 from ablate.results.rundir import STAGE1, STAGE2, STAGE3_PREFIX, STAGE4
 from ablate.stages.config import EvalConfig, Stage4Config
 from ablate.errors import BadInput
+from ablate.core import layer_masks
 from ablate.core.checkpoints import verify_final
 from ablate.core.identity import describe, mismatch, model_identity
 from ablate.stages import stage3_resume as resume
@@ -184,10 +185,12 @@ def find_stage1(config: Stage4Config, base: dict, seed: int | None = None) -> ru
 def find_stage2(config: Stage4Config, stage1: rundir.Run) -> tuple[rundir.Run | None, str | None]:
     key = stage1.metrics["comparison"]
     run = latest_verified(Path(config.runs_dir), STAGE2,
-                          where=lambda r: r.metrics.get("comparison") == key and r.metrics.get("mask") == config.mask)
+                          where=lambda r: r.metrics.get("comparison") == key and r.metrics.get("mask") == config.mask
+                          and layer_masks.same_layers(r.metrics, config.mask_layers))
     if run:
         return run, None
-    return None, f"no completed stage 2 run with mask {config.mask} matches stage 1 run {stage1.run_id}"
+    layers = f" in layers {config.mask_layers}" if config.mask_layers else ""
+    return None, f"no completed stage 2 run with mask {config.mask}{layers} matches stage 1 run {stage1.run_id}"
 
 
 def stage4_eval_config(config: Stage4Config, stage1: rundir.Run) -> EvalConfig:
@@ -196,7 +199,8 @@ def stage4_eval_config(config: Stage4Config, stage1: rundir.Run) -> EvalConfig:
     if not settings:
         raise BadInput(f"stage 1 run {stage1.path} has no readable config.json")
     settings.update(tasks=tuple(settings["tasks"]), task_data=tuple(settings["task_data"]))
-    return EvalConfig(**{**settings, "stage": STAGE4, "mask": config.mask, "device": config.device,
+    return EvalConfig(**{**settings, "stage": STAGE4, "mask": config.mask, "mask_layers": config.mask_layers,
+                         "device": config.device,
                          "dtype": config.dtype, "attn_implementation": config.attn_implementation,
                          "batch_size": config.batch_size or settings["batch_size"],
                          "runs_dir": config.runs_dir, "baseline": None})
@@ -238,6 +242,7 @@ def run_stage4(config: Stage4Config) -> Path | None:
                                       tokenizer)
         check_resolved(model, key, str(finetune.model_dir))
         check_lengths(eval_config, tasks, tokenizer)
+        layer_masks.check_spec(config.mask_layers, model)  # its layers exist, before the run folder does
         return model, tokenizer
 
     # Every model loads, resolves as asked and fits --max-length before the run folder exists; the first is kept.
@@ -248,12 +253,12 @@ def run_stage4(config: Stage4Config) -> Path | None:
     with evaluation_run(record, STAGE4, config.runs_dir, state, device) as run:
         for why in skipped:
             log.info("stage 4 %s", why)  # in run.log too
-        results, correct = [], {}
+        results, correct, ablated_layers = [], {}, None
         for finetune in finetunes:
             log.info("stage 4: %s (trained with %s) under %s", finetune.model_dir, finetune.trained["mask"],
                      config.mask)
             (model, tokenizer), loaded = loaded or load(finetune), None
-            ablated = evaluate(eval_config, model, tokenizer, device, config.mask, tasks, manager)
+            ablated = evaluate(eval_config, model, tokenizer, device, config.mask, tasks, manager, config.mask_layers)
             causal = (evaluate(eval_config, model, tokenizer, device, "causal", tasks, manager)
                       if config.also_causal else None)
             del model
@@ -263,6 +268,7 @@ def run_stage4(config: Stage4Config) -> Path | None:
             correct[entry["label"]] = {t: {r["doc_id"]: r["correct"] for r in rows}
                                        for t, rows in ablated["rows"].items()}
             results.append(entry)
+            ablated_layers = ablated["mask_layers"]
         if not run.is_main:
             return None
         run.metrics = {
@@ -270,6 +276,7 @@ def run_stage4(config: Stage4Config) -> Path | None:
             "run_id": run.path.name,
             "status": rundir.COMPLETED,
             "mask": config.mask,
+            "mask_layers": ablated_layers,
             "stage1_run": str(stage1.path),
             "stage1_uid": stage1.uid,
             "stage2_run": str(stage2.path) if stage2 else None,
@@ -315,3 +322,4 @@ def _entry(run_dir: Path, finetune: Finetuned, ablated: dict, causal: dict | Non
             "oom_retries": causal["oom_retries"],
             "samples": write_samples(run_dir, causal["rows"], prefix=f"{label}_causal_")},
     }
+

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from ablate.core import layer_masks
 from ablate.errors import BadInput
 from ablate.results import rundir
 from ablate.results.aggregate import PROVENANCE
@@ -161,7 +162,7 @@ def run_study(path: str | Path, say: Callable[[str], None] = print) -> dict:
     timed(STAGE1, lambda: _eval_stage(p.stage1, STAGE1, lambda r: True, run_stage1, say))
     s2 = dataclasses.replace(p.stage2, baseline=str(done[STAGE1].path))
     timed(STAGE2, lambda: _eval_stage(
-        s2, STAGE2, lambda r: r.metrics.get("mask") == s2.mask
+        s2, STAGE2, lambda r: r.metrics.get("mask") == s2.mask and layer_masks.same_layers(r.metrics, s2.mask_layers)
         and (r.metrics.get("baseline") or {}).get("run") == str(done[STAGE1].path), run_stage2, say))
     for config in p.stage3.values():
         timed(config.stage, lambda: _stage3(config, say))
