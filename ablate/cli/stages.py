@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import List
 
 import typer
 
@@ -61,6 +62,38 @@ def stage1(flags):
 def stage2(flags):
     """Stage 2: the same evaluation with the prompt read through an ablated mask, compared with stage 1."""
     _eval_command(STAGE2, flags)
+
+
+SWEEP_EPILOG = """Examples (offline, CPU):\n
+  ablate tiny-model --out /tmp/tiny && ablate stage1 --model /tmp/tiny --tasks ablate_tiny --device cpu\n
+  ablate sweep --model /tmp/tiny --tasks ablate_tiny --device cpu --blocks 1 --layers all --plot sweep.png\n
+  ablate sweep --model smollm2-folder --tasks gsm8k_next_step --blocks 5 --layers first:10 --layers last:10"""
+
+
+@config_command(EvalConfig, STAGE2, skip=("mask_layers", "baseline"))
+def sweep(flags,
+          layers: List[str] = typer.Option(None, "--layers", help="a layer spec, as --mask-layers reads it "
+                                           "(repeatable): 0-7, 0,2,4, first:4, last:4, all"),
+          blocks: int = typer.Option(None, help="also each block of K consecutive layers in turn"),
+          plot: Path = typer.Option(None, help="write the plot of each spec's accuracy change here (PNG)"),
+          out: Path = typer.Option(None, help="also write the sweep's figures as JSON here")):
+    """Stage 2 under several layer specs: the model loaded once, each spec a stage 2 run against one stage 1 run."""
+    from ablate.results.files import write_json
+    from ablate.stages.config import load_eval_config
+    from ablate.stages.sweep import plot as draw, render, run_sweep
+
+    quiet_libraries()
+    config = load_eval_config(STAGE2, flags)
+    try:
+        result = run_sweep(config, list(layers or []), blocks, echo=typer.echo)
+    finally:
+        refresh_status(config.runs_dir)
+    typer.echo(render(result))
+    if plot:
+        typer.echo(f"plot: {draw(result, plot)}")
+    if out:
+        write_json(out, result)
+        typer.echo(f"figures: {out}")
 
 
 STAGE3_EPILOG = """Example (offline, CPU):\n
@@ -213,3 +246,4 @@ def register(app: typer.Typer) -> None:
     app.command(epilog=STAGE3_EPILOG)(stage3)
     app.command(epilog=STAGE4_EPILOG)(stage4)
     app.command(epilog=STUDY_EPILOG)(study)
+    app.command(epilog=SWEEP_EPILOG)(sweep)

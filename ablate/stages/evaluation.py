@@ -318,10 +318,11 @@ def evaluation_run(config_record: dict, stage: str, runs_dir: Path, state, devic
             rundir.set_status(run.path, metrics["status"], gated or "")
 
 
-def run_eval(config: EvalConfig, compare=None, inputs: EvalInputs | None = None) -> Path | None:
+def run_eval(config: EvalConfig, compare=None, inputs: EvalInputs | None = None, loaded=None) -> Path | None:
     """Evaluate ``config.model`` into a new run; ``compare(key)`` (stage 2) is called before the model loads
     and returns what to add to ``metrics.json`` once the results are in: ``finish(metrics, rows) -> dict``,
-    ``rows`` being each task's per-document rows. ``inputs``: what ``prepare(config)`` built (else built here).
+    ``rows`` being each task's per-document rows. ``inputs``: what ``prepare(config)`` built (else built here);
+    ``loaded``: ``(model, tokenizer)`` already loaded for ``config`` (``ablate sweep``), else loaded here.
 
     Under ``accelerate launch`` every process scores its share of the documents (lm-eval's data-parallel
     split) and rank 0 writes the run; the other ranks return None.
@@ -338,7 +339,7 @@ def run_eval(config: EvalConfig, compare=None, inputs: EvalInputs | None = None)
     manager, tasks, key = inputs.manager, inputs.tasks, inputs.key
     finish = compare(key) if compare else None
     rundir.check_writable(Path(config.runs_dir), config.stage)
-    model, tokenizer = load_model(config.model, device, config.dtype, config.attn_implementation)
+    model, tokenizer = loaded or load_model(config.model, device, config.dtype, config.attn_implementation)
     check_resolved(model, key, f"model '{config.model}'")
     check_lengths(config, tasks, tokenizer)
     layer_masks.check_spec(config.mask_layers, model)  # its layers exist, before the run folder does

@@ -31,9 +31,10 @@ from ablate.stages.evaluation import EvalInputs, run_eval
 log = logging.getLogger(__name__)
 
 
-def run_stage2(config: EvalConfig, inputs: EvalInputs | None = None) -> Path:
-    """``inputs``: what ``ablate.stages.evaluation.prepare(config)`` built (``ablate study``), else built here."""
-    return run_eval(config, compare=lambda key: _finisher(find_baseline(config, key)), inputs=inputs)
+def run_stage2(config: EvalConfig, inputs: EvalInputs | None = None, loaded=None) -> Path:
+    """``inputs``: what ``ablate.stages.evaluation.prepare(config)`` built (``ablate study``), else built here;
+    ``loaded``: the model and tokenizer already loaded (``ablate sweep``)."""
+    return run_eval(config, compare=lambda key: _finisher(find_baseline(config, key)), inputs=inputs, loaded=loaded)
 
 
 def _finisher(baseline: dict):
