@@ -166,7 +166,8 @@ def get(record, path):
 NOT_IDENTITY = {"stage", "mask", "batch_size", "device", "runs_dir", "baseline", "gate", "ignore_gate",
                 "model", "tasks", "include_path", "task_data",
                 "config_file",  # where the values came from; the values themselves are the fields above
-                "allow_label_leakage"}  # permits a leaking mask; the mask is what stage 2 changes, and leaky is recorded
+                "allow_label_leakage",  # permits a leaking mask; the mask is what stage 2 changes, and leaky is recorded
+                "mask_layers"}  # where the mask applies: part of what stage 2 changes, recorded resolved (mask_layers)
 CHANGED = {"dtype": "bfloat16", "attn_implementation": "eager", "max_length": 64, "limit": 5, "num_fewshot": 1,
            "seed": 7}
 

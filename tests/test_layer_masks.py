@@ -28,11 +28,10 @@ from ablate.core.sft_data import Collator
 from ablate.core.sft_packing import PackingCollator, unpack
 from ablate.errors import BadInput
 
-SLIDING = {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}
+from test_sft_packing import ARCHS, SLIDING  # every tiny architecture, sliding windows biting
+from test_sft_packing import rows as training_rows
+
 LAYERS = 3  # tiny models with three layers: specs can choose one, two or all of them
-ARCHS = [("llama", {}), ("mistral", {"sliding_window": 4}), ("ministral3", {}), ("qwen2", SLIDING),
-         ("qwen3", SLIDING), ("mistral3", {})]
-SPECS = ["0", "1-2", "last:1"]
 
 
 @pytest.mark.parametrize("spec,layers", [
@@ -160,7 +159,7 @@ def test_evaluation_under_per_layer_masks_is_the_brute_force(three_layer, arch, 
     assert got == pytest.approx(expected, abs=1e-4)
     everywhere = [brute_force_loglikelihood(model, lm, c, x, mask, tuple(range(LAYERS))) for c, x in PAIRS]
     assert got != pytest.approx(everywhere, abs=1e-4)  # the causal layers are causal: not the mask everywhere
-    assert lm.mask_check["passed"] and lm.mask_check["layers"] == describe(layers)
+    assert lm.mask_check["passed"] and lm.mask_check["layers"] == {"layers": describe(layers), "num_layers": LAYERS}
 
 
 def test_the_causal_mask_takes_no_layer_spec(tiny_llama):
@@ -201,18 +200,6 @@ def test_generation_under_per_layer_masks_is_the_brute_force(three_layer, arch, 
 
 
 # --- training -----------------------------------------------------------------------------------------------
-
-SHAPES = [(17, 5), (9, 0), (12, 11), (5, 2), (14, 7), (6, 1)]
-
-
-def training_rows(seed=0):
-    rng = random.Random(seed)
-    out = []
-    for length, prefix in SHAPES:
-        ids = [1] + [rng.randrange(3, 500) for _ in range(length - 1)]
-        out.append({"input_ids": ids, "labels": [-100] * prefix + ids[prefix:], "prefix_len": prefix})
-    return out
-
 
 def run_loss(model, batch_rows, layout, mask):
     """The loss as MaskedTrainer computes it (its masks, per-layer context and, packed, attention per row)."""
@@ -272,7 +259,7 @@ def test_the_mask_check_compares_per_layer_masks_and_fails_a_path_that_ignores_t
     layer_masks.install(model, "1")
     rows = [([1, 17, 33, 9, 41, 5, 88, 3, 12], 6), ([1, 60, 4, 19, 7, 7], 3)]
     record = check_mask(model, "prefill_bidir", rows)
-    assert record["passed"] and record["layers"] == "1"
+    assert record["passed"] and record["layers"] == {"layers": "1", "num_layers": LAYERS}
 
     def everywhere(check_rows, mask_name):  # a run path that hands the mask to every layer
         ids = torch.tensor([t + [0] * (9 - len(t)) for t, _ in check_rows])
@@ -328,9 +315,10 @@ def test_stage2_records_the_resolved_layers_and_checks_them(layered_runs):
 
     runs, found = layered_runs
     every, first, last, one = (r.metrics for r in found["stage2_ablation_eval"])
-    assert every["mask_layers"] is None and every["num_layers"] == LAYERS
-    assert (first["mask_layers"], last["mask_layers"], one["mask_layers"]) == ("0", "2", "1")  # resolved
-    assert one["mask_check"]["passed"] and one["mask_check"]["layers"] == "1"
+    assert every["mask_layers"] is None
+    assert [m["mask_layers"] for m in (first, last, one)] == [{"layers": x, "num_layers": LAYERS}  # resolved
+                                                              for x in ("0", "2", "1")]
+    assert one["mask_check"]["passed"] and one["mask_check"]["layers"] == one["mask_layers"]
     assert "layers" not in every["mask_check"]
     logprobs = {name: [x for r in read_samples(run) for x in r["logprobs"]]
                 for name, run in zip(("every", "first", "last", "one"), found["stage2_ablation_eval"])}
@@ -344,7 +332,7 @@ def test_stage2_records_the_resolved_layers_and_checks_them(layered_runs):
         verified_metrics(run, runs)
     run = found["stage2_ablation_eval"][3]
     edited = json.loads((run.path / "metrics.json").read_text())
-    edited["mask_layers"] = "0-2"
+    edited["mask_layers"]["num_layers"] = 30
     (run.path / "metrics.json").write_text(json.dumps(edited))
     try:
         from ablate.results import rundir
@@ -358,10 +346,11 @@ def test_stage2_records_the_resolved_layers_and_checks_them(layered_runs):
 def test_stage3_trains_under_the_layers_and_stage4_reads_its_own_stage2(layered_runs):
     _, found = layered_runs
     (s3,) = found["stage3_finetune_prefill_bidir"]
-    assert s3.summary["status"] == "completed" and s3.summary["mask_layers"] == "1-2"
-    assert s3.summary["mask_check"]["passed"] and s3.summary["mask_check"]["layers"] == "1-2"
+    assert s3.summary["status"] == "completed"
+    assert s3.summary["mask_layers"] == {"layers": "1-2", "num_layers": LAYERS}
+    assert s3.summary["mask_check"]["passed"] and s3.summary["mask_check"]["layers"] == s3.summary["mask_layers"]
     (s4,) = found["stage4_post_ft_eval"]
-    assert s4.metrics["mask_layers"] == "1"
+    assert s4.metrics["mask_layers"] == {"layers": "1", "num_layers": LAYERS}
     assert s4.metrics["stage2_run"] == str(found["stage2_ablation_eval"][3].path)  # layer 1's, not another's
 
 

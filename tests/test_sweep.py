@@ -58,7 +58,7 @@ def test_each_spec_is_a_stage2_run_against_the_same_stage1(swept):
     assert [r["spec"] for r in result["runs"]] == ["all", "0", "1", "2"]
     for r in result["runs"]:
         run = rundir.load_run(r["run"])
-        assert run.stage == "stage2_ablation_eval" and run.metrics["mask_layers"] == r["layers"]
+        assert run.stage == "stage2_ablation_eval" and run.metrics["mask_layers"] == {"layers": r["layers"], "num_layers": 3}
         assert run.metrics["baseline"]["run"] == str(stage1)  # one baseline for every spec
         assert run.config["baseline"] == str(stage1)
     last = result["runs"][3]["paired"]  # the last layer alone changes no score (tests/test_layer_masks.py)

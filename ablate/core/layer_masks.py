@@ -79,6 +79,12 @@ def describe(layers: tuple[int, ...]) -> str:
     return ",".join(parts)
 
 
+def record(layers: tuple[int, ...] | None, layers_of: int) -> dict | None:
+    """What a run records of its layers: ``{"layers": describe(layers), "num_layers": n}`` (the model's layer
+    count, which ``last:K`` is resolved against), or None for every layer. The mask check records the same."""
+    return None if layers is None else {"layers": describe(tuple(layers)), "num_layers": layers_of}
+
+
 def attention_modules(model) -> list:
     """Each decoder layer's attention module, by layer index (``self_attn`` modules carrying ``layer_idx``)."""
     found = {}
@@ -195,15 +201,15 @@ def forward_masks(model, mask_name: str, attention_mask: torch.Tensor, prefix_le
 
 
 def same_layers(metrics: dict, spec: str | None) -> bool:
-    """Whether an evaluation run's recorded layers (``mask_layers``, resolved on its model of ``num_layers``) are
-    those ``spec`` names; None: every layer."""
+    """Whether an evaluation run's recorded layers (``mask_layers``: ``record``'s, resolved on its model of
+    ``num_layers``) are those ``spec`` names; None: every layer."""
     recorded = metrics.get("mask_layers")
     if spec is None or recorded is None:
         return spec is None and recorded is None
-    n = metrics.get("num_layers")
+    n = recorded.get("num_layers") if isinstance(recorded, dict) else None
     if type(n) is not int or n < 1:
         return False
     try:
-        return recorded == describe(parse_layers(spec, n))
+        return recorded.get("layers") == describe(parse_layers(spec, n))
     except BadInput:
         return False

@@ -197,7 +197,8 @@ def check_mask(model, mask_name: str, rows: list[CheckRow], forward: Forward | N
     per_layer = layer_masks.installed(model)
     record = {
         "mask": mask_name, "where": where, "backend": base.config._attn_implementation, "reference": "eager",
-        **({"layers": layer_masks.describe(tuple(sorted(per_layer.layers)))} if per_layer else {}),
+        **({"layers": layer_masks.record(tuple(sorted(per_layer.layers)), len(per_layer.modules))}
+           if per_layer else {}),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "device": str(_device(model)),
         "torch": torch.__version__, "transformers": transformers.__version__,
         "rows": len(rows), "tokens": sum(len(tokens) for tokens, _ in rows),

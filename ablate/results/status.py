@@ -27,7 +27,9 @@ TRAIN_MASKS = ("causal", "prefill_bidir")
 def mask_name(metrics: dict) -> str:
     """A run's mask with the layers it was applied in (``prefill_bidir in layers 0-7``); every layer: the name."""
     layers = metrics.get("mask_layers")
-    return f"{metrics.get('mask')} in layers {layers}" if layers else str(metrics.get("mask"))
+    if isinstance(layers, dict):
+        return f"{metrics.get('mask')} in layers {layers.get('layers')} of {layers.get('num_layers')}"
+    return str(metrics.get("mask"))
 
 def number(x, digits=6) -> str:
     return f"{x:.{digits}f}".rstrip("0").rstrip(".") if isinstance(x, (int, float)) else "n/a"

@@ -205,6 +205,7 @@ def _stage4(file: Path, metrics: dict, run_dir: Path, runs_dir: Path) -> None:
     for i, entry in enumerate(metrics["checkpoints"]):
         at = f"checkpoints[{i}]."
         label = entry["label"]
+        _layers(file, {"mask_layers": metrics.get("mask_layers"), "mask_check": entry.get("mask_check")})
         rows = _evaluation(run_dir, file, entry, entry.get("samples"), f"{label}_", at)
         if entry.get("causal"):
             _evaluation(run_dir, file, entry["causal"], entry["causal"].get("samples"), f"{label}_causal_", at + "causal.")
@@ -297,6 +298,7 @@ def verified_summary(run: rundir.Run) -> dict:
         raise BadInput(f"{file}: leaky is {summary.get('leaky')} but its leakage_guard says {guard}; edited")
     if LEAKS.get(summary.get("mask")) and not summary.get("leaky"):
         raise BadInput(f"{file}: leaky is false for the label-leaking mask {summary.get('mask')}; edited")
+    _layers(file, summary)
     return summary
 
 
@@ -313,10 +315,12 @@ def _differing(a, b) -> list[str]:
 
 
 def _layers(file: Path, metrics: dict) -> None:
-    """``mask_layers`` is what the run's mask check ran with (which recorded the layers it checked)."""
+    """``mask_layers`` is what the run's mask check ran with (which recorded the layers it checked, and of how
+    many); a run whose mask ran in chosen layers without a check that passed shows no number."""
     check = metrics.get("mask_check")
-    if isinstance(check, dict) and check.get("passed") is not None:
-        _same(file, "mask_layers", metrics.get("mask_layers"), check.get("layers"), "its mask check")
+    checked = check.get("layers") if isinstance(check, dict) and check.get("passed") else None
+    if metrics.get("mask_layers") is not None or checked is not None:
+        _same(file, "mask_layers", metrics.get("mask_layers"), checked, "its mask check")
 
 
 def _same(file: Path, key: str, cached, recomputed, source: str = "its samples") -> None:

@@ -206,7 +206,8 @@ def check_lengths(config: EvalConfig, tasks: dict, tokenizer) -> None:
 def evaluate(config: EvalConfig, model, tokenizer, device: str, mask: str, tasks, manager,
              mask_layers: str | None = None) -> dict:
     """One lm-eval pass: ``{"tasks", "macro", "timing", "oom_retries", "mask_layers", "rows"}`` (rows: per-task
-    sample rows; mask_layers: the layers ``mask`` was applied in, as resolved on this model, None for all);
+    sample rows; mask_layers: the layers ``mask`` was applied in, ``ablate.core.layer_masks.record``, None for
+    all);
     None on ranks > 0."""
     from lm_eval import simple_evaluate
 
@@ -249,8 +250,7 @@ def evaluate(config: EvalConfig, model, tokenizer, device: str, mask: str, tasks
         "oom_retries": lm.oom_retries,
         # The runtime check that the mask took effect (ablate.core.mask_check); None where none ran.
         "mask_check": getattr(lm, "mask_check", None),
-        "mask_layers": layer_masks.describe(lm.mask_layers) if lm.mask_layers else None,
-        "num_layers": layer_masks.num_layers(model.config),
+        "mask_layers": layer_masks.record(lm.mask_layers, layer_masks.num_layers(model.config)),
         "rows": rows,
     }
 
@@ -361,7 +361,6 @@ def run_eval(config: EvalConfig, compare=None, inputs: EvalInputs | None = None,
             # the layers the mask was applied in (ablate.core.layer_masks.describe, resolved on this model;
             # None: every layer), popped from the result so it sits beside the mask
             "mask_layers": result.pop("mask_layers"),
-            "num_layers": result.pop("num_layers"),
             # a scored token saw its own future (a leaking mask, run with --allow-label-leakage): not a result
             "leaky": MASKS[config.mask].leaks_labels,
             "seed": config.seed,

@@ -31,7 +31,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from ablate.core.checkpoints import save_final, save_raw
-from ablate.core.layer_masks import describe as describe_layers, forward_masks
+from ablate.core.layer_masks import forward_masks, num_layers, record as layer_record
 from ablate.core.leakage import probe
 from ablate.core.masks import model_attention_mask, packed_rows_mask
 from ablate.core.models import resolved as resolved_runtime
@@ -344,7 +344,7 @@ def _summary(config: FinetuneConfig, prepared: Prepared, trained: Trained, run_d
         "model_identity": prepared.identity,  # what stage 4 compares with stage 1's base model
         "mask": config.mask,
         # the layers trained under the mask (ablate.core.layer_masks, resolved on the model; None: every layer)
-        "mask_layers": prepared.mask_layers and describe_layers(prepared.mask_layers),
+        "mask_layers": layer_record(prepared.mask_layers, num_layers(prepared.model.config)),
         "data": config.data,
         "data_identity": prepared.data_identity,  # what --resume checks --data against
         "supervised_tokens": supervised_tokens(prepared.train),

@@ -316,6 +316,8 @@ def _entry(run_dir: Path, finetune: Finetuned, ablated: dict, causal: dict | Non
         "samples": write_samples(run_dir, ablated["rows"], prefix=f"{label}_"),  # what a reader verifies it against
         "timing": ablated["timing"],
         "oom_retries": ablated["oom_retries"],
+        # the runtime check of the mask on this model (ablate.core.mask_check): with --mask-layers, its layers
+        "mask_check": ablated.get("mask_check"),
         "recovery": recovery_block(ablated["rows"], s1, s2, chance),
         "causal": None if causal is None else {
             "tasks": causal["tasks"], "macro": causal["macro"], "timing": causal["timing"],
