@@ -27,9 +27,9 @@ def _folder(runs: Path, stage: str, run_id: str, status: str, reason: str, confi
 
 def eval_run(runs: Path, stage: str, run_id: str, tasks: dict[str, tuple[int, int, int]], mask: str = "causal",
              status: str = "completed", baseline: Path | None = None, seed: int = 0, created: float = 0.0,
-             comparison: dict | None = None) -> Path:
+             comparison: dict | None = None, extra: dict | None = None) -> Path:
     """An evaluation run; ``tasks``: name -> (documents right, documents, choices per document). With
-    ``baseline`` (a stage 1 run), stage 2's ``baseline`` block against it."""
+    ``baseline`` (a stage 1 run), stage 2's ``baseline`` block against it; ``extra``: more metrics fields."""
     from ablate.results.recovery import baseline_block
     from ablate.results.samples import verified_samples
 
@@ -46,7 +46,8 @@ def eval_run(runs: Path, stage: str, run_id: str, tasks: dict[str, tuple[int, in
     metrics = {"stage": stage, "run_id": run_id, "status": status, "model": "m", "mask": mask,
                "leaky": LEAKS[mask], "seed": seed, "comparison": {"model": {"local": "m"}, "seed": seed,
                                                                   **(comparison or {})},
-               "tasks": per_task, "macro": macro(per_task), "samples": samples, "files": record_files(path)}
+               "tasks": per_task, "macro": macro(per_task), "samples": samples, "files": record_files(path),
+               **(extra or {})}
     if baseline is not None:
         s1 = rundir.load_run(baseline)
         metrics["baseline"] = baseline_block(metrics, {"run": s1, "correct": verified_samples(s1)}, rows)

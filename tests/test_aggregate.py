@@ -34,11 +34,13 @@ def drawn(seed: int, **changes) -> dict:
     return record
 
 
-def study(runs, seed: int, s1_right: int, s2_right: int, n: int = 50, **changes):
+def study(runs, seed: int, s1_right: int, s2_right: int, n: int = 50, layers: str | None = None, **changes):
     s1 = eval_run(runs, STAGE1, f"2026010{seed}-000000", {"t": (s1_right, n, 4)}, seed=seed, created=seed,
                   comparison=drawn(seed, **changes))
+    record = layers and {"layers": layers, "num_layers": 30}  # stage 2 under --mask-layers, as its check records it
+    extra = {"mask_layers": record, "mask_check": {"passed": True, "layers": record}} if layers else None
     s2 = eval_run(runs, STAGE2, f"2026010{seed}-000001", {"t": (s2_right, n, 4)}, mask="prefill_bidir", seed=seed,
-                  created=seed + 0.5, baseline=s1, comparison=drawn(seed, **changes))
+                  created=seed + 0.5, baseline=s1, comparison=drawn(seed, **changes), extra=extra)
     return s1, s2
 
 
@@ -85,6 +87,18 @@ def test_across_data_never_pools_what_decides_a_result(tmp_path, case):
     study(tmp_path, 2, 42, 35, **NOT_POOLED[case])
     for stage in (STAGE1, STAGE2):
         assert sorted(g["seeds"] for g in aggregate(tmp_path, across_data=True) if g["stage"] == stage) == [[1], [2]]
+
+
+@pytest.mark.parametrize("layers", [("0-9", None), ("0-9", "20-29")])
+def test_stage2_runs_under_other_layers_never_pool(tmp_path, layers):
+    study(tmp_path, 1, 40, 34, layers=layers[0])
+    study(tmp_path, 2, 42, 35, layers=layers[1])
+    assert sorted(g["seeds"] for g in groups_of(tmp_path, STAGE2)) == [[1], [2]]
+    assert sorted(g["seeds"] for g in groups_of(tmp_path, STAGE1)) == [[1, 2]]  # stage 1 has no layers
+
+
+def groups_of(runs, stage):
+    return [g for g in aggregate(runs, across_data=True) if g["stage"] == stage]
 
 
 def test_across_data_never_pools_another_number_of_documents(tmp_path):

@@ -135,8 +135,8 @@ def aggregate(runs_dir: Path, damaged: list[str] | None = None, stages: dict | N
     for stage in (STAGE1, STAGE2):
         for run in usable(runs(stage)):
             m = run.metrics
-            label = {"stage": stage, "model": m["model"], "mask": m["mask"], "comparison": _across_seeds(m, across_data),
-                     **extra}
+            label = {"stage": stage, "model": m["model"], "mask": m["mask"], "mask_layers": m.get("mask_layers"),
+                     "comparison": _across_seeds(m, across_data), **extra}
             key = json.dumps({**label, "model": None}, sort_keys=True)  # the model by identity, not by path
             add(label, key, m.get("seed"), (m["tasks"], m["macro"]), (m.get("baseline") or {}).get("paired"))
     for run in usable(runs(STAGE4)):
@@ -152,13 +152,14 @@ def aggregate(runs_dir: Path, damaged: list[str] | None = None, stages: dict | N
             trained[entry.get("label")] = training
             seeds[entry.get("label")] = entry.get("train_seed", seed)
             label = {"stage": STAGE4, "train_mask": entry["train_mask"], "mask": m["mask"],
-                     "comparison": _across_seeds(m, across_data), "training": training, **extra}
+                     "mask_layers": m.get("mask_layers"), "comparison": _across_seeds(m, across_data),
+                     "training": training, **extra}
             add(label, json.dumps(label, sort_keys=True, default=str), entry.get("train_seed", seed),
                 (entry["tasks"], entry["macro"]))
         h = m.get("head_to_head")
         if h and h.get("before") in trained and h.get("after") in trained:
             # Pooled with head-to-heads of the same two trainings (minus their seed) under the same record.
-            label = {"stage": STAGE4, "head_to_head": True, "mask": m["mask"],
+            label = {"stage": STAGE4, "head_to_head": True, "mask": m["mask"], "mask_layers": m.get("mask_layers"),
                      "comparison": _across_seeds(m, across_data),
                      "training": {"before": trained[h["before"]], "after": trained[h["after"]]}, **extra}
             a, b = seeds[h["before"]], seeds[h["after"]]
