@@ -14,9 +14,9 @@ the row's own mask), and returns zeros at the padding after the last row. A row'
 alone, bit for bit the same arithmetic as the padded batch's row, and nothing outside the squares can be read.
 
 It is used only inside ``rows_attention(model)`` with ``row_spans=`` passed to the forward (stage 3's packed
-training forwards and its mask check); everywhere else the model keeps its own sdpa. A forward given
-``row_spans`` but run without the switch (a gradient-checkpointing recompute) takes stock sdpa and the dense
-packed mask, which is exact too, only slower.
+training steps, forward and backward, so a gradient-checkpointing recompute attends per row too; and its mask
+check); everywhere else the model keeps its own sdpa. A forward given ``row_spans`` but run without the switch
+takes stock sdpa and the dense packed mask, which is exact too, only slower.
 """
 
 from __future__ import annotations
