@@ -390,3 +390,59 @@ def test_gradient_checkpointing_recomputes_under_the_same_layers_and_rows(three_
     a, b = (load_file(str(runs[c] / "final" / "model.safetensors")) for c in (False, True))
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("spec", ["0", "0-999999999999", "last:4", "first:1", "all", "3,1-2"])
+def test_a_spec_s_form_is_checked_before_the_model_is_known(spec):
+    assert parse_layers(spec, None) == ()  # nothing resolved, nothing expanded (a huge range costs nothing)
+
+
+@pytest.mark.parametrize("spec,message", [("", "is empty"), ("7-3", "runs backwards"), ("last:0", "K must be at least 1"),
+                                          ("x", "is not N, A-B")])
+def test_a_bad_spec_s_form_is_refused_before_the_model_is_known(spec, message):
+    with pytest.raises(BadInput, match=message):
+        parse_layers(spec, None)
+
+
+def test_stage4_names_the_layers_a_model_was_trained_under_and_verifies_them(layered_runs, tmp_path):
+    import shutil
+
+    from ablate.results import rundir
+    from ablate.results.finetuned import stage3_record, trained_with
+    from ablate.results.verified import verified_metrics
+
+    runs, found = layered_runs
+    (s4,) = found["stage4_post_ft_eval"]
+    (entry,) = s4.metrics["checkpoints"]
+    assert entry["train_mask_layers"] == {"layers": "1-2", "num_layers": LAYERS}
+    assert trained_with(entry) == "prefill_bidir in layers 1-2 of 3"
+    original = (s4.path / "metrics.json").read_text()
+    edited = json.loads(original)
+    edited["checkpoints"][0]["train_mask_layers"] = None  # would read as a finetune under every layer
+    (s4.path / "metrics.json").write_text(json.dumps(edited))
+    try:
+        with pytest.raises(BadInput, match="train_mask_layers"):
+            verified_metrics(rundir.load_run(s4.path), runs)
+    finally:
+        (s4.path / "metrics.json").write_text(original)
+    # A layered stage 3 run without summary.json (killed) records no resolved layers: refused, not guessed.
+    (s3,) = found["stage3_finetune_prefill_bidir"]
+    copy = tmp_path / s3.path.parent.name / s3.path.name
+    shutil.copytree(s3.path, copy)
+    (copy / "summary.json").unlink()
+    with pytest.raises(BadInput, match="has no summary.json, which records the layers"):
+        stage3_record(rundir.load_run(copy))
+
+
+def test_the_head_to_head_never_pairs_finetunes_under_other_layers_as_one_mask():
+    from ablate.results.recovery import head_to_head
+
+    def entry(label, mask, layers=None):
+        return {"label": label, "train_mask": mask,
+                "train_mask_layers": layers and {"layers": layers, "num_layers": 30}}
+
+    correct = {name: {"t": {0: True, 1: False, 2: True}} for name in ("c", "full", "early")}
+    causal, full, early = entry("c", "causal"), entry("full", "prefill_bidir"), entry("early", "prefill_bidir", "0-9")
+    assert head_to_head([causal, early], correct)["after"] == "early"
+    assert head_to_head([causal, full], correct)["after"] == "full"
+    assert head_to_head([causal, full, early], correct) is None  # two trainings under the mask: no single pair

@@ -11,7 +11,7 @@ import torch
 from lm_eval.api.instance import Instance
 
 from ablate.core.lm_eval_model import PrefillMaskLM
-from ablate.core.masks import _mask_kinds
+from ablate.core.masks import mask_kinds as _mask_kinds
 from ablate.core.models import load_model
 from ablate.core.packing import Row, pack, unique_tokens, unshared_tokens
 

@@ -5,10 +5,13 @@
 
 from __future__ import annotations
 
+from ablate.results.finetuned import trained_with
+from ablate.results.status import mask_name
+
 
 def summary_table(metrics: dict) -> str:
     baseline = metrics.get("baseline") or {}
-    lines = [f"{metrics['stage']}  model={metrics['model']}  mask={metrics['mask']}"]
+    lines = [f"{metrics['stage']}  model={metrics['model']}  mask={mask_name(metrics)}"]
     header = f"{'task':<16}{'acc':>9}{'stderr':>9}{'chance':>8}{'n':>7}"
     if baseline.get("run"):
         header += f"{'stage1':>9}{'delta':>9}{'retention':>10}"
@@ -39,12 +42,13 @@ def _ci(pair):
 
 
 def recovery_table(metrics: dict) -> str:
-    lines = [f"stage 4 under {metrics['mask']}; stage 1: {metrics['stage1_run']}; "
+    lines = [f"stage 4 under {mask_name(metrics)}; stage 1: {metrics['stage1_run']}; "
              f"stage 2: {metrics['stage2_run'] or 'none (' + str(metrics['stage2_reason']) + ')'}"]
     for entry in metrics["checkpoints"]:
         checkpoint = (f"  [checkpoint at step {entry['step']} of a {entry['run_status']} run, not its final model]"
                       if entry["scored"] == "checkpoint" else "")
-        lines.append(f"\n{entry['label']}{'  [LEAKY]' if entry['leaky'] else ''}{checkpoint}")
+        trained = f"  [trained with {trained_with(entry)}]" if entry.get("train_mask_layers") else ""
+        lines.append(f"\n{entry['label']}{trained}{'  [LEAKY]' if entry['leaky'] else ''}{checkpoint}")
         lines.append(f"{'task':<16}{'s1':>7}{'s2':>7}{'s4':>7}  {'retention':<22}{'gap_closed':<22}p(s4 vs s2)")
         rec = entry["recovery"]
         for name, r in [*rec["tasks"].items(), ("macro", rec["macro"])]:
@@ -73,10 +77,10 @@ def study_table(m1: dict, m2: dict, m4: dict, seconds: dict[str, float]) -> str:
     for task in m1["tasks"]:
         t1, t2 = m1["tasks"][task], m2["tasks"][task]
         lines += [f"task {task}: n={t1['n']}, chance {_num(t1['chance'])}; accuracy with its 95% Wilson interval",
-                  f"  {'stage 1  causal':<54}{acc(t1)}", f"  {'stage 2  ' + m2['mask']:<54}{acc(t2)}"]
+                  f"  {'stage 1  causal':<54}{acc(t1)}", f"  {'stage 2  ' + mask_name(m2):<54}{acc(t2)}"]
         for entry in m4["checkpoints"]:
             what = "" if entry["scored"] == "final" else f" (checkpoint {entry['step']})"
-            lines.append(f"  {'stage 4  finetuned ' + entry['train_mask'] + what + ', read ' + m4['mask']:<54}"
+            lines.append(f"  {'stage 4  finetuned ' + trained_with(entry) + what + ', read ' + mask_name(m4):<54}"
                          f"{acc(entry['tasks'][task])}")
         paired = ((m2.get("baseline") or {}).get("paired") or {}).get("tasks", {}).get(task)
         if paired:
@@ -91,7 +95,8 @@ def study_table(m1: dict, m2: dict, m4: dict, seconds: dict[str, float]) -> str:
                 verdict = "causal finetuning beat finetuning with the mask"
             else:
                 verdict = "no established difference between the two finetunes at this budget"
-            lines.append(f"  stage 4, prefill_bidir-finetuned - causal-finetuned, both read {m4['mask']}:\n"
+            after = next(e for e in m4["checkpoints"] if e["label"] == m4["head_to_head"]["after"])
+            lines.append(f"  stage 4, {trained_with(after)}-finetuned - causal-finetuned, both read {mask_name(m4)}:\n"
                          f"    {diff(h2h)}: {verdict}")
     lines.append("wall time: " + ", ".join(f"{name} {s:.0f} s" for name, s in seconds.items()))
     return "\n".join(lines)

@@ -38,7 +38,7 @@ def masked_greedy(model, mask_name: str, input_ids: torch.Tensor, attention_mask
     prompt = torch.full((batch,), length, device=input_ids.device)  # with left padding the prompt ends every row
     mask = model_attention_mask(model.config, mask_name, attention_mask.bool(), prompt, model.dtype)
     cache = DynamicCache(config=model.config)
-    with forward_masks(model, mask_name, attention_mask.bool(), prompt, model.dtype):
+    with forward_masks(model, mask_name, attention_mask.bool(), prompt, model.dtype, built=mask):
         logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                        use_cache=True).logits[:, -1]
     per_layer = installed(model)  # decoding: every mask gives a new token the whole prefix, in every layer

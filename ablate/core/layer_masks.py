@@ -24,6 +24,7 @@ from contextlib import contextmanager
 
 import torch
 
+from ablate.core.models import base_model
 from ablate.errors import BadInput
 
 _ITEM = re.compile(r"^(?:(\d+)|(\d+)-(\d+)|(first|last):(\d+)|(all))$")
@@ -34,8 +35,9 @@ def num_layers(config) -> int:
     return int(text.num_hidden_layers)
 
 
-def parse_layers(spec: str, layers: int) -> tuple[int, ...]:
-    """The sorted layer indices ``spec`` names among ``layers`` decoder layers. Raises BadInput (one line)."""
+def parse_layers(spec: str, layers: int | None) -> tuple[int, ...]:
+    """The sorted layer indices ``spec`` names among ``layers`` decoder layers. Raises BadInput (one line).
+    ``layers`` None: the spec's form only, before the model's layer count is known (returns ``()``)."""
     if not isinstance(spec, str) or not spec.strip():
         raise BadInput("--mask-layers is empty; give e.g. 0-7, 0,2,4, first:4, last:4 or all")
     chosen: set[int] = set()
@@ -44,24 +46,27 @@ def parse_layers(spec: str, layers: int) -> tuple[int, ...]:
         if not match:
             raise BadInput(f"--mask-layers item '{item}' is not N, A-B, first:K, last:K or all (layers 0-based)")
         single, start, end, side, count, every = match.groups()
-        if every:
-            chosen.update(range(layers))
+        if start is not None and int(start) > int(end):
+            raise BadInput(f"--mask-layers range '{item}' runs backwards; write {end}-{start}")
+        if side is not None and not 1 <= int(count) <= (layers or int(count)):
+            raise BadInput(f"--mask-layers '{item}': " + (f"the model has {layers} layers, so K must be 1 to {layers}"
+                                                           if layers else "K must be at least 1"))
+        if layers is None:  # the form only
             continue
-        if single is not None:
+        if every:
+            picked = list(range(layers))
+        elif single is not None:
             picked = [int(single)]
         elif start is not None:
-            a, b = int(start), int(end)
-            if a > b:
-                raise BadInput(f"--mask-layers range '{item}' runs backwards; write {b}-{a}")
-            picked = list(range(a, b + 1))
+            picked = list(range(int(start), min(int(end), layers) + 1))
+            if int(end) >= layers:
+                picked.append(int(end))  # named, so refused below
         else:
             k = int(count)
-            if not 1 <= k <= layers:
-                raise BadInput(f"--mask-layers '{item}': the model has {layers} layers, so K must be 1 to {layers}")
             picked = list(range(k)) if side == "first" else list(range(layers - k, layers))
         outside = [i for i in picked if i >= layers]
         if outside:
-            raise BadInput(f"--mask-layers '{item}' names layer {outside[0]}, but the model has {layers} layers "
+            raise BadInput(f"--mask-layers '{item}' names layer {min(outside)}, but the model has {layers} layers "
                            f"(0 to {layers - 1})")
         chosen.update(picked)
     return tuple(sorted(chosen))
@@ -161,7 +166,7 @@ def install(model, spec: str | None) -> tuple[int, ...] | None:
     """Per-layer masks on ``model`` (its base model under a peft wrapper) for ``spec``, replacing any installed
     before; None: none (every layer takes the mask the forward passes). Returns the resolved layers. Raises
     BadInput for a bad spec (then nothing changes)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     layers = None if spec is None else parse_layers(spec, num_layers(base.config))  # before anything changes
     if getattr(base, "ablate_layer_masks", None) is not None:  # another run's layers on the same model object
         base.ablate_layer_masks.remove()
@@ -177,27 +182,33 @@ def check_spec(spec: str | None, model) -> tuple[int, ...] | None:
 
 
 def installed(model) -> LayerMasks | None:
-    model = getattr(model, "module", model)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(base, "ablate_layer_masks", None)
+    return getattr(base_model(model), "ablate_layer_masks", None)
 
 
 def forward_masks(model, mask_name: str, attention_mask: torch.Tensor, prefix_lens: torch.Tensor,
                   dtype: torch.dtype, segments: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                  rows: bool = False):
+                  rows: bool = False, built=None):
     """The context a forward under ``mask_name`` runs in on ``model``: per-layer masks where installed (the mask in
-    the chosen layers, causal elsewhere), else a no-op. Use it around the forward that passes the single mask."""
+    the chosen layers, causal elsewhere), else a no-op. Use it around the forward that passes the single mask;
+    ``built``: that mask (``model_attention_mask``'s or ``packed_rows_mask``'s), reused rather than built again."""
     from contextlib import nullcontext
 
-    from ablate.core.masks import masks_by_kind
+    from ablate.core.masks import mask_kinds, masks_by_kind
 
     layer_masks = installed(model)
     if layer_masks is None or mask_name == "causal":  # causal everywhere is causal in every layer
         return nullcontext() if layer_masks is None else layer_masks.stock()
-    config = (model.module if hasattr(model, "module") else model).config
+    config = base_model(model).config
     build = dict(attention_mask=attention_mask, prefix_lens=prefix_lens, dtype=dtype, segments=segments,
                  positions=positions, rows=rows)
-    return layer_masks.apply(masks_by_kind(config, mask_name, **build), masks_by_kind(config, "causal", **build))
+    if isinstance(built, dict):  # the {kind: mask} mapping of models declaring layer_types
+        ablated = built
+    elif built is not None and not (isinstance(built, torch.Tensor) and built.ndim == 2) \
+            and len(mask_kinds(config)) == 1:  # one 4D mask (or flex BlockMask), for the one kind of layer
+        ablated = {mask_kinds(config)[0]: built}
+    else:  # a 2D padding mask (the model would build its own) or nothing given
+        ablated = masks_by_kind(config, mask_name, **build)
+    return layer_masks.apply(ablated, masks_by_kind(config, "causal", **build))
 
 
 def same_layers(metrics: dict, spec: str | None) -> bool:

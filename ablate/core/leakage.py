@@ -88,7 +88,7 @@ def response_loss(model, batch: dict, mask_name: str) -> float:
     was_training = model.training
     model.eval()
     with torch.no_grad(), forward_masks(model, mask_name, real, batch["prefix_len"], dtype,
-                                        batch.get("segments"), batch.get("position_ids"), rows=packed):
+                                        batch.get("segments"), batch.get("position_ids"), rows=packed, built=mask):
         loss = model(input_ids=batch["input_ids"], attention_mask=mask, labels=batch["labels"], **extra).loss
     model.train(was_training)
     return float(loss)

@@ -231,7 +231,7 @@ class PrefillMaskLM(HFLM):
             dtype=self.mixed_precision_dtype,
             enabled=self.mixed_precision_dtype is not None,
         ), layer_masks.forward_masks(self.model, mask_name, padding, prefix_lens, self.model.dtype,
-                                     segments=segments, positions=positions):
+                                     segments=segments, positions=positions, built=mask):
             return self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
 
     def _check_mask_once(self, pairs: list[tuple[list[int], list[int]]]) -> None:

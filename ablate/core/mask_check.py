@@ -31,6 +31,7 @@ import torch
 import transformers
 
 from ablate.core import layer_masks
+from ablate.core.models import base_model
 from ablate.errors import BadInput
 
 ROWS = 3  # rows checked
@@ -112,7 +113,7 @@ def masks_forward(model, autocast_dtype: torch.dtype | None = None) -> Forward:
         dtype = next(model.parameters()).dtype
         mask = model_attention_mask(model.config, mask_name, padding, prefix, dtype)
         with torch.no_grad(), _autocast(device, autocast_dtype), \
-                layer_masks.forward_masks(model, mask_name, padding, prefix, dtype):
+                layer_masks.forward_masks(model, mask_name, padding, prefix, dtype, built=mask):
             return model(input_ids=ids, attention_mask=mask).logits
 
     return forward
@@ -129,7 +130,7 @@ def _autocast(device, dtype):
 @contextmanager
 def _eager(model):
     """The same model object on the eager attention path, switched back afterwards."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper
+    base = base_model(model)
     before = base.config._attn_implementation
     if before != "eager":
         base.set_attn_implementation("eager")
@@ -193,7 +194,7 @@ def check_mask(model, mask_name: str, rows: list[CheckRow], forward: Forward | N
     Returns the JSON-able record; with ``strict`` raises ``MaskCheckFailed`` (one line) when it fails.
     """
     forward = forward or masks_forward(model, autocast_dtype)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     per_layer = layer_masks.installed(model)
     record = {
         "mask": mask_name, "where": where, "backend": base.config._attn_implementation, "reference": "eager",

@@ -97,7 +97,7 @@ def check_attention_backend(mask_name: str, attn_implementation: str | None) -> 
         )
 
 
-def _mask_kinds(config) -> list[str]:
+def mask_kinds(config) -> list[str]:
     layer_types = getattr(config, "layer_types", None)
     if layer_types:
         return sorted(set(layer_types))
@@ -228,7 +228,7 @@ def _build(config, mask_name: str, attention_mask: torch.Tensor, block_ids: torc
     embeds = torch.empty(batch, length, 0, dtype=dtype, device=attention_mask.device)
     kwargs = dict(config=config, inputs_embeds=embeds, attention_mask=attention_mask, block_sequence_ids=block_ids,
                   **{_CACHE_KWARG: None})
-    kinds = _mask_kinds(config)
+    kinds = mask_kinds(config)
     unknown = [k for k in kinds if k not in ("full_attention", "sliding_attention")]
     if unknown:
         raise BadInput(f"mask '{mask_name}' does not support layer types {unknown} of this model")

@@ -63,10 +63,17 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def base_model(model):
+    """The transformers model under a DistributedDataParallel wrapper (a training step's) or a peft one."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def resolved(model) -> dict:
     """What transformers resolved a loaded model to: its parameters' dtype and ``config._attn_implementation``
     (its only accessor in transformers 5; e.g. a flash attention request served by a hub kernel)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper
+    base = base_model(model)
     return {"dtype": str(base.dtype).removeprefix("torch."), "attn_implementation": base.config._attn_implementation}
 
 

@@ -28,6 +28,8 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from ablate.core.models import base_model
+
 ROW_SDPA = "ablate_row_sdpa"
 # Implementations that have a per-row form here: stage 3 packs into one sequence per micro-batch under these.
 ROW_ATTENTION = {"sdpa": ROW_SDPA}
@@ -73,11 +75,6 @@ def row_sdpa_forward(module, query, key, value, attention_mask, row_spans=None, 
 
 AttentionInterface.register(ROW_SDPA, row_sdpa_forward)
 AttentionMaskInterface.register(ROW_SDPA, sdpa_mask)  # masks in sdpa's format (the per-row path slices them)
-
-
-def base_model(model):
-    model = getattr(model, "module", model)  # DistributedDataParallel
-    return model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper
 
 
 def has_row_attention(model) -> bool:

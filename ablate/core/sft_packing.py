@@ -134,7 +134,9 @@ def unpack(values: torch.Tensor, batch: dict) -> torch.Tensor:
 
 def packing_refusal(model) -> str | None:
     """Why packing cannot be exact for this model (then stage 3 pads), or None."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper
+    from ablate.core.models import base_model
+
+    base = base_model(model)
     impl = base.config._attn_implementation
     if impl not in PACKABLE_ATTENTION:
         return f"attention implementation '{impl}' takes no 4D mask that keeps packed rows apart"
@@ -160,7 +162,8 @@ def packed_forward(model, autocast_dtype: torch.dtype | None = None):
                                 batch["segments"], batch["position_ids"], next(model.parameters()).dtype)
         autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
         per_layer = forward_masks(model, mask_name, batch["attention_mask"].bool(), batch["prefix_len"],
-                                  next(model.parameters()).dtype, batch["segments"], batch["position_ids"], rows=True)
+                                  next(model.parameters()).dtype, batch["segments"], batch["position_ids"], rows=True,
+                                  built=mask)
         with torch.no_grad(), autocast, rows_attention(model) as per_row, per_layer:
             spans = {"row_spans": row_spans(batch["segments"])} if per_row else {}
             logits = model(input_ids=batch["input_ids"], attention_mask=mask,

@@ -31,6 +31,7 @@ import statistics
 from pathlib import Path
 
 from ablate.results import rundir
+from ablate.results.finetuned import trained_with
 from ablate.results.rundir import STAGE1, STAGE2, STAGE4
 from ablate.results.verified import verified_runs
 
@@ -151,7 +152,7 @@ def aggregate(runs_dir: Path, damaged: list[str] | None = None, stages: dict | N
             training, seed = found
             trained[entry.get("label")] = training
             seeds[entry.get("label")] = entry.get("train_seed", seed)
-            label = {"stage": STAGE4, "train_mask": entry["train_mask"], "mask": m["mask"],
+            label = {"stage": STAGE4, "train_mask": trained_with(entry), "mask": m["mask"],
                      "mask_layers": m.get("mask_layers"), "comparison": _across_seeds(m, across_data),
                      "training": training, **extra}
             add(label, json.dumps(label, sort_keys=True, default=str), entry.get("train_seed", seed),

@@ -47,13 +47,16 @@ def stage3_record(run: rundir.Run) -> dict:
         raise BadInput(f"stage 3 run {run.path} has no readable config.json; restore it")
     if run.summary is not None:
         summary = run.summary
-        record = {k: summary.get(k) for k in ("mask", "leaky", "model", "model_identity")}
+        record = {k: summary.get(k) for k in ("mask", "mask_layers", "leaky", "model", "model_identity")}
     else:
+        if config.get("mask_layers") is not None:  # only a summary records the layers as resolved on the model
+            raise BadInput(f"stage 3 run {run.path} trained under --mask-layers {config['mask_layers']} and has no "
+                           "summary.json, which records the layers it resolved; resume it to score it")
         if config_digest(config) != info.get("config_sha256"):
             raise BadInput(f"{Path(run.path) / 'config.json'} holds other settings than stage 3 started with (its "
                            "run.json records their digest); restore it")
         mask = config.get("mask")
-        record = {"mask": mask, "leaky": LEAKS.get(mask), "model": config.get("model"),
+        record = {"mask": mask, "mask_layers": None, "leaky": LEAKS.get(mask), "model": config.get("model"),
                   "model_identity": info.get("model_identity")}
     record["seed"] = config.get("seed")
     if run.stage != rundir.STAGE3_PREFIX + str(record["mask"]) or not isinstance(record["leaky"], bool):
@@ -62,3 +65,12 @@ def stage3_record(run: rundir.Run) -> dict:
     if not record["model_identity"] or not record["model"]:
         raise BadInput(f"stage 3 run {run.path} does not record its base model and its identity; rerun stage 3")
     return record
+
+
+def trained_with(entry: dict) -> str:
+    """A stage 4 entry's training mask in words, with its layers when it trained under --mask-layers
+    (``prefill_bidir in layers 0-9 of 30``): what its results are shown and compared under."""
+    layers = entry.get("train_mask_layers")
+    if isinstance(layers, dict):
+        return f"{entry['train_mask']} in layers {layers.get('layers')} of {layers.get('num_layers')}"
+    return str(entry["train_mask"])

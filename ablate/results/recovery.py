@@ -285,11 +285,13 @@ def head_to_head(results: list[dict], correct: dict) -> dict | None:
     The study's question in one comparison: at the same budget, does training with the mask beat training
     without it? Paired over the same documents (``paired_difference``: causal-finetuned = before,
     mask-finetuned = after). ``results``: stage 4's checkpoint entries; ``correct``: label -> task ->
-    {doc_id: correct}. None unless exactly one checkpoint of each mask was scored.
+    {doc_id: correct}. None unless exactly one checkpoint of each training mask, with its layers, was scored.
     """
+    from ablate.results.finetuned import trained_with
+
     by_mask: dict[str, list[dict]] = {}
     for entry in results:
-        by_mask.setdefault(entry["train_mask"], []).append(entry)
+        by_mask.setdefault(trained_with(entry), []).append(entry)
     others = sorted(set(by_mask) - {"causal"})
     if len(by_mask.get("causal", [])) != 1 or len(others) != 1 or len(by_mask[others[0]]) != 1:
         return None

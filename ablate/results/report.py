@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ablate.results import rundir
 from ablate.results.curves import plot_curves
+from ablate.results.finetuned import trained_with
 from ablate.results.environment import provenance
 from ablate.results.rundir import STAGE1, STAGE2, STAGE3_PREFIX, STAGE4
 from ablate.results.status import (DAMAGE, TRAIN_MASKS, ablation, collect, latest, mask_name, number,
@@ -104,8 +105,8 @@ def stage4_section(shown: list[rundir.Run]) -> list[str]:
 def _what(entry: dict) -> str:
     """A scored model in a heading: ``finetuned with `causal```, or the checkpoint of a run of some status."""
     if entry["scored"] == "final":
-        return f"Finetuned with `{entry['train_mask']}`"
-    return f"Checkpoint at step {entry['step']} of a {entry['run_status']} `{entry['train_mask']}` run"
+        return f"Finetuned with `{trained_with(entry)}`"
+    return f"Checkpoint at step {entry['step']} of a {entry['run_status']} `{trained_with(entry)}` run"
 
 
 def _stage4_run(s4: rundir.Run) -> list[str]:
@@ -149,7 +150,7 @@ def head_to_head_section(m: dict) -> list[str]:
         return []
     entries = {e["label"]: e for e in m["checkpoints"]}
     after, before = entries[h["after"]], entries[h["before"]]
-    train = after["train_mask"]
+    train = trained_with(after)
     out = [f"### {_what(after)} vs {_what(before)[0].lower() + _what(before)[1:]}, both under `{m['mask']}`", "",
            f"Same documents{', same budget' if after['scored'] == before['scored'] == 'final' else ''}: "
            f"`{h['after']}` against `{h['before']}`. Ratio: "
@@ -207,8 +208,8 @@ def plot(path: Path, s1, s2, s4s) -> list[str]:
         series.append((f"stage 2: {mask_name(s2.metrics)}", s2.metrics["tasks"], bool(s2.metrics.get("leaky"))))
     for s4 in s4s or []:
         for entry in s4.metrics["checkpoints"]:
-            what = (f"finetuned {entry['train_mask']}" if entry["scored"] == "final" else
-                    f"{entry['train_mask']} checkpoint, step {entry['step']} ({entry['run_status']} run)")
+            what = (f"finetuned {trained_with(entry)}" if entry["scored"] == "final" else
+                    f"{trained_with(entry)} checkpoint, step {entry['step']} ({entry['run_status']} run)")
             series.append((f"stage 4: {what}, read {mask_name(s4.metrics)}", entry["tasks"], entry["leaky"]))
     series = [(label + (" (LEAKY)" if leaky else ""), per_task, leaky) for label, per_task, leaky in series]
     if not series:

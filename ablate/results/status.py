@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ablate.results import rundir
 from ablate.results.environment import provenance
+from ablate.results.finetuned import trained_with
 from ablate.results.rundir import STAGE1, STAGE2, STAGE3_PREFIX, STAGE4
 from ablate.results.verified import verified_runs
 
@@ -141,9 +142,9 @@ def scored(entry: dict) -> str:
     """What a stage 4 entry scored, in words: a stage 3 run's final model, or a checkpoint of it, which is never
     shown as the finetuned model's result without saying so."""
     if entry["scored"] == "final":
-        return f"finetuned with `{entry['train_mask']}` (`{entry['checkpoint']}`)"
+        return f"finetuned with `{trained_with(entry)}` (`{entry['checkpoint']}`)"
     why = f": {entry['run_reason']}" if entry["run_reason"] else ""
-    return (f"**checkpoint** at step {entry['step']} of the `{entry['train_mask']}` run `{entry['checkpoint']}` "
+    return (f"**checkpoint** at step {entry['step']} of the `{trained_with(entry)}` run `{entry['checkpoint']}` "
             f"(a {entry['run_status']} run{why}), not its final model")
 
 

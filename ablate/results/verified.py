@@ -235,6 +235,7 @@ def _stage3_copies(file: Path, at: str, entry: dict, runs_dir: Path) -> None:
         raise BadInput(f"{file}: {exc}") from None
     model_dir = Path(entry["model_dir"])
     _same(file, at + "train_mask", entry["train_mask"], trained["mask"], source)
+    _same(file, at + "train_mask_layers", entry.get("train_mask_layers"), trained["mask_layers"], source)
     _same(file, at + "leaky", entry["leaky"], trained["leaky"], source)
     _same(file, at + "train_seed", entry["train_seed"], trained["seed"], source)
     _same(file, at + "label", entry["label"], stage4_label(trained["mask"], found.name, model_dir),

@@ -58,7 +58,7 @@ def takes_logits_to_keep(model) -> bool:
     """Whether the model's forward can compute its head at chosen positions only (transformers' causal LMs)."""
     import inspect
 
-    from ablate.core.row_attention import base_model
+    from ablate.core.models import base_model
 
     return "logits_to_keep" in inspect.signature(base_model(model).forward).parameters
 
@@ -76,6 +76,7 @@ class MaskedTrainer(Trainer):
         self.eval_collator = eval_collator or self.data_collator
         self.fed = None  # [real tokens, positions, head positions] on the device, summed without a sync per step
         self._step_contexts: ExitStack | None = None  # a training step's attention contexts (compute_loss's)
+        self.head_positions: bool | None = None  # whether the forward takes logits_to_keep (read at the first step)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
@@ -84,7 +85,9 @@ class MaskedTrainer(Trainer):
         dtype = next(model.parameters()).dtype
         real = inputs["attention_mask"].bool()
         head = inputs["labels"].numel()
-        if model.training and takes_logits_to_keep(model) and (kept := supervised_logits(inputs["labels"])):
+        if self.head_positions is None:
+            self.head_positions = takes_logits_to_keep(model)  # once: the forward's signature does not change
+        if model.training and self.head_positions and (kept := supervised_logits(inputs["labels"])):
             # The head (vocabulary-wide logits) only where a next token is supervised; the same loss, exactly.
             inputs["logits_to_keep"], inputs["shift_labels"] = kept
             head = kept[1].numel()
@@ -101,7 +104,8 @@ class MaskedTrainer(Trainer):
                 inputs["row_spans"] = row_spans(segments)
                 per_row = rows_attention(model)
         per_layer = forward_masks(model, self.mask_name, real, prefix_len, dtype, segments,
-                                  inputs.get("position_ids"), rows=segments is not None)
+                                  inputs.get("position_ids"), rows=segments is not None,
+                                  built=inputs["attention_mask"])
         if self._step_contexts is not None:  # training: held through the backward too, where gradient
             self._step_contexts.enter_context(per_row)  # checkpointing runs each layer's forward again
             self._step_contexts.enter_context(per_layer)

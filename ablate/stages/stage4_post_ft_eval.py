@@ -308,6 +308,7 @@ def _entry(run_dir: Path, finetune: Finetuned, ablated: dict, causal: dict | Non
         "run_status": str(run.status),
         "run_reason": run.reason or None,
         "train_mask": finetune.trained["mask"],
+        "train_mask_layers": finetune.trained["mask_layers"],  # None: trained under the mask in every layer
         "train_seed": finetune.trained["seed"],
         "leaky": finetune.trained["leaky"],
         "save_format": None if checkpoint else (summary.get("save") or {}).get("format"),

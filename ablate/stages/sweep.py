@@ -95,7 +95,7 @@ def render(result: dict) -> str:
         verdict = ("drop established" if p["delta_excludes_0"] and p["delta"] < 0 else
                    "gain established" if p["delta_excludes_0"] else "not established")
         lines.append(f"{r['layers']:<16}{r['count']:>4}{r['acc']:>9.3f}{p['delta']:>+11.3f}  "
-                     f"[{lo:+.3f}, {hi:+.3f}]{'':<1}{p['mcnemar']['p_value']:>10.3g}  {verdict}")
+                     f"[{lo:+.3f}, {hi:+.3f}] {p['mcnemar']['p_value']:>10.3g}  {verdict}")
     return "\n".join(lines)
 
 
