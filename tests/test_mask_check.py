@@ -80,8 +80,8 @@ def test_the_sliding_layers_are_checked(tiny_models, name, monkeypatch):
     # A reference that forgot the window differs from the run: the sliding layers are in the comparison.
     model = load(tiny_models, name)
     windowed = mask_check.reference_mask
-    monkeypatch.setattr(mask_check, "reference_mask", lambda name, *args, window=None: windowed(
-        name, *args, window=window if name == "causal" else None))  # the causal calibration keeps it
+    monkeypatch.setattr(mask_check, "reference_mask", lambda name, *args, window=None, **kw: windowed(
+        name, *args, window=window if name == "causal" else None, **kw))  # the causal calibration keeps it
     record = check_mask(model, "prefill_bidir", ROWS, strict=False)
     assert record["max_diff"] > record["tolerance"] and not record["passed"]
 

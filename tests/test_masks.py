@@ -45,8 +45,9 @@ def test_rows_after_prompt_are_causal_and_prompt_is_bidirectional():
 
 
 def test_padding_is_never_attended():
+    segments = torch.tensor([[0, 0, 1, 1, 1, 2], [0, 1, 1, 1, 1, 1]])  # what segment masks read
     for name in MASKS:
-        got = dense_mask(name, torch.tensor([6, 6]), PADDED)  # prefix even covering the padding
+        got = dense_mask(name, torch.tensor([6, 6]), PADDED, segments)  # prefix even covering the padding
         assert not got[1, :, 4:].any(), name
 
 

@@ -36,12 +36,15 @@ SHAPES = [(17, 5), (9, 0), (12, 11), (5, 2), (14, 7), (6, 1)]
 PACK_LENGTH = 24
 
 
-def rows(shapes=SHAPES, seed=0):
+def rows(shapes=SHAPES, seed=0, segments=False):
+    """``segments``: each prompt also cut into up to three segments (what segment masks read)."""
     rng = random.Random(seed)
     out = []
     for length, prefix in shapes:
         ids = [1] + [rng.randrange(3, 500) for _ in range(length - 1)]
         out.append({"input_ids": ids, "labels": [-100] * prefix + ids[prefix:], "prefix_len": prefix})
+        if segments:
+            out[-1]["prompt_segments"] = tuple(min(t * 3 // max(prefix, 1), 2) for t in range(prefix))
     return out
 
 
@@ -178,7 +181,7 @@ def row_blocks(dense, packed):
 @pytest.mark.parametrize("mask", sorted(MASKS))
 @pytest.mark.parametrize("window", [None, 4])
 def test_a_row_sees_only_itself_and_there_exactly_its_own_mask(mask, window):
-    batch = rows()
+    batch = rows(segments=MASKS[mask].needs_segments)
     packed = PackingCollator(0, PACK_LENGTH)(batch)
     dense = dense_packed_mask(mask, packed, window)
     segments = packed["segments"]
@@ -188,10 +191,13 @@ def test_a_row_sees_only_itself_and_there_exactly_its_own_mask(mask, window):
     assert dense.any(-1).all()  # every query, padding too, sees something (no NaN from an empty softmax row)
     for row, block in zip(batch, row_blocks(dense, packed)):
         n, prefix = len(row["input_ids"]), row["prefix_len"]
-        definition = reference_mask(mask, [n], [prefix], n, torch.float32, window=window)[0, 0] == 0
+        own = [list(row["prompt_segments"])] if "prompt_segments" in row else None
+        definition = reference_mask(mask, [n], [prefix], n, torch.float32, window=window, segments=own)[0, 0] == 0
         assert torch.equal(block, definition)
         if window is None:  # and what the unpacked builder gives the row alone
-            assert torch.equal(block, dense_mask(mask, torch.tensor([prefix]), torch.ones(1, n, dtype=torch.bool))[0])
+            alone = None if own is None else torch.tensor([own[0] + [-1] * (n - prefix)])
+            assert torch.equal(block, dense_mask(mask, torch.tensor([prefix]), torch.ones(1, n, dtype=torch.bool),
+                                                 alone)[0])
 
 
 @pytest.mark.parametrize("pack_length", [PACK_LENGTH, None])
@@ -240,7 +246,7 @@ def test_the_model_formats_hold_the_same_mask_per_layer_kind(impl):
 
 @pytest.mark.parametrize("mask", sorted(MASKS))
 def test_the_guard_gives_packed_rows_the_padded_verdict(mask):
-    batch = rows()
+    batch = rows(segments=MASKS[mask].needs_segments)
     padded, packed = find_leak(mask, Collator(0)(batch)), find_leak(mask, PackingCollator(0, PACK_LENGTH)(batch))
     assert packed == padded
     assert (packed is not None) == MASKS[mask].leaks_labels

@@ -181,11 +181,12 @@ def stage3_summary(summary: dict) -> str:
 
 
 def _read_escapes(flags: dict) -> dict:
-    """A shell passes `\\n` as two characters: the template flags read `\\n` and `\\t` as newline and tab.
+    """A shell passes `\\n` as two characters: the template flags (and --segment-separator) read `\\n` and `\\t`
+    as newline and tab.
 
     Only those two, so a template stays what was typed otherwise; the YAML has its own escapes.
     """
-    templates = ("prompt_template", "response_template")
+    templates = ("prompt_template", "response_template", "segment_separator")
     return {k: v.replace("\\n", "\n").replace("\\t", "\t") if k in templates and v is not None else v
             for k, v in flags.items()}
 

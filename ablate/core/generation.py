@@ -29,16 +29,20 @@ from ablate.core.masks import model_attention_mask
 
 @torch.no_grad()
 def masked_greedy(model, mask_name: str, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  max_new_tokens: int, stopping_criteria, pad_token_id: int, eos_token_ids: list[int]) -> torch.Tensor:
-    """``input_ids`` followed by up to ``max_new_tokens`` greedy tokens per row (the shape generate returns)."""
+                  max_new_tokens: int, stopping_criteria, pad_token_id: int, eos_token_ids: list[int],
+                  prompt_segments: torch.Tensor | None = None) -> torch.Tensor:
+    """``input_ids`` followed by up to ``max_new_tokens`` greedy tokens per row (the shape generate returns);
+    ``prompt_segments``: each prompt token's segment (``segment_bidir``), left-padded with -1 as the prompt."""
     batch, length = input_ids.shape
     attention_mask = attention_mask.long()
     # As transformers.generate: positions count real tokens only, so left padding does not shift them.
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     prompt = torch.full((batch,), length, device=input_ids.device)  # with left padding the prompt ends every row
-    mask = model_attention_mask(model.config, mask_name, attention_mask.bool(), prompt, model.dtype)
+    mask = model_attention_mask(model.config, mask_name, attention_mask.bool(), prompt, model.dtype,
+                                prompt_segments=prompt_segments)
     cache = DynamicCache(config=model.config)
-    with forward_masks(model, mask_name, attention_mask.bool(), prompt, model.dtype, built=mask):
+    with forward_masks(model, mask_name, attention_mask.bool(), prompt, model.dtype, built=mask,
+                       prompt_segments=prompt_segments):
         logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                        use_cache=True).logits[:, -1]
     per_layer = installed(model)  # decoding: every mask gives a new token the whole prefix, in every layer

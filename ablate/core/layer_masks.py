@@ -187,7 +187,7 @@ def installed(model) -> LayerMasks | None:
 
 def forward_masks(model, mask_name: str, attention_mask: torch.Tensor, prefix_lens: torch.Tensor,
                   dtype: torch.dtype, segments: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                  rows: bool = False, built=None):
+                  rows: bool = False, built=None, prompt_segments: torch.Tensor | None = None):
     """The context a forward under ``mask_name`` runs in on ``model``: per-layer masks where installed (the mask in
     the chosen layers, causal elsewhere), else a no-op. Use it around the forward that passes the single mask;
     ``built``: that mask (``model_attention_mask``'s or ``packed_rows_mask``'s), reused rather than built again."""
@@ -200,7 +200,7 @@ def forward_masks(model, mask_name: str, attention_mask: torch.Tensor, prefix_le
         return nullcontext() if layer_masks is None else layer_masks.stock()
     config = base_model(model).config
     build = dict(attention_mask=attention_mask, prefix_lens=prefix_lens, dtype=dtype, segments=segments,
-                 positions=positions, rows=rows)
+                 positions=positions, rows=rows, prompt_segments=prompt_segments)
     if isinstance(built, dict):  # the {kind: mask} mapping of models declaring layer_types
         ablated = built
     elif built is not None and not (isinstance(built, torch.Tensor) and built.ndim == 2) \

@@ -40,7 +40,7 @@ def find_leak(mask_name: str, batch: dict) -> Leak | None:
     a token that reaches another row. "First" is the smallest (row, position, seen position) either way."""
     if "segments" in batch:
         return _packed_leak(mask_name, batch)
-    allowed = dense_mask(mask_name, batch["prefix_len"], batch["attention_mask"].bool())
+    allowed = dense_mask(mask_name, batch["prefix_len"], batch["attention_mask"].bool(), batch.get("prompt_segments"))
     n = allowed.shape[-1]
     supervised = torch.zeros_like(batch["labels"], dtype=torch.bool)
     supervised[:, :-1] = batch["labels"][:, 1:] != -100
@@ -81,14 +81,16 @@ def response_loss(model, batch: dict, mask_name: str) -> float:
     packed = "segments" in batch
     if packed:
         mask = packed_rows_mask(model.config, mask_name, real, batch["prefix_len"], batch["segments"],
-                                batch["position_ids"], dtype)
+                                batch["position_ids"], dtype, batch.get("prompt_segments"))
         extra["position_ids"] = batch["position_ids"]
     else:
-        mask = model_attention_mask(model.config, mask_name, real, batch["prefix_len"], dtype)
+        mask = model_attention_mask(model.config, mask_name, real, batch["prefix_len"], dtype,
+                                    prompt_segments=batch.get("prompt_segments"))
     was_training = model.training
     model.eval()
     with torch.no_grad(), forward_masks(model, mask_name, real, batch["prefix_len"], dtype,
-                                        batch.get("segments"), batch.get("position_ids"), rows=packed, built=mask):
+                                        batch.get("segments"), batch.get("position_ids"), rows=packed, built=mask,
+                                        prompt_segments=batch.get("prompt_segments")):
         loss = model(input_ids=batch["input_ids"], attention_mask=mask, labels=batch["labels"], **extra).loss
     model.train(was_training)
     return float(loss)

@@ -57,6 +57,7 @@ from ablate.core.generation import masked_greedy
 from ablate.core.masks import check_attention_backend, get_mask, model_attention_mask
 from ablate.core.oom import generate_in_halves, half, is_out_of_memory, one_row_error, record_halving
 from ablate.core.packing import Row, pack, unique_tokens, unshared_tokens
+from ablate.core.segments import SegmentCache
 from ablate.errors import BadInput
 from ablate.faults import oom_fault
 
@@ -181,8 +182,11 @@ def _check_request(context_enc: list[int], continuation_enc: list[int], max_leng
 
 @register_model("ablate-hf")
 class PrefillMaskLM(HFLM):
-    def __init__(self, pretrained, mask: str = "causal", mask_layers: str | None = None, **kwargs):
+    def __init__(self, pretrained, mask: str = "causal", mask_layers: str | None = None,
+                 segment_separator: str | None = None, **kwargs):
         self.spec = get_mask(mask)
+        if self.spec.needs_segments and not segment_separator:
+            raise BadInput(f"mask '{mask}' needs the prompt's segments: the tasks' few-shot delimiter")
         if mask_layers is not None and mask == "causal":
             raise BadInput("--mask-layers chooses the layers of a mask other than causal; the causal mask is "
                            "causal in every layer")
@@ -206,6 +210,8 @@ class PrefillMaskLM(HFLM):
         self.decode_positions = 0  # generation: rows x decoding steps of every batch
         self.oom_retries: list[dict] = []  # one entry per halving after an out-of-memory error (ablate.core.oom)
         self.mask_check: dict | None = None  # the runtime mask check (ablate.core.mask_check), non-causal runs
+        # segment_bidir: each prompt's segments, cut after every few-shot delimiter (ablate.core.segments)
+        self.segments = SegmentCache(self.tokenizer, segment_separator) if self.spec.needs_segments else None
 
     def _forward(self, rows: list[Row]) -> torch.Tensor:
         """Logits of packed rows (right-padded), under this run's mask."""
@@ -224,27 +230,34 @@ class PrefillMaskLM(HFLM):
         segments, positions = padded([seg for seg, _ in layouts], -1), padded([pos for _, pos in layouts], 0)
         padding = torch.arange(width, device=self.device)[None, :] < torch.tensor(lengths, device=self.device)[:, None]
         prefix_lens = torch.tensor([len(row.context) for row in rows], device=self.device)
+        prompt_segments = None
+        if rows[0].context_segments is not None:
+            prompt_segments = padded([row.context_segments for row in rows], -1)
         mask = model_attention_mask(self.model.config, mask_name, padding, prefix_lens, self.model.dtype,
-                                    segments=segments, positions=positions)
+                                    segments=segments, positions=positions, prompt_segments=prompt_segments)
         with torch.no_grad(), torch.autocast(
             device_type=self.device.type,
             dtype=self.mixed_precision_dtype,
             enabled=self.mixed_precision_dtype is not None,
         ), layer_masks.forward_masks(self.model, mask_name, padding, prefix_lens, self.model.dtype,
-                                     segments=segments, positions=positions, built=mask):
+                                     segments=segments, positions=positions, built=mask,
+                                     prompt_segments=prompt_segments):
             return self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
 
     def _check_mask_once(self, pairs: list[tuple[list[int], list[int]]]) -> None:
         """Before the first batch of a non-causal run: its mask on a few of these rows, through ``_logits``."""
         if self.mask == "causal" or self.mask_check is not None:
             return
-        from ablate.core.mask_check import check_mask, check_rows
+        from ablate.core.mask_check import check_mask, check_rows, row_segments
 
         def forward(rows, mask_name):  # one continuation per row: the plain (unpacked) layout
-            return self._logits([Row(tokens[:p], [tokens[p:] + [0]]) for tokens, p in rows], mask_name)
+            return self._logits([Row(row[0][:row[1]], [row[0][row[1]:] + [0]], context_segments=row_segments(row))
+                                 for row in rows], mask_name)
 
+        segments = [self.segments(prompt) for prompt, _ in pairs] if self.segments else None
         try:
-            self.mask_check = check_mask(self.model, self.mask, check_rows(pairs), forward, self.mixed_precision_dtype)
+            self.mask_check = check_mask(self.model, self.mask, check_rows(pairs, segments=segments), forward,
+                                         self.mixed_precision_dtype)
         except BadInput as exc:
             self.mask_check = getattr(exc, "result", None) or {"mask": self.mask, "passed": False, "error": str(exc)}
             raise
@@ -301,12 +314,18 @@ class PrefillMaskLM(HFLM):
         if unsupported:  # they would change greedy decoding; silently dropping them would be a different run
             raise ValueError(f"generation kwargs {unsupported} are not supported under mask '{self.mask}'")
         eos = self.model.generation_config.eos_token_id
+        prompt_segments = None
+        if self.segments is not None:  # each row's prompt segments, left-padded as the prompt is
+            prompt_segments = torch.tensor(
+                [[-1] * int((~real.bool()).sum()) + self.segments(row[real.bool()].tolist())
+                 for row, real in zip(context, attention_mask)], device=context.device)
         with torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
                             enabled=self.mixed_precision_dtype is not None):
             return masked_greedy(
                 self.model, self.mask, context, attention_mask, max_length - context.shape[1],
                 stop_sequences_criteria(self.tokenizer, stop, context.shape[1], context.shape[0]),
-                self.tokenizer.pad_token_id, [eos] if isinstance(eos, int) else list(eos or []))
+                self.tokenizer.pad_token_id, [eos] if isinstance(eos, int) else list(eos or []),
+                prompt_segments=prompt_segments)
 
     def _detect_rows(self, row: Row) -> int:
         """``batch_size="auto"``: the most rows like ``row`` (the longest of the call) that fit (lm-eval's search)."""
@@ -341,7 +360,8 @@ class PrefillMaskLM(HFLM):
             _check_request(context_enc, continuation_enc, self.max_length)
             pairs.append((context_enc, continuation_enc))
         self._check_mask_once(pairs)
-        rows, truncated = pack(pairs, self.max_length, share=self.spec.shares_context)
+        segments = [self.segments(context) for context, _ in pairs] if self.segments else None
+        rows, truncated = pack(pairs, self.max_length, share=self.spec.shares_context, segments=segments)
         self.tokens_unique += unique_tokens(rows)
         self.tokens_unshared += unshared_tokens(pairs, self.max_length)
         if self.batch_size == "auto":

@@ -37,6 +37,8 @@ from ablate.errors import BadInput
 ROWS = 3  # rows checked
 CONTEXT_TOKENS = 12  # prompt tokens kept per row (its last ones, so the boundary stays where the run has it)
 CONTINUATION_TOKENS = 4  # tokens kept after the prompt
+SEGMENT_TOKENS = 4  # segment masks: tokens kept of the segment before the prompt's last one ...
+MAX_CHECK_TOKENS = 256  # ... unless that makes the kept prompt longer than this
 CALIBRATION = 10  # the tolerance is this many times the causal run-vs-reference difference ...
 FLOOR_EPS = 4  # ... or this many epsilons of the dtype x the logit scale (at least 1), whichever is larger
 # ... or this share of the mask's own effect on the reference (masked vs causal logits at prompt positions):
@@ -45,8 +47,9 @@ FLOOR_EPS = 4  # ... or this many epsilons of the dtype x the logit scale (at le
 # would call a failure; a fallback to causal misses by the whole effect, a wrong boundary by a large part of it.
 EFFECT_SHARE = 1e-3
 
-# A row is (token ids, prefix length); a forward maps rows (right-padded by it) and a mask name to logits.
-CheckRow = tuple[list[int], int]
+# A row is (token ids, prefix length) or (token ids, prefix length, each prompt token's segment) for masks
+# that read segments (segment_bidir); a forward maps rows (right-padded by it) and a mask name to logits.
+CheckRow = tuple
 Forward = Callable[[list[CheckRow], str], torch.Tensor]
 
 
@@ -58,12 +61,21 @@ class MaskCheckFailed(BadInput):
         self.result = result
 
 
-def _extra_allowed(mask_name: str, in_prompt_q: torch.Tensor, in_prompt_k: torch.Tensor) -> torch.Tensor:
+def row_segments(row: CheckRow) -> list[int] | None:
+    return list(row[2]) if len(row) > 2 and row[2] is not None else None
+
+
+def _extra_allowed(mask_name: str, in_prompt_q: torch.Tensor, in_prompt_k: torch.Tensor,
+                   segment_q: torch.Tensor | None = None, segment_k: torch.Tensor | None = None) -> torch.Tensor:
     """What each mask lets a query see beyond causal attention, from the definitions in docs/masks.md."""
     if mask_name == "causal":
         return torch.zeros_like(in_prompt_q & in_prompt_k)
     if mask_name == "prefill_bidir":  # prompt positions attend to every prompt position
         return in_prompt_q & in_prompt_k
+    if mask_name == "segment_bidir":  # prompt positions attend to every prompt position of their segment
+        if segment_q is None:
+            raise BadInput("the mask check of 'segment_bidir' needs each row's prompt segments")
+        return in_prompt_q & in_prompt_k & (segment_q == segment_k)
     if mask_name == "full_bidir":  # every position attends to every position
         return torch.ones_like(in_prompt_q & in_prompt_k)
     raise BadInput(f"the mask check has no reference definition of mask '{mask_name}' "
@@ -71,10 +83,12 @@ def _extra_allowed(mask_name: str, in_prompt_q: torch.Tensor, in_prompt_k: torch
 
 
 def reference_mask(mask_name: str, lengths: list[int], prefix_lens: list[int], width: int,
-                   dtype: torch.dtype, window: int | None = None) -> torch.Tensor:
+                   dtype: torch.dtype, window: int | None = None,
+                   segments: list[list[int] | None] | None = None) -> torch.Tensor:
     """Additive ``[batch, 1, width, width]`` mask of right-padded rows: 0 may attend, dtype min may not.
 
     Causal attention within ``window`` (a sliding layer), plus the mask's extra reach; padding never.
+    ``segments``: each row's prompt segments (a list per prompt token), for masks that read them.
     """
     q = torch.arange(width)[:, None]
     k = torch.arange(width)[None, :]
@@ -82,8 +96,13 @@ def reference_mask(mask_name: str, lengths: list[int], prefix_lens: list[int], w
     if window is not None:
         causal = causal & (q - k < window)
     masks = []
-    for length, prefix in zip(lengths, prefix_lens, strict=True):
-        allowed = (causal | _extra_allowed(mask_name, q < prefix, k < prefix)) & (k < length)
+    for i, (length, prefix) in enumerate(zip(lengths, prefix_lens, strict=True)):
+        own = segments[i] if segments is not None else None
+        seg_q = seg_k = None
+        if own is not None:
+            seg = torch.tensor(list(own) + [-1] * (width - len(own)))
+            seg_q, seg_k = seg[:, None], seg[None, :]
+        allowed = (causal | _extra_allowed(mask_name, q < prefix, k < prefix, seg_q, seg_k)) & (k < length)
         masks.append(torch.where(allowed, 0.0, torch.finfo(dtype).min))
     return torch.stack(masks)[:, None].to(dtype)
 
@@ -96,9 +115,9 @@ def _layer_windows(config) -> dict[str, int | None]:
 
 
 def _padded(rows: list[CheckRow], device) -> tuple[torch.Tensor, list[int], int]:
-    width = max(len(tokens) for tokens, _ in rows)
-    ids = torch.tensor([tokens + [0] * (width - len(tokens)) for tokens, _ in rows], device=device)
-    return ids, [len(tokens) for tokens, _ in rows], width
+    width = max(len(row[0]) for row in rows)
+    ids = torch.tensor([row[0] + [0] * (width - len(row[0])) for row in rows], device=device)
+    return ids, [len(row[0]) for row in rows], width
 
 
 def masks_forward(model, autocast_dtype: torch.dtype | None = None) -> Forward:
@@ -109,14 +128,23 @@ def masks_forward(model, autocast_dtype: torch.dtype | None = None) -> Forward:
         device = _device(model)
         ids, lengths, width = _padded(rows, device)
         padding = torch.arange(width, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
-        prefix = torch.tensor([p for _, p in rows], device=device)
+        prefix = torch.tensor([row[1] for row in rows], device=device)
+        prompt_segments = _segments_tensor(rows, width, device)
         dtype = next(model.parameters()).dtype
-        mask = model_attention_mask(model.config, mask_name, padding, prefix, dtype)
+        mask = model_attention_mask(model.config, mask_name, padding, prefix, dtype, prompt_segments=prompt_segments)
         with torch.no_grad(), _autocast(device, autocast_dtype), \
-                layer_masks.forward_masks(model, mask_name, padding, prefix, dtype, built=mask):
+                layer_masks.forward_masks(model, mask_name, padding, prefix, dtype, built=mask,
+                                          prompt_segments=prompt_segments):
             return model(input_ids=ids, attention_mask=mask).logits
 
     return forward
+
+
+def _segments_tensor(rows: list[CheckRow], width: int, device) -> torch.Tensor | None:
+    """The rows' prompt segments, right-padded with -1; None when the rows carry none."""
+    if not rows or row_segments(rows[0]) is None:
+        return None
+    return torch.tensor([row_segments(row) + [-1] * (width - len(row[2])) for row in rows], device=device)
 
 
 def _device(model) -> torch.device:
@@ -145,9 +173,12 @@ def _reference(model, rows: list[CheckRow], mask_name: str, autocast_dtype) -> t
     device = _device(model)
     ids, lengths, width = _padded(rows, device)
     dtype = next(model.parameters()).dtype
-    prefix = [p for _, p in rows]
+    prefix = [row[1] for row in rows]
+    segments = [row_segments(row) for row in rows]
+
     def by_kind(name):
-        return {kind: reference_mask(name, lengths, prefix, width, dtype, window=window).to(device)
+        return {kind: reference_mask(name, lengths, prefix, width, dtype, window=window,
+                                     segments=segments).to(device)
                 for kind, window in _layer_windows(model.config).items()}
 
     masks = by_kind(mask_name)
@@ -164,23 +195,36 @@ def _reference(model, rows: list[CheckRow], mask_name: str, autocast_dtype) -> t
 def _max_diff(a: torch.Tensor, b: torch.Tensor, rows: list[CheckRow], prompt_only: bool = False) -> float:
     """Largest |a - b| over the real positions (``prompt_only``: the prompt positions but its last)."""
     out = 0.0
-    for i, (tokens, prefix) in enumerate(rows):
+    for i, (tokens, prefix, *_) in enumerate(rows):
         end = max(prefix - 1, 0) if prompt_only else len(tokens)
         if end:
             out = max(out, float((a[i, :end].float() - b[i, :end].float()).abs().max()))
     return out
 
 
-def check_rows(pairs: list[tuple[list[int], list[int]]], rows: int = ROWS) -> list[CheckRow]:
+def check_rows(pairs: list[tuple[list[int], list[int]]], rows: int = ROWS,
+               segments: list[list[int]] | None = None) -> list[CheckRow]:
     """Short check rows from ``(prompt tokens, what follows)`` pairs: the first ``rows`` distinct ones.
 
-    A prompt of one token gives nothing to compare at prompt positions; such pairs are skipped.
+    A prompt of one token gives nothing to compare at prompt positions; such pairs are skipped. ``segments``:
+    each prompt's token segments (``segment_bidir``), kept with the rows; a kept prompt end that lies in one
+    segment is extended back to ``SEGMENT_TOKENS`` tokens of the segment before, when the prompt has one, so
+    the check sees a boundary between segments.
     """
     out: list[CheckRow] = []
-    for prompt, after in pairs:
-        prompt = list(prompt)[-CONTEXT_TOKENS:]
-        row = (prompt + list(after)[:CONTINUATION_TOKENS], len(prompt))
-        if len(prompt) >= 2 and row not in out:
+    for i, (prompt, after) in enumerate(pairs):
+        prompt = list(prompt)
+        keep = min(CONTEXT_TOKENS, len(prompt))
+        if segments is not None:
+            own = list(segments[i])
+            boundary = max((j for j in range(1, len(own)) if own[j] != own[j - 1]), default=0)
+            if boundary and len(prompt) - boundary >= keep:  # the kept end lies in the last segment only
+                keep = min(len(prompt) - boundary + SEGMENT_TOKENS, MAX_CHECK_TOKENS, len(prompt))
+        start = len(prompt) - keep
+        row = (prompt[start:] + list(after)[:CONTINUATION_TOKENS], keep)
+        if segments is not None:
+            row = (*row, tuple(segments[i][start:]))
+        if keep >= 2 and row not in out:
             out.append(row)
         if len(out) == rows:
             break
@@ -202,7 +246,7 @@ def check_mask(model, mask_name: str, rows: list[CheckRow], forward: Forward | N
            if per_layer else {}),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "device": str(_device(model)),
         "torch": torch.__version__, "transformers": transformers.__version__,
-        "rows": len(rows), "tokens": sum(len(tokens) for tokens, _ in rows),
+        "rows": len(rows), "tokens": sum(len(row[0]) for row in rows),
     }
     if not rows:
         return {**record, "passed": None, "skipped": "no row with a prompt of two tokens or more"}
@@ -247,9 +291,12 @@ def check_training_mask(model, batch: dict, mask: str, rows: int = ROWS,
     ``batch`` holds ``input_ids`` and ``attention_mask`` (right-padded) and ``prefix_len``; the run path
     is the trainer's (``masks_forward``). Raises ``MaskCheckFailed`` when the mask did not take effect.
     """
-    pairs = []
-    for ids, real, prefix in zip(batch["input_ids"], batch["attention_mask"], batch["prefix_len"], strict=True):
+    pairs, segments = [], [] if "prompt_segments" in batch else None
+    for i, (ids, real, prefix) in enumerate(zip(batch["input_ids"], batch["attention_mask"], batch["prefix_len"],
+                                                strict=True)):
         tokens = ids[real.bool()].tolist()
         pairs.append((tokens[: int(prefix)], tokens[int(prefix):]))
-    return check_mask(model, mask, check_rows(pairs, rows), masks_forward(model, autocast_dtype),
+        if segments is not None:
+            segments.append(batch["prompt_segments"][i][: int(prefix)].tolist())
+    return check_mask(model, mask, check_rows(pairs, rows, segments), masks_forward(model, autocast_dtype),
                       autocast_dtype, where="training", strict=strict)

@@ -31,7 +31,8 @@ from transformers import masking_utils
 
 from ablate.errors import BadInput
 
-BlockIdsFn = Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+# (prefix_lens [batch], attention_mask [batch, length], prompt_segments [batch, length] or None) -> block ids or None
+BlockIdsFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], "torch.Tensor | None"]
 
 
 @dataclass(frozen=True)
@@ -44,21 +45,24 @@ class MaskSpec:
     # True when the prompt's keys and values never depend on what follows it, so one computation of a
     # prompt serves every continuation (ablate.core.packing).
     shares_context: bool
+    # True when the mask reads the prompt's segments (``prompt_segments``: each prompt token's segment index).
+    needs_segments: bool = False
 
 
 MASKS: dict[str, MaskSpec] = {}
 
 
-def register(name: str, description: str, leaks_labels: bool = False, shares_context: bool = True):
+def register(name: str, description: str, leaks_labels: bool = False, shares_context: bool = True,
+             needs_segments: bool = False):
     def wrap(fn: BlockIdsFn) -> BlockIdsFn:
-        MASKS[name] = MaskSpec(name, fn, description, leaks_labels, shares_context)
+        MASKS[name] = MaskSpec(name, fn, description, leaks_labels, shares_context, needs_segments)
         return fn
 
     return wrap
 
 
 @register("causal", "every token attends to itself and earlier tokens (the model's native mask)")
-def _causal(prefix_lens: torch.Tensor, attention_mask: torch.Tensor) -> None:
+def _causal(prefix_lens: torch.Tensor, attention_mask: torch.Tensor, prompt_segments=None) -> None:
     return None
 
 
@@ -66,10 +70,28 @@ def _causal(prefix_lens: torch.Tensor, attention_mask: torch.Tensor) -> None:
     "prefill_bidir",
     "prompt tokens attend to each other in both directions; later tokens attend causally",
 )
-def _prefill_bidir(prefix_lens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def _prefill_bidir(prefix_lens: torch.Tensor, attention_mask: torch.Tensor, prompt_segments=None) -> torch.Tensor:
+    return torch.where(_in_prompt(prefix_lens, attention_mask), 0, -1)
+
+
+@register(
+    "segment_bidir",
+    "each segment of the prompt attends to itself in both directions, causally to earlier segments; later "
+    "tokens attend causally",
+    needs_segments=True,
+)
+def _segment_bidir(prefix_lens: torch.Tensor, attention_mask: torch.Tensor,
+                   prompt_segments: torch.Tensor | None) -> torch.Tensor:
+    if prompt_segments is None:
+        raise BadInput("mask 'segment_bidir' needs the prompt's segments (evaluation: the task's few-shot "
+                       "delimiter; stage 3: --segment-separator)")
+    segments = prompt_segments.to(attention_mask.device)
+    return torch.where(_in_prompt(prefix_lens, attention_mask) & (segments >= 0), segments, -1)
+
+
+def _in_prompt(prefix_lens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    in_prefix = positions[None, :] < prefix_lens.to(attention_mask.device)[:, None]
-    return torch.where(in_prefix & attention_mask.bool(), 0, -1)
+    return (positions[None, :] < prefix_lens.to(attention_mask.device)[:, None]) & attention_mask.bool()
 
 
 @register(
@@ -78,7 +100,7 @@ def _prefill_bidir(prefix_lens: torch.Tensor, attention_mask: torch.Tensor) -> t
     leaks_labels=True,
     shares_context=False,
 )
-def _full_bidir(prefix_lens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def _full_bidir(prefix_lens: torch.Tensor, attention_mask: torch.Tensor, prompt_segments=None) -> torch.Tensor:
     return torch.where(attention_mask.bool(), 0, -1)
 
 
@@ -144,6 +166,7 @@ def model_attention_mask(
     dtype: torch.dtype,
     segments: torch.Tensor | None = None,
     positions: torch.Tensor | None = None,
+    prompt_segments: torch.Tensor | None = None,
 ):
     """What to pass as ``attention_mask=`` to a decoder's forward for this mask.
 
@@ -151,62 +174,71 @@ def model_attention_mask(
     the number of prompt tokens of each row. Causal returns the 2D mask untouched,
     so the model takes exactly its stock path. ``segments`` and ``positions``
     describe packed rows (a shared prompt followed by several continuations): the
-    mask then also keeps each continuation to the prompt and itself.
+    mask then also keeps each continuation to the prompt and itself. ``prompt_segments`` (same shape as
+    ``attention_mask``): each prompt token's segment index, -1 elsewhere, for masks that read it
+    (``segment_bidir``).
     """
     check_attention_backend(mask_name, config._attn_implementation)
-    block_ids, same_segment = _tree_parts(mask_name, attention_mask, prefix_lens, segments, positions)
+    block_ids, same_segment = _tree_parts(mask_name, attention_mask, prefix_lens, segments, positions,
+                                          prompt_segments)
     if block_ids is None and same_segment is None:
         return attention_mask
     return _build(config, mask_name, attention_mask, block_ids, dtype, same_segment)
 
 
-def _tree_parts(mask_name, attention_mask, prefix_lens, segments, positions):
+def _tree_parts(mask_name, attention_mask, prefix_lens, segments, positions, prompt_segments=None):
     """Block ids and and-mask of evaluation's layouts: plain rows, or a shared prompt and its continuations."""
-    block_ids = get_mask(mask_name).block_ids(prefix_lens, attention_mask)
+    block_ids = get_mask(mask_name).block_ids(prefix_lens, attention_mask, prompt_segments)
     packed = segments is not None and int(segments.max()) > 1  # one continuation per row is the plain layout
     return block_ids, (lambda window: tree_function(segments, positions, window)) if packed else None
 
 
 def masks_by_kind(config, mask_name: str, attention_mask: torch.Tensor, prefix_lens: torch.Tensor,
                   dtype: torch.dtype, segments: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                  rows: bool = False) -> dict:
+                  rows: bool = False, prompt_segments: torch.Tensor | None = None) -> dict:
     """``{layer kind: 4D mask}`` (``full_attention``, ``sliding_attention``) of ``model_attention_mask``'s layouts
     (``rows``: ``packed_rows_mask``'s), built as they build it, even for ``causal`` (whose plain layout the model
     otherwise builds itself): what ablate.core.layer_masks hands each layer. A kind's mask may be None under sdpa
     (transformers' "no mask needed: causal" answer, which sdpa reads as causal)."""
     check_attention_backend(mask_name, config._attn_implementation)
     if rows:
-        block_ids = packed_block_ids(mask_name, prefix_lens, segments, positions)
+        block_ids = packed_block_ids(mask_name, prefix_lens, segments, positions, prompt_segments)
         same_segment = lambda window: row_function(segments, positions, window)  # noqa: E731
     else:
-        block_ids, same_segment = _tree_parts(mask_name, attention_mask, prefix_lens, segments, positions)
+        block_ids, same_segment = _tree_parts(mask_name, attention_mask, prefix_lens, segments, positions,
+                                              prompt_segments)
     return _build(config, mask_name, attention_mask, block_ids, dtype, same_segment, by_kind=True)
 
 
 def packed_rows_mask(config, mask_name: str, attention_mask: torch.Tensor, prefix_lens: torch.Tensor,
-                     segments: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+                     segments: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype,
+                     prompt_segments: torch.Tensor | None = None):
     """``attention_mask=`` for rows packed side by side (ablate.core.sft_packing): each row sees itself only, and
     within itself exactly what ``mask_name`` gives it unpacked.
 
     ``segments`` holds each token's row (an index into ``prefix_lens``, -1 on padding) and ``positions`` its
     position in its row. Every mask, ``causal`` too, needs the 4D mask here: the 2D padding mask would let a
-    row see the rows before it.
+    row see the rows before it. ``prompt_segments``: as ``model_attention_mask``'s, in the packed layout.
     """
     check_attention_backend(mask_name, config._attn_implementation)
-    block_ids = packed_block_ids(mask_name, prefix_lens, segments, positions)
+    block_ids = packed_block_ids(mask_name, prefix_lens, segments, positions, prompt_segments)
     return _build(config, mask_name, attention_mask, block_ids, dtype,
                   lambda window: row_function(segments, positions, window))
 
 
 def packed_block_ids(mask_name: str, prefix_lens: torch.Tensor, segments: torch.Tensor,
-                     positions: torch.Tensor) -> torch.Tensor | None:
+                     positions: torch.Tensor, prompt_segments: torch.Tensor | None = None) -> torch.Tensor | None:
     """The mask's block ids of packed rows: each row's own, computed as if it stood alone (right-padded, as the
     padded collator gives it), its non-negative ids offset to be unique to the row."""
     real = segments >= 0
     rows, at = segments[real], positions[real]
     lengths = torch.bincount(rows, minlength=prefix_lens.shape[0])
     alone = torch.arange(int(lengths.max()), device=segments.device)[None, :] < lengths[:, None]
-    ids = get_mask(mask_name).block_ids(prefix_lens.to(segments.device), alone)
+    own_segments = None
+    if prompt_segments is not None:  # each row's prompt segments as it has them alone
+        own_segments = torch.full(alone.shape, -1, dtype=prompt_segments.dtype, device=segments.device)
+        own_segments[rows, at] = prompt_segments.to(segments.device)[real]
+    ids = get_mask(mask_name).block_ids(prefix_lens.to(segments.device), alone, own_segments)
     if ids is None:
         return None
     span = max(int(ids.max()) + 1, 1)
@@ -250,11 +282,12 @@ _CACHE_KWARG = ("cache" if "cache" in inspect.signature(masking_utils.create_cau
                 else "past_key_values")
 
 
-def dense_mask(mask_name: str, prefix_lens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def dense_mask(mask_name: str, prefix_lens: torch.Tensor, attention_mask: torch.Tensor,
+               prompt_segments: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean ``[batch, query, key]`` view of a mask (True = may attend), via the sdpa builder."""
     spec = get_mask(mask_name)
     attention_mask = attention_mask.bool()
-    block_ids = spec.block_ids(prefix_lens, attention_mask)
+    block_ids = spec.block_ids(prefix_lens, attention_mask, prompt_segments)
     fn = masking_utils.causal_mask_function
     if block_ids is not None:
         fn = masking_utils.or_masks(fn, masking_utils.blockwise_overlay(block_ids))
@@ -276,5 +309,5 @@ def dense_packed_mask(mask_name: str, batch: dict, window: int | None = None) ->
     ``packed_rows_mask`` itself for sdpa; ``window``: the view of a sliding layer."""
     config = SimpleNamespace(_attn_implementation="sdpa", sliding_window=window, layer_types=None)
     mask = packed_rows_mask(config, mask_name, batch["attention_mask"].bool(), batch["prefix_len"],
-                            batch["segments"], batch["position_ids"], torch.float32)
+                            batch["segments"], batch["position_ids"], torch.float32, batch.get("prompt_segments"))
     return mask[:, 0]

@@ -27,6 +27,7 @@ class Row:
     context: list[int]
     continuations: list[list[int]] = field(default_factory=list)
     requests: list[list[int]] = field(default_factory=list)  # the request indices scored by each continuation
+    context_segments: list[int] | None = None  # each context token's prompt segment (segment_bidir), else None
 
     def tokens(self) -> list[int]:
         return self.context + [t for cont in self.continuations for t in cont[:-1]]
@@ -49,11 +50,13 @@ class Row:
         return out
 
 
-def pack(requests: list[tuple[list[int], list[int]]], max_length: int, share: bool) -> tuple[list[Row], int]:
+def pack(requests: list[tuple[list[int], list[int]]], max_length: int, share: bool,
+         segments: list[list[int]] | None = None) -> tuple[list[Row], int]:
     """Rows for ``(context, continuation)`` token pairs, longest first; also how many were truncated.
 
     Truncation is lm-eval's: the last ``max_length + 1`` tokens of context + continuation, the last
-    of which is only a target, and the prompt boundary moves with the cut.
+    of which is only a target, and the prompt boundary moves with the cut. ``segments``: each context's
+    token segments (``ablate.core.segments``), cut with it.
     """
     rows: dict[object, Row] = {}
     truncated = 0
@@ -66,7 +69,8 @@ def pack(requests: list[tuple[list[int], list[int]]], max_length: int, share: bo
             key = ("own", i)
         else:
             key = tuple(context) if share else ("own", i)
-        row = rows.setdefault(key, Row(list(context)))
+        own = None if segments is None else list(segments[i][len(segments[i]) - len(context):])
+        row = rows.setdefault(key, Row(list(context), context_segments=own))
         if continuation in row.continuations:  # the same choice twice: computed once
             row.requests[row.continuations.index(continuation)].append(i)
         else:

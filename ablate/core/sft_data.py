@@ -63,6 +63,7 @@ class RowFormat:
     text_field: str | None = None
     prompt_template: str | None = None
     response_template: str | None = None
+    segment_separator: str | None = None  # segment_bidir: the prompt's segments end after each occurrence
 
     def __post_init__(self):
         if self.text_field and self.templates():
@@ -165,6 +166,8 @@ class Tokenized:
     input_ids: list[int]
     labels: list[int]
     prefix_len: int
+    # segment_bidir: each prompt token's segment (ablate.core.segments); None for masks that read none
+    prompt_segments: tuple[int, ...] | None = None
 
 
 def tokenize(rows: list[dict], tokenizer, fmt: RowFormat, max_length: int, split_range: tuple[float, float],
@@ -173,29 +176,34 @@ def tokenize(rows: list[dict], tokenizer, fmt: RowFormat, max_length: int, split
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     out, too_long = [], []
+    segmented = fmt.segment_separator is not None
     for i, row in enumerate(rows):
+        segments: list[int] = []
         if fmt.text_field:
-            ids = tokenizer(row[fmt.text_field], add_special_tokens=False)["input_ids"]
+            text = row[fmt.text_field]
+            ids, segments = _tokens(tokenizer, text, fmt.segment_separator)
             if len(ids) < 2:
                 raise BadInput(f"--data row {i}: text has fewer than 2 tokens, nothing to split")
             lo, hi = split_range
             cut = min(max(1, int(len(ids) * rng.uniform(lo, hi))), len(ids) - 1)
-            prompt, response = ids[:cut], ids[cut:] + eos
+            prompt, response, segments = ids[:cut], ids[cut:] + eos, segments[:cut]
         else:
             # Prompt and response are encoded apart: the prompt's tokens are what the model reads at evaluation.
             prompt_text, response_text = fmt.render(row, f"--data row {i}")
-            prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+            prompt, segments = _tokens(tokenizer, prompt_text, fmt.segment_separator)
             response = tokenizer(response_text, add_special_tokens=False)["input_ids"] + eos
-        prompt = bos + prompt
+        prompt, segments = bos + prompt, [0] * len(bos) + segments
         # Keep at least one response token inside the window.
         room = max_length - 1
         if len(prompt) > room:
             if not truncate_prompts:
                 too_long.append((i, len(prompt)))
                 continue
-            prompt = prompt[len(prompt) - room:]  # keep the prompt's end, next to the response (none when room is 0)
+            # keep the prompt's end, next to the response (none when room is 0)
+            prompt, segments = prompt[len(prompt) - room:], segments[len(segments) - room:]
         response = response[: max_length - len(prompt)]
-        out.append(Tokenized(prompt + response, [-100] * len(prompt) + response, len(prompt)))
+        out.append(Tokenized(prompt + response, [-100] * len(prompt) + response, len(prompt),
+                             tuple(segments) if segmented else None))
     if too_long:
         first, length = too_long[0]
         raise BadInput(
@@ -204,6 +212,15 @@ def tokenize(rows: list[dict], tokenizer, fmt: RowFormat, max_length: int, split
             "(responses are cut at the end)"
         )
     return out
+
+
+def _tokens(tokenizer, text: str, separator: str | None) -> tuple[list[int], list[int]]:
+    """``text``'s tokens and, with a separator, each one's segment (ablate.core.segments; [] without)."""
+    if separator is None:
+        return tokenizer(text, add_special_tokens=False)["input_ids"], []
+    from ablate.core.segments import separator_ends, text_segments
+
+    return text_segments(tokenizer, text, separator_ends(text, separator))
 
 
 def supervised_tokens(examples: list[Tokenized]) -> int:
@@ -253,9 +270,13 @@ class Collator:
         def pad(key, value):
             return torch.tensor([b[key] + [value] * (n - len(b[key])) for b in batch])
 
-        return {
+        out = {
             "input_ids": pad("input_ids", self.pad),
             "labels": pad("labels", -100),
             "attention_mask": torch.tensor([[1] * len(b["input_ids"]) + [0] * (n - len(b["input_ids"])) for b in batch]),
             "prefix_len": torch.tensor([b["prefix_len"] for b in batch]),
         }
+        if batch[0].get("prompt_segments") is not None:  # segment_bidir: -1 past each prompt
+            out["prompt_segments"] = torch.tensor([list(b["prompt_segments"]) + [-1] * (n - len(b["prompt_segments"]))
+                                                   for b in batch])
+        return out

@@ -102,6 +102,8 @@ class PackingCollator:
         shape = (len(bins), width)
         ids, labels = torch.full(shape, self.pad), torch.full(shape, -100)
         positions, segments = torch.zeros(shape, dtype=torch.long), torch.full(shape, -1)
+        segmented = batch[0].get("prompt_segments") is not None
+        prompt_segments = torch.full(shape, -1)  # segment_bidir: each prompt token's segment, -1 elsewhere
         for s, members in enumerate(bins):
             at = 0
             for i in members:
@@ -110,11 +112,17 @@ class PackingCollator:
                 labels[s, at + 1:at + n] = torch.tensor(batch[i]["labels"][1:])
                 positions[s, at:at + n] = torch.arange(n)
                 segments[s, at:at + n] = i
+                if segmented:
+                    own = list(batch[i]["prompt_segments"])
+                    prompt_segments[s, at:at + len(own)] = torch.tensor(own, dtype=torch.long)
                 at += n
             positions[s, at:] = torch.arange(n, n + width - at)
-        return {"input_ids": ids, "labels": labels, "attention_mask": (segments >= 0).long(),
-                "position_ids": positions, "segments": segments,
-                "prefix_len": torch.tensor([b["prefix_len"] for b in batch])}
+        out = {"input_ids": ids, "labels": labels, "attention_mask": (segments >= 0).long(),
+               "position_ids": positions, "segments": segments,
+               "prefix_len": torch.tensor([b["prefix_len"] for b in batch])}
+        if segmented:
+            out["prompt_segments"] = prompt_segments
+        return out
 
 
 def is_packed(batch: dict) -> bool:
@@ -153,17 +161,20 @@ def packed_forward(model, autocast_dtype: torch.dtype | None = None):
     from ablate.core.masks import packed_rows_mask
     from ablate.core.row_attention import row_spans, rows_attention
 
-    def forward(rows: list[tuple[list[int], int]], mask_name: str) -> torch.Tensor:
+    def forward(rows: list[tuple], mask_name: str) -> torch.Tensor:
         device = next(model.parameters()).device
         batch = PackingCollator(0, None)(
-            [{"input_ids": list(t), "labels": list(t), "prefix_len": p} for t, p in rows])
+            [{"input_ids": list(row[0]), "labels": list(row[0]), "prefix_len": row[1],
+              "prompt_segments": row[2] if len(row) > 2 else None} for row in rows])
         batch = {k: v.to(device) for k, v in batch.items()}
+        prompt_segments = batch.get("prompt_segments")
         mask = packed_rows_mask(model.config, mask_name, batch["attention_mask"].bool(), batch["prefix_len"],
-                                batch["segments"], batch["position_ids"], next(model.parameters()).dtype)
+                                batch["segments"], batch["position_ids"], next(model.parameters()).dtype,
+                                prompt_segments)
         autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
         per_layer = forward_masks(model, mask_name, batch["attention_mask"].bool(), batch["prefix_len"],
                                   next(model.parameters()).dtype, batch["segments"], batch["position_ids"], rows=True,
-                                  built=mask)
+                                  built=mask, prompt_segments=prompt_segments)
         with torch.no_grad(), autocast, rows_attention(model) as per_row, per_layer:
             spans = {"row_spans": row_spans(batch["segments"])} if per_row else {}
             logits = model(input_ids=batch["input_ids"], attention_mask=mask,

@@ -42,6 +42,17 @@ def check_mask_layers(mask: str, spec: str | None) -> None:
     parse_layers(spec, None)  # the form now; the layers against the model's once it is loaded
 
 
+def check_segments(mask: str, separator: str | None) -> None:
+    """--segment-separator: what segment_bidir reads in stage 3, and only it."""
+    from ablate.core.masks import MASKS
+
+    needs = MASKS[mask].needs_segments
+    if needs and not separator:
+        raise BadInput(f"mask '{mask}' reads the prompt's segments: pass --segment-separator TEXT (e.g. '\\n\\n')")
+    if separator is not None and not needs:
+        raise BadInput(f"--segment-separator is read by segment masks only (segment_bidir), not by '{mask}'")
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     """An lm-evaluation-harness run of one model under one attention mask (stages 1 and 2)."""
@@ -173,6 +184,9 @@ class FinetuneConfig:
                 "replaces --prompt-field; the flag reads \\n and \\t as newline and tab"})
     response_template: str | None = field(default=None, metadata={
         "help": "the same for the response, e.g. ' {answer}'; replaces --response-field"})
+    segment_separator: str | None = field(default=None, metadata={
+        "help": "mask segment_bidir: the prompt's segments end after each occurrence of this text (e.g. '\\n\\n'; "
+                "the flag reads \\n and \\t as newline and tab)"})
     split_range: tuple[float, float] = field(default=(0.25, 0.75), metadata={
         "help": "where plain text is split, as fractions of its tokens: LO,HI"})
     eval_data: str | None = field(default=None, metadata={"help": "held-out file (default: a slice of --data)"})
@@ -238,6 +252,7 @@ class FinetuneConfig:
             raise BadInput("no training data given: pass --data FILE or a dataset id")
         check_runtime(self.mask, self.device, self.dtype, self.attn_implementation)
         check_mask_layers(self.mask, self.mask_layers)
+        check_segments(self.mask, self.segment_separator)
         self.row_format()  # refuses a malformed template before any data is read
         schedulers = [t.value for t in SchedulerType]
         if self.lr_scheduler not in schedulers:
@@ -276,7 +291,7 @@ class FinetuneConfig:
         from ablate.core.sft_data import RowFormat
 
         return RowFormat(self.prompt_field, self.response_field, self.text_field,
-                         self.prompt_template, self.response_template)
+                         self.prompt_template, self.response_template, self.segment_separator)
 
     def training_arguments(self, output_dir: Path, on_gpu: bool, is_main: bool = True):
         """The HF Trainer's arguments: the one place a stage 3 field becomes a Trainer setting."""

@@ -214,7 +214,8 @@ def evaluate(config: EvalConfig, model, tokenizer, device: str, mask: str, tasks
     from ablate.core.lm_eval_model import PrefillMaskLM, sample_rows
 
     lm = PrefillMaskLM(pretrained=model, tokenizer=tokenizer, mask=mask, mask_layers=mask_layers, device=device,
-                       batch_size=config.batch_size, max_length=config.max_length)
+                       batch_size=config.batch_size, max_length=config.max_length,
+                       segment_separator=segment_separator(mask, tasks))
     started = time.time()
     results = simple_evaluate(
         model=lm, tasks=list(tasks.values()), num_fewshot=config.num_fewshot,
@@ -251,8 +252,23 @@ def evaluate(config: EvalConfig, model, tokenizer, device: str, mask: str, tasks
         # The runtime check that the mask took effect (ablate.core.mask_check); None where none ran.
         "mask_check": getattr(lm, "mask_check", None),
         "mask_layers": layer_masks.record(lm.mask_layers, layer_masks.num_layers(model.config)),
+        # segment masks: where the prompts were cut and how many segments they had (ablate.core.segments)
+        **({"segments": lm.segments.record()} if lm.segments is not None else {}),
         "rows": rows,
     }
+
+
+def segment_separator(mask: str, tasks: dict) -> str | None:
+    """A segment mask's separator: the few-shot delimiter lm-eval resolved for the tasks (one for all), else None."""
+    from ablate.core.masks import MASKS
+
+    if not MASKS[mask].needs_segments:
+        return None
+    delimiters = {name: task.config.fewshot_delimiter for name, task in tasks.items()}
+    if len(set(delimiters.values())) != 1 or not next(iter(delimiters.values())):
+        raise BadInput(f"mask '{mask}' cuts prompts at the tasks' few-shot delimiter, and these tasks do not "
+                       f"share one non-empty delimiter: {delimiters}; evaluate them in separate runs")
+    return next(iter(delimiters.values()))
 
 
 def write_samples(run_dir: Path, rows: dict, prefix: str = "") -> dict:
@@ -343,6 +359,7 @@ def run_eval(config: EvalConfig, compare=None, inputs: EvalInputs | None = None,
     check_resolved(model, key, f"model '{config.model}'")
     check_lengths(config, tasks, tokenizer)
     layer_masks.check_spec(config.mask_layers, model)  # its layers exist, before the run folder does
+    segment_separator(config.mask, tasks)  # a segment mask has its separator, before the run folder does
 
     with evaluation_run(config.to_dict(), config.stage, config.runs_dir, state, device, key["model"],
                         config.gate) as run:

@@ -81,6 +81,7 @@ class MaskedTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         prefix_len, segments = inputs.pop("prefix_len"), inputs.pop("segments", None)
+        prompt_segments = inputs.pop("prompt_segments", None)  # segment_bidir's prompt segments, where rows have them
         config = self.accelerator.unwrap_model(model).config
         dtype = next(model.parameters()).dtype
         real = inputs["attention_mask"].bool()
@@ -96,16 +97,17 @@ class MaskedTrainer(Trainer):
             self.fed = fed if self.fed is None else self.fed + fed
         per_row = nullcontext()
         if segments is None:
-            inputs["attention_mask"] = model_attention_mask(config, self.mask_name, real, prefix_len, dtype)
+            inputs["attention_mask"] = model_attention_mask(config, self.mask_name, real, prefix_len, dtype,
+                                                            prompt_segments=prompt_segments)
         else:  # packed rows: position_ids travel with the batch
             inputs["attention_mask"] = packed_rows_mask(config, self.mask_name, real, prefix_len, segments,
-                                                        inputs["position_ids"], dtype)
+                                                        inputs["position_ids"], dtype, prompt_segments)
             if has_row_attention(model):  # sdpa once per row (ablate.core.row_attention)
                 inputs["row_spans"] = row_spans(segments)
                 per_row = rows_attention(model)
         per_layer = forward_masks(model, self.mask_name, real, prefix_len, dtype, segments,
                                   inputs.get("position_ids"), rows=segments is not None,
-                                  built=inputs["attention_mask"])
+                                  built=inputs["attention_mask"], prompt_segments=prompt_segments)
         if self._step_contexts is not None:  # training: held through the backward too, where gradient
             self._step_contexts.enter_context(per_row)  # checkpointing runs each layer's forward again
             self._step_contexts.enter_context(per_layer)
@@ -294,6 +296,12 @@ def _fit(config: FinetuneConfig, prepared: Prepared, args, run_dir: Path, resume
         oom_retries[-1]["resumed_from"] = str(start) if start else None
 
 
+def segments_record(separator: str, examples: list) -> dict:
+    counts = [max(e.prompt_segments, default=-1) + 1 for e in examples]
+    return {"source": "--segment-separator", "separator": separator, "prompts": len(counts),
+            "mean_segments": round(sum(counts) / len(counts), 3) if counts else None}
+
+
 def _check_mask(config: FinetuneConfig, prepared: Prepared, bf16: bool) -> dict | None:
     """The mask must take effect on this stack (backend, dtype, versions) before step 1."""
     if config.mask == "causal":
@@ -309,7 +317,10 @@ def _check_mask(config: FinetuneConfig, prepared: Prepared, bf16: bool) -> dict 
         return padded
     # And the packed path: the check rows side by side in one sequence, under the packed mask.
     pairs = [(e.input_ids[:e.prefix_len], e.input_ids[e.prefix_len:]) for e in prepared.train[:GUARD_EXAMPLES]]
-    packed = check_mask(prepared.model, config.mask, check_rows(pairs), packed_forward(prepared.model, autocast),
+    segments = None if prepared.train[0].prompt_segments is None else \
+        [e.prompt_segments for e in prepared.train[:GUARD_EXAMPLES]]
+    packed = check_mask(prepared.model, config.mask, check_rows(pairs, segments=segments),
+                        packed_forward(prepared.model, autocast),
                         autocast, where="training (packed rows)")
     return {**packed, "padded_path": padded}
 
@@ -349,6 +360,9 @@ def _summary(config: FinetuneConfig, prepared: Prepared, trained: Trained, run_d
         "mask": config.mask,
         # the layers trained under the mask (ablate.core.layer_masks, resolved on the model; None: every layer)
         "mask_layers": layer_record(prepared.mask_layers, num_layers(prepared.model.config)),
+        # segment masks: where the prompts were cut and how many segments the training prompts had
+        **({"segments": segments_record(config.segment_separator, prepared.train)}
+           if config.segment_separator is not None else {}),
         "data": config.data,
         "data_identity": prepared.data_identity,  # what --resume checks --data against
         "supervised_tokens": supervised_tokens(prepared.train),

@@ -319,6 +319,8 @@ def _entry(run_dir: Path, finetune: Finetuned, ablated: dict, causal: dict | Non
         "oom_retries": ablated["oom_retries"],
         # the runtime check of the mask on this model (ablate.core.mask_check): with --mask-layers, its layers
         "mask_check": ablated.get("mask_check"),
+        # segment masks: where the evaluation prompts were cut (ablate.core.segments)
+        **({"segments": ablated["segments"]} if ablated.get("segments") else {}),
         "recovery": recovery_block(ablated["rows"], s1, s2, chance),
         "causal": None if causal is None else {
             "tasks": causal["tasks"], "macro": causal["macro"], "timing": causal["timing"],
