@@ -307,6 +307,8 @@ class PrefillMaskLM(HFLM):
         if self.mask == "causal":
             return super()._model_generate(context, max_length, stop, attention_mask=attention_mask,
                                            **generation_kwargs)
+        if not self.spec.causal_continuation:  # decoding from the cache is causal (ablate.core.generation)
+            raise BadInput(f"mask '{self.mask}' is not causal after the prompt: generation cannot decode under it")
         if generation_kwargs.get("do_sample") or (generation_kwargs.get("temperature") or 0) > 0:
             raise ValueError(f"sampling under mask '{self.mask}' is not supported: greedy decoding only "
                              "(do_sample false, temperature 0)")

@@ -95,8 +95,16 @@ def reference_mask(mask_name: str, lengths: list[int], prefix_lens: list[int], w
     causal = k <= q
     if window is not None:
         causal = causal & (q - k < window)
+    from ablate.core.masks import MASKS
+
+    user = MASKS[mask_name].pattern if mask_name in MASKS else None
     masks = []
     for i, (length, prefix) in enumerate(zip(lengths, prefix_lens, strict=True)):
+        if user is not None:  # a mask from a file: its own function, on this row alone (ablate.core.user_masks)
+            allowed = _user_reference(mask_name, user, length, prefix, segments[i] if segments else None, width)
+            allowed = allowed & (k < length) & (q - k < window if window is not None else True)
+            masks.append(torch.where(allowed, 0.0, torch.finfo(dtype).min))
+            continue
         own = segments[i] if segments is not None else None
         seg_q = seg_k = None
         if own is not None:
@@ -105,6 +113,18 @@ def reference_mask(mask_name: str, lengths: list[int], prefix_lens: list[int], w
         allowed = (causal | _extra_allowed(mask_name, q < prefix, k < prefix, seg_q, seg_k)) & (k < length)
         masks.append(torch.where(allowed, 0.0, torch.finfo(dtype).min))
     return torch.stack(masks)[:, None].to(dtype)
+
+
+def _user_reference(mask_name: str, fn, length: int, prefix: int, segments, width: int) -> torch.Tensor:
+    from ablate.core.user_masks import evaluate
+
+    own = list(segments) if segments is not None else [0] * prefix
+    ids = torch.tensor([own + [-1] * (length - len(own))])
+    alone = evaluate(fn, mask_name, torch.tensor([prefix]), ids)[0]
+    out = torch.zeros(width, width, dtype=torch.bool)
+    out[:length, :length] = alone
+    out[length:, :] = True  # padding queries read anything (never compared); padding keys are cut by the caller
+    return out
 
 
 def _layer_windows(config) -> dict[str, int | None]:

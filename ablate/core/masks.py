@@ -47,6 +47,12 @@ class MaskSpec:
     shares_context: bool
     # True when the mask reads the prompt's segments (``prompt_segments``: each prompt token's segment index).
     needs_segments: bool = False
+    # A mask from a file (ablate.core.user_masks): its ``(prompt_lens, segment_ids) -> mask function``, used in
+    # place of block ids; None for the registered block-id masks.
+    pattern: Callable | None = None
+    # True when tokens after the prompt attend exactly causally (generation decodes causally from the cache).
+    causal_continuation: bool = True
+    source: dict | None = None  # a mask from a file: {path, name, sha256}
 
 
 MASKS: dict[str, MaskSpec] = {}
@@ -179,18 +185,25 @@ def model_attention_mask(
     (``segment_bidir``).
     """
     check_attention_backend(mask_name, config._attn_implementation)
-    block_ids, same_segment = _tree_parts(mask_name, attention_mask, prefix_lens, segments, positions,
-                                          prompt_segments)
-    if block_ids is None and same_segment is None:
+    block_ids, same_segment, extra = _tree_parts(mask_name, attention_mask, prefix_lens, segments, positions,
+                                                 prompt_segments)
+    if block_ids is None and same_segment is None and extra is None:
         return attention_mask
-    return _build(config, mask_name, attention_mask, block_ids, dtype, same_segment)
+    return _build(config, mask_name, attention_mask, block_ids, dtype, same_segment, overlay=extra)
 
 
 def _tree_parts(mask_name, attention_mask, prefix_lens, segments, positions, prompt_segments=None):
-    """Block ids and and-mask of evaluation's layouts: plain rows, or a shared prompt and its continuations."""
-    block_ids = get_mask(mask_name).block_ids(prefix_lens, attention_mask, prompt_segments)
+    """Block ids, and-mask and overlay (a mask from a file) of evaluation's layouts: plain rows, or a shared
+    prompt and its continuations."""
+    spec = get_mask(mask_name)
     packed = segments is not None and int(segments.max()) > 1  # one continuation per row is the plain layout
-    return block_ids, (lambda window: tree_function(segments, positions, window)) if packed else None
+    same_segment = (lambda window: tree_function(segments, positions, window)) if packed else None
+    if spec.pattern is not None:
+        from ablate.core.user_masks import overlay
+
+        return None, same_segment, overlay(spec, attention_mask, prefix_lens, prompt_segments, segments,
+                                           positions if packed else None, rows=False)
+    return spec.block_ids(prefix_lens, attention_mask, prompt_segments), same_segment, None
 
 
 def masks_by_kind(config, mask_name: str, attention_mask: torch.Tensor, prefix_lens: torch.Tensor,
@@ -202,12 +215,12 @@ def masks_by_kind(config, mask_name: str, attention_mask: torch.Tensor, prefix_l
     (transformers' "no mask needed: causal" answer, which sdpa reads as causal)."""
     check_attention_backend(mask_name, config._attn_implementation)
     if rows:
-        block_ids = packed_block_ids(mask_name, prefix_lens, segments, positions, prompt_segments)
+        block_ids, extra = _rows_parts(mask_name, attention_mask, prefix_lens, segments, positions, prompt_segments)
         same_segment = lambda window: row_function(segments, positions, window)  # noqa: E731
     else:
-        block_ids, same_segment = _tree_parts(mask_name, attention_mask, prefix_lens, segments, positions,
-                                              prompt_segments)
-    return _build(config, mask_name, attention_mask, block_ids, dtype, same_segment, by_kind=True)
+        block_ids, same_segment, extra = _tree_parts(mask_name, attention_mask, prefix_lens, segments, positions,
+                                                     prompt_segments)
+    return _build(config, mask_name, attention_mask, block_ids, dtype, same_segment, by_kind=True, overlay=extra)
 
 
 def packed_rows_mask(config, mask_name: str, attention_mask: torch.Tensor, prefix_lens: torch.Tensor,
@@ -221,9 +234,19 @@ def packed_rows_mask(config, mask_name: str, attention_mask: torch.Tensor, prefi
     row see the rows before it. ``prompt_segments``: as ``model_attention_mask``'s, in the packed layout.
     """
     check_attention_backend(mask_name, config._attn_implementation)
-    block_ids = packed_block_ids(mask_name, prefix_lens, segments, positions, prompt_segments)
+    block_ids, extra = _rows_parts(mask_name, attention_mask, prefix_lens, segments, positions, prompt_segments)
     return _build(config, mask_name, attention_mask, block_ids, dtype,
-                  lambda window: row_function(segments, positions, window))
+                  lambda window: row_function(segments, positions, window), overlay=extra)
+
+
+def _rows_parts(mask_name, attention_mask, prefix_lens, segments, positions, prompt_segments):
+    """Block ids or overlay (a mask from a file) of stage 3's packed rows."""
+    spec = get_mask(mask_name)
+    if spec.pattern is not None:
+        from ablate.core.user_masks import overlay
+
+        return None, overlay(spec, attention_mask, prefix_lens, prompt_segments, segments, positions, rows=True)
+    return packed_block_ids(mask_name, prefix_lens, segments, positions, prompt_segments), None
 
 
 def packed_block_ids(mask_name: str, prefix_lens: torch.Tensor, segments: torch.Tensor,
@@ -249,12 +272,16 @@ def packed_block_ids(mask_name: str, prefix_lens: torch.Tensor, segments: torch.
 
 
 def _build(config, mask_name: str, attention_mask: torch.Tensor, block_ids: torch.Tensor | None,
-           dtype: torch.dtype, same_segment: Callable | None, by_kind: bool = False):
+           dtype: torch.dtype, same_segment: Callable | None, by_kind: bool = False, overlay=None):
     """The model's 4D mask(s) from block ids, per kind of attention layer, via transformers' own builders.
 
     ``same_segment(window)`` is the packed layouts' and-mask; it carries the window itself, measured in position
-    ids (the sliding builder measures it in row indices).
+    ids (the sliding builder measures it in row indices). ``overlay``: ``(allowed, positions)`` of a mask from a
+    file (ablate.core.user_masks), the whole pattern (or-ed onto causal and and-ed: exactly ``allowed``), a
+    sliding layer's window cutting keys more than its window behind the query, in position ids.
     """
+    if overlay is not None:
+        return _build_overlay(config, mask_name, attention_mask, dtype, same_segment, by_kind, *overlay)
     batch, length = attention_mask.shape
     # Only the shape, dtype and device of inputs_embeds are read by the mask builders.
     embeds = torch.empty(batch, length, 0, dtype=dtype, device=attention_mask.device)
@@ -277,6 +304,31 @@ def _build(config, mask_name: str, attention_mask: torch.Tensor, block_ids: torc
     return masks if by_kind or getattr(config, "layer_types", None) else masks[kinds[0]]
 
 
+def _build_overlay(config, mask_name, attention_mask, dtype, same_segment, by_kind, allowed, positions):
+    batch, length = attention_mask.shape
+    embeds = torch.empty(batch, length, 0, dtype=dtype, device=attention_mask.device)
+    kwargs = dict(config=config, inputs_embeds=embeds, attention_mask=attention_mask, **{_CACHE_KWARG: None})
+    kinds = mask_kinds(config)
+    unknown = [k for k in kinds if k not in ("full_attention", "sliding_attention")]
+    if unknown:
+        raise BadInput(f"mask '{mask_name}' does not support layer types {unknown} of this model")
+
+    def pattern(batch_idx, head_idx, q_idx, kv_idx):
+        return allowed[batch_idx, q_idx, kv_idx]
+
+    masks = {}
+    for kind in kinds:
+        window = config.sliding_window if kind == "sliding_attention" else None
+        parts = [pattern]
+        if same_segment is not None:
+            parts.append(same_segment(None))
+        if window is not None:
+            parts.append(lambda b, h, q, kv, w=window: positions[b, q] - positions[b, kv] < w)
+        masks[kind] = masking_utils.create_causal_mask(**kwargs, or_mask_function=pattern,
+                                                       and_mask_function=masking_utils.and_masks(*parts))
+    return masks if by_kind or getattr(config, "layer_types", None) else masks[kinds[0]]
+
+
 # transformers 5.2x renamed the mask builders' `past_key_values` to `cache` (the old name warns until 5.40).
 _CACHE_KWARG = ("cache" if "cache" in inspect.signature(masking_utils.create_causal_mask).parameters
                 else "past_key_values")
@@ -287,6 +339,11 @@ def dense_mask(mask_name: str, prefix_lens: torch.Tensor, attention_mask: torch.
     """Boolean ``[batch, query, key]`` view of a mask (True = may attend), via the sdpa builder."""
     spec = get_mask(mask_name)
     attention_mask = attention_mask.bool()
+    if spec.pattern is not None:
+        from ablate.core.user_masks import overlay
+
+        allowed, _ = overlay(spec, attention_mask, prefix_lens, prompt_segments, None, None, rows=False)
+        return allowed & attention_mask[:, None, :]
     block_ids = spec.block_ids(prefix_lens, attention_mask, prompt_segments)
     fn = masking_utils.causal_mask_function
     if block_ids is not None:

@@ -23,7 +23,7 @@ from ablate.errors import BadInput
 
 # MaskSpec.leaks_labels of the masks ablate.core.masks registers, without importing torch (a reader stays fast);
 # tests/test_corruption.py checks that the two agree. A mask not named here is not checked.
-LEAKS = {"causal": False, "prefill_bidir": False, "full_bidir": True}
+LEAKS = {"causal": False, "prefill_bidir": False, "segment_bidir": False, "full_bidir": True}
 
 
 def verified_samples(run, prefix: str = "", tasks=None) -> dict[str, dict[int, bool]]:

@@ -42,6 +42,19 @@ def check_mask_layers(mask: str, spec: str | None) -> None:
     parse_layers(spec, None)  # the form now; the layers against the model's once it is loaded
 
 
+def resolve_mask(config) -> None:
+    """``--mask path.py:name``: loaded, probed and registered as ``name@<sha8>`` (ablate.core.user_masks), the
+    config's ``mask`` becoming that name and ``mask_file`` the file it came from; a config re-read from a run
+    loads the recorded file again (its digest checked)."""
+    if config.mask_file is None and ":" not in config.mask and "@" not in config.mask:
+        return  # a registered mask's name (torch is not imported for it)
+    from ablate.core.user_masks import resolve
+
+    mask, source = resolve(config.mask, config.mask_file)
+    object.__setattr__(config, "mask", mask)
+    object.__setattr__(config, "mask_file", source)
+
+
 def check_segments(mask: str, separator: str | None) -> None:
     """--segment-separator: what segment_bidir reads in stage 3, and only it."""
     from ablate.core.masks import MASKS
@@ -60,8 +73,11 @@ class EvalConfig:
     stage: str = field(metadata={"help": "stage name; also the folder under runs/", "cli": False})
     model: str = field(default="", metadata={"help": "hub model id or local path"})
     tasks: tuple[str, ...] = field(default=(), metadata={"help": "lm-eval task names, comma-separated"})
-    mask: str = field(default="causal", metadata={"help": "attention mask over the prompt (see `ablate masks`)"})
+    mask: str = field(default="causal", metadata={"help": "attention mask over the prompt (see `ablate masks`), or FILE.py:NAME, a mask function "
+                                         "from a file (docs/masks.md)"})
     mask_layers: str | None = field(default=None, metadata={"help": MASK_LAYERS_HELP})
+    mask_file: dict | None = field(default=None, metadata={
+        "help": "a --mask path.py:name mask's file as resolved: its path, name and sha256", "cli": False})
     include_path: str | None = field(default=None, metadata={"help": "extra folder of lm-eval task YAMLs"})
     task_data: tuple[str, ...] = field(default=(), metadata={
         "help": "TASK=FILE: read a task's rows from a local file (repeatable)", "repeat": True})
@@ -89,6 +105,7 @@ class EvalConfig:
             raise BadInput("no model given: pass --model (a hub id or a local path)")
         if not self.tasks:
             raise BadInput("no tasks given: pass --tasks a,b,c")
+        resolve_mask(self)
         check_runtime(self.mask, self.device, self.dtype, self.attn_implementation)
         check_mask_layers(self.mask, self.mask_layers)
         check_leakage(self.mask, self.allow_label_leakage)
@@ -173,8 +190,10 @@ class FinetuneConfig:
 
     model: str = field(default="", metadata={"help": "hub model id or local path"})
     data: str = field(default="", metadata={"help": "JSONL/JSON/Parquet/CSV file or Hugging Face dataset id"})
-    mask: str = field(default="prefill_bidir", metadata={"help": "training mask: prefill_bidir or causal"})
+    mask: str = field(default="prefill_bidir", metadata={"help": "training mask: prefill_bidir, causal, segment_bidir, or FILE.py:NAME (docs/masks.md)"})
     mask_layers: str | None = field(default=None, metadata={"help": MASK_LAYERS_HELP})
+    mask_file: dict | None = field(default=None, metadata={
+        "help": "a --mask path.py:name mask's file as resolved: its path, name and sha256", "cli": False})
     prompt_field: str = field(default="prompt", metadata={"help": "field holding the prompt"})
     response_field: str = field(default="response", metadata={"help": "field holding the response"})
     text_field: str | None = field(default=None, metadata={
@@ -250,6 +269,7 @@ class FinetuneConfig:
             raise BadInput("no model given: pass --model (a hub id or a local path)")
         if not self.data:
             raise BadInput("no training data given: pass --data FILE or a dataset id")
+        resolve_mask(self)
         check_runtime(self.mask, self.device, self.dtype, self.attn_implementation)
         check_mask_layers(self.mask, self.mask_layers)
         check_segments(self.mask, self.segment_separator)
@@ -362,8 +382,10 @@ class Stage4Config:
     checkpoints: tuple[str, ...] = field(default=(), metadata={
         "help": "stage 3 run directory (repeatable; default: the latest completed run of each mask)",
         "flag": "--checkpoint", "repeat": True})
-    mask: str = field(default="prefill_bidir", metadata={"help": "mask to evaluate with"})
+    mask: str = field(default="prefill_bidir", metadata={"help": "mask to evaluate with (a name, or FILE.py:NAME)"})
     mask_layers: str | None = field(default=None, metadata={"help": MASK_LAYERS_HELP})
+    mask_file: dict | None = field(default=None, metadata={
+        "help": "a --mask path.py:name mask's file as resolved: its path, name and sha256", "cli": False})
     also_causal: bool = field(default=False, metadata={"help": "also evaluate each model with the causal mask"})
     stage1_run: str | None = field(default=None, metadata={"help": "the stage 1 run to compare with"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
@@ -378,6 +400,7 @@ class Stage4Config:
     def __post_init__(self):
         check_types(self)
         check_runs_dir(self.runs_dir)
+        resolve_mask(self)
         check_runtime(self.mask, self.device, self.dtype, self.attn_implementation)
         check_mask_layers(self.mask, self.mask_layers)
         if self.batch_size is not None:

@@ -258,6 +258,17 @@ def evaluate(config: EvalConfig, model, tokenizer, device: str, mask: str, tasks
     }
 
 
+def check_generation(mask: str, tasks: dict) -> None:
+    """Generation prefills the prompt under the mask and decodes causally from the cache: a mask whose tokens
+    after the prompt do not attend causally (a mask from a file, ablate.core.user_masks) cannot generate."""
+    from ablate.core.masks import MASKS
+
+    generative = sorted(name for name, task in tasks.items() if task.OUTPUT_TYPE == "generate_until")
+    if generative and not MASKS[mask].causal_continuation:
+        raise BadInput(f"mask '{mask}' is not causal after the prompt, so generation cannot decode under it "
+                       f"(tasks {', '.join(generative)}); evaluate multiple-choice tasks with it")
+
+
 def segment_separator(mask: str, tasks: dict) -> str | None:
     """A segment mask's separator: the few-shot delimiter lm-eval resolved for the tasks (one for all), else None."""
     from ablate.core.masks import MASKS
@@ -360,6 +371,7 @@ def run_eval(config: EvalConfig, compare=None, inputs: EvalInputs | None = None,
     check_lengths(config, tasks, tokenizer)
     layer_masks.check_spec(config.mask_layers, model)  # its layers exist, before the run folder does
     segment_separator(config.mask, tasks)  # a segment mask has its separator, before the run folder does
+    check_generation(config.mask, tasks)
 
     with evaluation_run(config.to_dict(), config.stage, config.runs_dir, state, device, key["model"],
                         config.gate) as run:
