@@ -167,7 +167,8 @@ NOT_IDENTITY = {"stage", "mask", "batch_size", "device", "runs_dir", "baseline",
                 "model", "tasks", "include_path", "task_data",
                 "config_file",  # where the values came from; the values themselves are the fields above
                 "allow_label_leakage",  # permits a leaking mask; the mask is what stage 2 changes, and leaky is recorded
-                "mask_layers"}  # where the mask applies: part of what stage 2 changes, recorded resolved (mask_layers)
+                "mask_layers",  # where the mask applies: part of what stage 2 changes, recorded resolved (mask_layers)
+                "mask_file"}  # a mask from a file: its digest is in the mask's name (name@sha8), what stage 2 changes
 CHANGED = {"dtype": "bfloat16", "attn_implementation": "eager", "max_length": 64, "limit": 5, "num_fewshot": 1,
            "seed": 7}
 

@@ -403,3 +403,43 @@ def test_stage4_under_two_processes_equals_one(study, tmp_path):
         assert [r["doc_id"] for r in rows[0]] == [r["doc_id"] for r in rows[1]]
         assert [r["correct"] for r in rows[0]] == [r["correct"] for r in rows[1]]
     assert a["recovery"] == b["recovery"]
+
+
+def test_stage4_compares_every_two_trainings_and_verifies_the_comparisons(study, tmp_path):
+    """Three trainings (causal, the mask in every layer, the mask in layer 0 only): no single head-to-head, every
+    pair compared instead, q values adjusted over the pairs, recomputed by the reader (an edit is refused)."""
+    import shutil
+
+    from scipy.stats import false_discovery_control
+
+    from ablate.errors import BadInput
+    from ablate.results import rundir
+    from ablate.results.report import render as render_report
+    from ablate.results.verified import verified_metrics
+
+    runs = tmp_path / "runs"
+    shutil.copytree(study[0], runs)
+    run_stage3(load_finetune_config(dict(model=str(json.loads((study[3] / "config.json").read_text())["model"]),
+                                         data=str(DATA), device="cpu", runs_dir=str(runs), max_steps=2,
+                                         save_steps=100, mask="prefill_bidir", mask_layers="0")))
+    out = run_stage4(Stage4Config(device="cpu", runs_dir=str(runs)))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["head_to_head"] is None  # two trainings under prefill_bidir: no one pair is "the" comparison
+    found = metrics["pairs"]["pairs"]
+    trainings = [(p["before_training"], p["after_training"]) for p in found]
+    assert trainings == [("causal", "prefill_bidir"), ("causal", "prefill_bidir in layers 0 of 2"),
+                         ("prefill_bidir", "prefill_bidir in layers 0 of 2")]
+    entries = {e["label"]: e for e in metrics["checkpoints"]}
+    for pair in found:
+        assert pair["macro"]["before"] == pytest.approx(entries[pair["before"]]["macro"]["acc"])
+        assert pair["macro"]["after"] == pytest.approx(entries[pair["after"]]["macro"]["acc"])
+    q = false_discovery_control([p["macro"]["mcnemar"]["p_value"] for p in found])
+    assert [p["macro"]["mcnemar"]["q_value"] for p in found] == pytest.approx(list(q))
+    assert metrics["pairs"]["left_out"] == []
+    assert "Every two trainings" in render_report(runs, None)
+    run = rundir.load_run(out)
+    verified_metrics(run, runs)  # as written: accepted
+    metrics["pairs"]["pairs"][1]["macro"]["delta"] += 0.25
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(BadInput, match="pairs"):
+        verified_metrics(rundir.load_run(out), runs)

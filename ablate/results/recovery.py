@@ -279,6 +279,38 @@ def recovery_block(rows: dict, s1: dict, s2: dict | None, chance: dict) -> dict:
     return {"tasks": per_task, "macro": macro_recovery(per_task, arrays)}
 
 
+def pairs(results: list[dict], correct: dict) -> dict:
+    """Every two finetuned models of different trainings against each other, under stage 4's mask: the question
+    "which training recovers most?" when stage 4 scored more than two (say causal, the mask in every layer, the
+    mask in some layers). A training with several scored models (two seeds, a checkpoint and the final model)
+    has no single representative and is left out (named in ``left_out``). Per pair as ``head_to_head`` (before:
+    the causal-finetuned model when the pair has one, else the first training by name); the macro McNemar p
+    values are also adjusted over the pairs (Benjamini-Hochberg, scipy's ``false_discovery_control``: ``q``).
+    """
+    from itertools import combinations
+
+    from scipy.stats import false_discovery_control
+
+    from ablate.results.finetuned import trained_with
+
+    by_training: dict[str, list[dict]] = {}
+    for entry in results:
+        by_training.setdefault(trained_with(entry), []).append(entry)
+    single = sorted((t for t, entries in by_training.items() if len(entries) == 1),
+                    key=lambda t: (t != "causal", t))
+    out = []
+    for before, after in combinations(single, 2):
+        b, a = by_training[before][0]["label"], by_training[after][0]["label"]
+        arrays = [{t: np.array([c[t][d] for d in sorted(c[t])]) for t in c} for c in (correct[b], correct[a])]
+        out.append({"before": b, "after": a, "before_training": before, "after_training": after,
+                    **paired_difference(*arrays)})
+    if out:
+        q = false_discovery_control([p["macro"]["mcnemar"]["p_value"] for p in out])
+        for pair, value in zip(out, q, strict=True):
+            pair["macro"]["mcnemar"]["q_value"] = float(value)
+    return {"pairs": out, "left_out": sorted(t for t, entries in by_training.items() if len(entries) > 1)}
+
+
 def head_to_head(results: list[dict], correct: dict) -> dict | None:
     """The ``prefill_bidir``-finetuned model against the causal-finetuned one, both under stage 4's mask.
 

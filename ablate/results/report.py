@@ -141,7 +141,29 @@ def _stage4_run(s4: rundir.Run) -> list[str]:
         if entry.get("causal"):
             out += ["", f"Same model with the causal mask: macro acc {number(entry['causal']['macro']['acc'], 4)}."]
         out += [""]
-    return out + head_to_head_section(m)
+    return out + head_to_head_section(m) + pairs_section(m)
+
+
+def pairs_section(m: dict) -> list[str]:
+    """Every two trainings against each other, when stage 4 scored more than the classic pair."""
+    block = m.get("pairs") or {}
+    found = block.get("pairs") or []
+    if len(found) < 2:  # none, or the one pair the head-to-head above already shows
+        return []
+    out = [f"### Every two trainings, under `{mask_name(m)}`", "",
+           "Macro accuracy of the second minus the first, on the same documents; p: exact McNemar; q: the p values "
+           "adjusted over these pairs (Benjamini-Hochberg)." + (
+               f" Left out (several models of one training): {', '.join(block['left_out'])}." if block.get("left_out")
+               else ""), ""]
+    rows = []
+    for pair in found:
+        r = pair["macro"]
+        rows.append([f"`{pair['before_training']}`", f"`{pair['after_training']}`", number(r["before"], 4),
+                     number(r["after"], 4), f"{number(r['delta'], 4)} {_ci(r['delta_ci95'])}",
+                     f"{p_value(r['mcnemar']['p_value'])} (+{r['mcnemar']['gained']}/-{r['mcnemar']['lost']})",
+                     p_value(r["mcnemar"]["q_value"])])
+    return out + _table(["first", "second", "first acc", "second acc", "delta [95% CI]", "p (McNemar)", "q"],
+                        rows) + [""]
 
 
 def head_to_head_section(m: dict) -> list[str]:

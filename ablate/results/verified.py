@@ -33,7 +33,7 @@ from pathlib import Path
 
 from ablate.errors import BadInput
 from ablate.results import rundir
-from ablate.results.recovery import baseline_block, head_to_head, recovery_block
+from ablate.results.recovery import baseline_block, head_to_head, pairs, recovery_block
 from ablate.results.rundir import STAGE1, STAGE2, STAGE3_PREFIX, STAGE4
 from ablate.results.finetuned import CHECKPOINT_OF, SCORED, checkpoint_step, stage3_record, stage4_label
 from ablate.results.samples import (LEAKS, RECORDED, by_doc, macro, mean_loss, read_samples, task_metrics,
@@ -214,6 +214,8 @@ def _stage4(file: Path, metrics: dict, run_dir: Path, runs_dir: Path) -> None:
         _same(file, at + "recovery", entry["recovery"], recovery_block(rows, s1, s2, chance))
         _stage3_copies(file, at, entry, runs_dir)
     _same(file, "head_to_head", metrics.get("head_to_head"), head_to_head(metrics["checkpoints"], correct))
+    if "pairs" in metrics:  # runs before the pairs were recorded have none
+        _same(file, "pairs", metrics["pairs"], pairs(metrics["checkpoints"], correct))
 
 
 def _stage3_copies(file: Path, at: str, entry: dict, runs_dir: Path) -> None:

@@ -35,7 +35,7 @@ from ablate.core.identity import describe, mismatch, model_identity
 from ablate.stages import stage3_resume as resume
 from ablate.stages.evaluation import (check_inputs, check_lengths, comparison_key, eval_state, evaluate,
                                       evaluation_run, write_samples)
-from ablate.results.recovery import head_to_head, recovery_block
+from ablate.results.recovery import head_to_head, pairs, recovery_block
 from ablate.results.samples import verified_samples
 from ablate.results.verified import latest_verified, verified
 
@@ -286,6 +286,8 @@ def run_stage4(config: Stage4Config) -> Path | None:
             "checkpoints": results,
             "skipped": skipped,
             "head_to_head": head_to_head(results, correct),
+            # every two trainings against each other (ablate.results.recovery.pairs), for more than two models
+            "pairs": pairs(results, correct),
             "timing": {"wall_seconds": round(time.time() - started, 3)},
         }
     return run.path
