@@ -98,3 +98,35 @@ def test_paired_difference_by_hand():
     assert paired_difference(before, after, seed=0) == d
     with pytest.raises(ValueError, match="same ones"):
         paired_difference({"a": np.array([1, 0])}, {"a": np.array([1])})
+
+
+def test_pairs_compare_every_two_trainings_with_one_model_each():
+    from scipy.stats import false_discovery_control
+
+    from ablate.results.recovery import head_to_head, pairs
+
+    rng = np.random.default_rng(0)
+
+    def entry(label, mask, layers=None):
+        return {"label": label, "train_mask": mask,
+                "train_mask_layers": None if layers is None else {"layers": layers, "num_layers": 30}}
+
+    results = [entry("c", "causal"), entry("p", "prefill_bidir"), entry("l", "prefill_bidir", "0-9"),
+               entry("s1", "segment_bidir"), entry("s2", "segment_bidir")]  # two of one training: left out
+    correct = {e["label"]: {"t": {d: bool(rng.random() < 0.6 + 0.1 * i) for d in range(40)}}
+               for i, e in enumerate(results)}
+    block = pairs(results, correct)
+    assert block["left_out"] == ["segment_bidir"]
+    got = [(p["before_training"], p["after_training"]) for p in block["pairs"]]
+    assert got == [("causal", "prefill_bidir"), ("causal", "prefill_bidir in layers 0-9 of 30"),
+                   ("prefill_bidir", "prefill_bidir in layers 0-9 of 30")]  # causal first, then by name
+    for p in block["pairs"]:
+        before = np.mean(list(correct[p["before"]]["t"].values()))
+        after = np.mean(list(correct[p["after"]]["t"].values()))
+        assert (p["macro"]["before"], p["macro"]["after"]) == pytest.approx((before, after))
+    q = false_discovery_control([p["macro"]["mcnemar"]["p_value"] for p in block["pairs"]])
+    assert [p["macro"]["mcnemar"]["q_value"] for p in block["pairs"]] == pytest.approx(list(q))
+    assert head_to_head(results, correct) is None  # not the one classic pair
+    classic = pairs(results[:2], correct)["pairs"]
+    assert len(classic) == 1 and classic[0]["tasks"] == head_to_head(results[:2], correct)["tasks"]
+    assert pairs(results[3:], correct) == {"pairs": [], "left_out": ["segment_bidir"]}

@@ -23,7 +23,8 @@ def check_runtime(mask: str, device: str, dtype: str, attn_implementation: str) 
     from ablate.core.models import DTYPES
 
     if mask not in MASKS:
-        raise BadInput(f"unknown mask '{mask}'; known masks: {', '.join(MASKS)}")
+        raise BadInput(f"unknown mask '{mask}'; known masks: {', '.join(MASKS)}, or FILE.py:NAME (a mask function "
+                       "from a file)")
     if not DEVICE.match(device):
         raise BadInput(f"unknown device '{device}'; use auto, cpu, cuda, cuda:N or mps")
     if dtype != "auto" and dtype not in DTYPES:

@@ -96,20 +96,38 @@ def choose_finetunes(config: Stage4Config) -> tuple[list[Finetuned], list[str]]:
     return out, skipped
 
 
+def _trained_layers(run: rundir.Run) -> str:
+    """What a stage 3 run trained under beyond its mask: its layers as its summary records them (ablate.core.
+    layer_masks.record; "every layer" when none), a key for ``_defaults``."""
+    layers = (run.summary or {}).get("mask_layers") if isinstance(run.summary, dict) else None
+    return json.dumps(layers, sort_keys=True)
+
+
 def _defaults(runs_dir: Path) -> tuple[list[tuple[rundir.Run, Path]], list[str]]:
+    """The latest usable run of each training: each stage 3 mask, and within it each set of layers trained under
+    (--mask-layers), so a layered finetune never stands in for an every-layer one (both are scored; ``pairs``
+    compares them)."""
     chosen, skipped = [], []
     for stage in rundir.stages_with_prefix(runs_dir, STAGE3_PREFIX):
-        run = latest_verified(runs_dir, stage, statuses=rundir.USABLE)
-        if run is not None and run.summary.get("leaky"):
-            skipped.append(f"skipped leaky stage 3 run {run.path} (trained with the label-leaking mask "
-                           f"{run.summary.get('mask')}); name it with --checkpoint to score it anyway")
-            run = latest_verified(runs_dir, stage, statuses=rundir.USABLE, where=lambda r: not r.summary.get("leaky"))
+        found = [r for r in rundir.find_runs(runs_dir, stage) if r.status in rundir.USABLE]
+        trainings = list(dict.fromkeys(_trained_layers(r) for r in found)) or [None]
+        for key in trainings:
+            def of(r, key=key):
+                return key is None or _trained_layers(r) == key
+
+            run = latest_verified(runs_dir, stage, statuses=rundir.USABLE, where=of)
+            if run is not None and run.summary.get("leaky"):
+                skipped.append(f"skipped leaky stage 3 run {run.path} (trained with the label-leaking mask "
+                               f"{run.summary.get('mask')}); name it with --checkpoint to score it anyway")
+                run = latest_verified(runs_dir, stage, statuses=rundir.USABLE,
+                                      where=lambda r, of=of: of(r) and not r.summary.get("leaky"))
+            if run is not None:
+                chosen.append((run, run.path / "final"))
+        latest = max((rundir.started(r) for r, _ in chosen if r.stage == stage), default=None)
         for newer in rundir.find_runs(runs_dir, stage):
-            if newer.status == rundir.DIVERGED and (run is None or rundir.started(newer) > rundir.started(run)):
+            if newer.status == rundir.DIVERGED and (latest is None or rundir.started(newer) > latest):
                 skipped.append(f"skipped diverged stage 3 run {newer.path} ({newer.reason}); it has no final model: "
                                "name one of its checkpoints with --checkpoint to score that")
-        if run is not None:
-            chosen.append((run, run.path / "final"))
     if not chosen:
         raise BadInput(f"no completed stage 3 run in {runs_dir}" + (f" ({'; '.join(skipped)})" if skipped else "")
                        + "; run `ablate stage3` first")
