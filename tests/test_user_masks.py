@@ -281,3 +281,22 @@ def test_stages_run_a_file_mask_and_record_its_file(tiny_models, tmp_path):
     assert main(["stage3", "--mask", f"{FILE}:next_token", "--model", model, "--data", "tests/data/sft.jsonl",
                  "--device", "cpu", "--runs-dir", str(tmp_path / "other")]) == 2
     assert not (tmp_path / "other").exists()
+
+
+def test_ablate_masks_shows_what_a_file_mask_is(capsys):
+    from ablate.cli import main
+
+    assert main(["masks", f"{FILE}:response_skips_first"]) == 0
+    out = capsys.readouterr().out
+    assert "response_skips_first@" in out and "causal after the prompt (can generate)       no" in out
+    assert main(["masks", f"{FILE}:batch_mates"]) == 2
+    assert main(["masks", "prefill_bidir"]) == 2  # not FILE.py:NAME
+    assert main(["masks"]) == 0 and "segment_bidir" in capsys.readouterr().out
+
+
+def test_a_config_file_names_a_file_mask(tmp_path):
+    from ablate.stages.config import load_eval_config
+
+    (tmp_path / "study.yaml").write_text(f"model: m\ntasks: [ablate_tiny]\nmask: {FILE}:prompt_window\n")
+    config = load_eval_config("stage2_ablation_eval", {"config_file": str(tmp_path / "study.yaml")})
+    assert config.mask == user("prompt_window") and config.mask_file["name"] == "prompt_window"

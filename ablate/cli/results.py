@@ -11,6 +11,7 @@ from typing import Optional
 import typer
 
 from ablate.cli.console import fail
+from ablate.errors import BadInput
 
 
 def _runs(runs_dir: str) -> Path:
@@ -61,13 +62,29 @@ def aggregate(
         typer.echo(f"wrote {out}")
 
 
-def masks():
-    """List the registered attention masks."""
+def masks(
+    mask_file: str = typer.Argument(None, help="FILE.py:NAME: what the probes decide about a mask from a file"),
+):
+    """List the registered attention masks, or show what a mask from a file is (docs/masks.md)."""
     from ablate.core.masks import MASKS
 
+    if mask_file is not None:
+        from ablate.core.user_masks import parse, resolve
+
+        if parse(mask_file) is None:
+            raise BadInput(f"'{mask_file}' is not FILE.py:NAME")
+        spec = MASKS[resolve(mask_file, None)[0]]
+        typer.echo(f"{spec.name}: {spec.description}")
+        for what, value in (("leaks labels (refused in training)", spec.leaks_labels),
+                            ("shares contexts (prefix-shared evaluation)", spec.shares_context),
+                            ("causal after the prompt (can generate)", spec.causal_continuation),
+                            ("reads segments", spec.needs_segments)):
+            typer.echo(f"  {what:<45}{'yes' if value else 'no'}")
+        return
     for spec in MASKS.values():
         flag = "  [leaks labels in training]" if spec.leaks_labels else ""
         typer.echo(f"{spec.name:<15}{spec.description}{flag}")
+    typer.echo("FILE.py:NAME   a mask function from a file (ablate masks FILE.py:NAME shows what it is)")
 
 
 
@@ -76,4 +93,4 @@ def register(app: typer.Typer) -> None:
     app.command(epilog="Example:\n\n  ablate report --runs-dir runs --out docs/RESULTS.md")(report)
     app.command(epilog="Example:\n\n  ablate aggregate --runs-dir runs --out runs/aggregate.json\n\n"
                         "  ablate aggregate --runs-dir demo/runs --across-data   # the demo's seeds")(aggregate)
-    app.command(epilog="Example:\n\n  ablate masks")(masks)
+    app.command(epilog="Example:\n\n  ablate masks\n\n  ablate masks tests/data/user_masks.py:prompt_window")(masks)
