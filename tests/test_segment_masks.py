@@ -8,6 +8,7 @@ greedy generation, a training step's per-row losses and gradients (padded and pa
 every supported architecture, sdpa and eager, the mask in every layer and in some layers only.
 """
 
+import json
 import random
 from contextlib import nullcontext
 
@@ -410,3 +411,65 @@ def test_stage3_refuses_segment_bidir_without_a_separator(tmp_path, tiny_llama):
     assert main(["stage3", "--mask", "segment_bidir", "--model", str(tiny_llama), "--data", "tests/data/sft.jsonl",
                  "--runs-dir", str(tmp_path / "runs")]) == 2
     assert not (tmp_path / "runs").exists()
+
+
+# --- stage 3's segments from a field ---------------------------------------------------------------------
+
+def test_a_segment_field_cuts_the_prompt_where_its_pieces_end(tiny_llama, tmp_path):
+    from ablate.core.sft_data import RowFormat, load_rows, tokenize
+
+    _, tokenizer = load_model(str(tiny_llama), "cpu", "float32")
+    pieces = ["System: be brief.\n", "User: Mia has a red ball.", " What color is it?\nAnswer:"]
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"segments": pieces, "response": " red"}) + "\n")
+    fmt = RowFormat(segment_field="segments")
+    rows = load_rows(str(data), fmt)
+    (example,) = tokenize(rows, tokenizer, fmt, 128, (0.25, 0.75), False, 0)
+    prompt = example.input_ids[:example.prefix_len]
+    segments = list(example.prompt_segments)
+    bos = 1 if tokenizer.bos_token_id is not None else 0
+    assert len(segments) == len(prompt) and set(segments) == {0, 1, 2}
+    texts = [tokenizer.decode([t for t, s in zip(prompt[bos:], segments[bos:]) if s == k]) for k in range(3)]
+    assert texts == pieces  # each segment is its piece (the pieces end where tokens do here)
+    assert tokenize(load_rows(str(data), fmt), tokenizer, fmt, 128, (0.25, 0.75), False, 0) == [example]
+
+
+@pytest.mark.parametrize("row,message", [({"segments": "one string", "response": " r"}, "non-empty list of strings"),
+                                          ({"segments": [], "response": " r"}, "non-empty list of strings"),
+                                          ({"segments": ["a", 3], "response": " r"}, "non-empty list of strings")])
+def test_a_segment_field_that_is_not_a_list_of_strings_is_one_line(tmp_path, row, message):
+    from ablate.core.sft_data import RowFormat, load_rows
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps(row) + "\n" + json.dumps({"segments": ["x"], "response": " y"}) + "\n")
+    with pytest.raises(BadInput, match=message):
+        load_rows(str(data), RowFormat(segment_field="segments"))
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(segment_field="s", segment_separator="\n"), "once"),
+    (dict(segment_field="s", prompt_template="{q}"), "does not go with"),
+    (dict(segment_field="s", mask="prefill_bidir"), "read segments only"),
+])
+def test_stage3_refuses_a_segment_field_that_cannot_apply(kw, message):
+    from ablate.stages.config import FinetuneConfig
+
+    with pytest.raises(BadInput, match=message):
+        FinetuneConfig(**{"model": "m", "data": "d.jsonl", "mask": "segment_bidir", **kw})
+
+
+def test_stage3_trains_on_segments_from_a_field(tiny_llama, tmp_path):
+    from ablate.cli import main
+    from ablate.results import rundir
+
+    data = tmp_path / "rows.jsonl"
+    rows = [json.loads(line) for line in open("tests/data/sft.jsonl")]
+    data.write_text("".join(json.dumps({"segments": r["prompt"].split("\n"), "response": r["response"]}) + "\n"
+                            for r in rows))  # the prompt without its newline, cut where it was
+    assert main(["stage3", "--mask", "segment_bidir", "--segment-field", "segments", "--model", str(tiny_llama),
+                 "--data", str(data), "--max-steps", "1", "--save-steps", "1", "--device", "cpu", "--max-length",
+                 "64", "--runs-dir", str(tmp_path / "runs")]) == 0
+    (run,) = [rundir.load_run(p) for p in (tmp_path / "runs" / "stage3_finetune_segment_bidir").iterdir()]
+    assert run.summary["segments"] == {"source": "--segment-field", "field": "segments", "prompts": 38,
+                                       "mean_segments": 2.0}
+    assert run.summary["mask_check"]["passed"]

@@ -64,11 +64,17 @@ class RowFormat:
     prompt_template: str | None = None
     response_template: str | None = None
     segment_separator: str | None = None  # segment_bidir: the prompt's segments end after each occurrence
+    segment_field: str | None = None  # segment_bidir: a field holding the prompt as a list of its segments
 
     def __post_init__(self):
         if self.text_field and self.templates():
             raise BadInput("--prompt-template and --response-template shape prompt/response rows; "
                            "they do not go with --text-field")
+        if self.segment_field and (self.text_field or self.prompt_template is not None):
+            raise BadInput("--segment-field holds the prompt itself (its segments, joined); it does not go with "
+                           "--text-field or --prompt-template")
+        if self.segment_field and self.segment_separator is not None:
+            raise BadInput("give the prompt's segments once: --segment-separator or --segment-field")
         for option, template in self.templates():
             template_fields(template, option)
 
@@ -81,15 +87,30 @@ class RowFormat:
         if self.text_field:
             return [self.text_field]
         prompt = template_fields(self.prompt_template, "--prompt-template") if self.prompt_template is not None \
-            else [self.prompt_field]
+            else [self.segment_field or self.prompt_field]
         response = template_fields(self.response_template, "--response-template") \
             if self.response_template is not None else [self.response_field]
         return list(dict.fromkeys(prompt + response))
 
     def render(self, row: dict, where: str) -> tuple[str, str]:
         """The prompt and response text of a prompt/response row (``where`` names the row in errors)."""
-        return (_fill("--prompt-template", self.prompt_template, self.prompt_field, row, where),
-                _fill("--response-template", self.response_template, self.response_field, row, where))
+        prompt = "".join(row[self.segment_field]) if self.segment_field else \
+            _fill("--prompt-template", self.prompt_template, self.prompt_field, row, where)
+        return prompt, _fill("--response-template", self.response_template, self.response_field, row, where)
+
+    def segment_ends(self, row: dict, prompt: str) -> list[int] | None:
+        """Where the prompt's segments end (character offsets), or None when rows are not cut into segments."""
+        if self.segment_field:
+            ends, at = [], 0
+            for piece in row[self.segment_field]:
+                at += len(piece)
+                ends.append(at)
+            return ends
+        if self.segment_separator is not None:
+            from ablate.core.segments import separator_ends
+
+            return separator_ends(prompt, self.segment_separator)
+        return None
 
 
 def _fill(option: str, template: str | None, field: str, row: dict, where: str) -> str:
@@ -135,7 +156,10 @@ def load_rows(data: str, fmt: RowFormat) -> list[dict]:
     for i, row in enumerate(rows):
         where = f"--data {data} row {i}"
         for f in needed:
-            if not isinstance(row[f], str):
+            if f == fmt.segment_field:
+                if not isinstance(row[f], list) or not row[f] or not all(isinstance(x, str) for x in row[f]):
+                    raise BadInput(f"{where}: field '{f}' must be a non-empty list of strings (the prompt's segments)")
+            elif not isinstance(row[f], str):
                 raise BadInput(f"{where}: field '{f}' must be a string")
         text = row[fmt.text_field] if fmt.text_field else fmt.render(row, where)[1]
         if not text.strip():
@@ -176,12 +200,12 @@ def tokenize(rows: list[dict], tokenizer, fmt: RowFormat, max_length: int, split
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     out, too_long = [], []
-    segmented = fmt.segment_separator is not None
+    segmented = fmt.segment_separator is not None or fmt.segment_field is not None
     for i, row in enumerate(rows):
         segments: list[int] = []
         if fmt.text_field:
             text = row[fmt.text_field]
-            ids, segments = _tokens(tokenizer, text, fmt.segment_separator)
+            ids, segments = _tokens(tokenizer, text, fmt.segment_ends(row, text))
             if len(ids) < 2:
                 raise BadInput(f"--data row {i}: text has fewer than 2 tokens, nothing to split")
             lo, hi = split_range
@@ -190,7 +214,7 @@ def tokenize(rows: list[dict], tokenizer, fmt: RowFormat, max_length: int, split
         else:
             # Prompt and response are encoded apart: the prompt's tokens are what the model reads at evaluation.
             prompt_text, response_text = fmt.render(row, f"--data row {i}")
-            prompt, segments = _tokens(tokenizer, prompt_text, fmt.segment_separator)
+            prompt, segments = _tokens(tokenizer, prompt_text, fmt.segment_ends(row, prompt_text))
             response = tokenizer(response_text, add_special_tokens=False)["input_ids"] + eos
         prompt, segments = bos + prompt, [0] * len(bos) + segments
         # Keep at least one response token inside the window.
@@ -214,13 +238,14 @@ def tokenize(rows: list[dict], tokenizer, fmt: RowFormat, max_length: int, split
     return out
 
 
-def _tokens(tokenizer, text: str, separator: str | None) -> tuple[list[int], list[int]]:
-    """``text``'s tokens and, with a separator, each one's segment (ablate.core.segments; [] without)."""
-    if separator is None:
+def _tokens(tokenizer, text: str, ends: list[int] | None) -> tuple[list[int], list[int]]:
+    """``text``'s tokens and, cut at ``ends`` (character offsets), each one's segment (ablate.core.segments;
+    [] when not cut)."""
+    if ends is None:
         return tokenizer(text, add_special_tokens=False)["input_ids"], []
-    from ablate.core.segments import separator_ends, text_segments
+    from ablate.core.segments import text_segments
 
-    return text_segments(tokenizer, text, separator_ends(text, separator))
+    return text_segments(tokenizer, text, ends)
 
 
 def supervised_tokens(examples: list[Tokenized]) -> int:

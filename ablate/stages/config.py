@@ -55,15 +55,17 @@ def resolve_mask(config) -> None:
     object.__setattr__(config, "mask_file", source)
 
 
-def check_segments(mask: str, separator: str | None) -> None:
-    """--segment-separator: what segment_bidir reads in stage 3, and only it."""
+def check_segments(mask: str, separator: str | None, field_name: str | None = None) -> None:
+    """--segment-separator / --segment-field: what segment masks read in stage 3, and only they."""
     from ablate.core.masks import MASKS
 
     needs = MASKS[mask].needs_segments
-    if needs and not separator:
-        raise BadInput(f"mask '{mask}' reads the prompt's segments: pass --segment-separator TEXT (e.g. '\\n\\n')")
-    if separator is not None and not needs:
-        raise BadInput(f"--segment-separator is read by segment masks only (segment_bidir), not by '{mask}'")
+    if needs and not separator and not field_name:
+        raise BadInput(f"mask '{mask}' reads the prompt's segments: pass --segment-separator TEXT (e.g. '\\n\\n') "
+                       "or --segment-field FIELD")
+    for option, value in (("--segment-separator", separator), ("--segment-field", field_name)):
+        if value is not None and not needs:
+            raise BadInput(f"{option} is read by masks that read segments only (segment_bidir), not by '{mask}'")
 
 
 @dataclass(frozen=True)
@@ -206,6 +208,9 @@ class FinetuneConfig:
     segment_separator: str | None = field(default=None, metadata={
         "help": "mask segment_bidir: the prompt's segments end after each occurrence of this text (e.g. '\\n\\n'; "
                 "the flag reads \\n and \\t as newline and tab)"})
+    segment_field: str | None = field(default=None, metadata={
+        "help": "mask segment_bidir: a field holding each row's prompt as a list of its segments (joined, it is the "
+                "prompt; replaces --prompt-field)"})
     split_range: tuple[float, float] = field(default=(0.25, 0.75), metadata={
         "help": "where plain text is split, as fractions of its tokens: LO,HI"})
     eval_data: str | None = field(default=None, metadata={"help": "held-out file (default: a slice of --data)"})
@@ -272,7 +277,7 @@ class FinetuneConfig:
         resolve_mask(self)
         check_runtime(self.mask, self.device, self.dtype, self.attn_implementation)
         check_mask_layers(self.mask, self.mask_layers)
-        check_segments(self.mask, self.segment_separator)
+        check_segments(self.mask, self.segment_separator, self.segment_field)
         self.row_format()  # refuses a malformed template before any data is read
         schedulers = [t.value for t in SchedulerType]
         if self.lr_scheduler not in schedulers:
@@ -311,7 +316,8 @@ class FinetuneConfig:
         from ablate.core.sft_data import RowFormat
 
         return RowFormat(self.prompt_field, self.response_field, self.text_field,
-                         self.prompt_template, self.response_template, self.segment_separator)
+                         self.prompt_template, self.response_template, self.segment_separator,
+                         self.segment_field)
 
     def training_arguments(self, output_dir: Path, on_gpu: bool, is_main: bool = True):
         """The HF Trainer's arguments: the one place a stage 3 field becomes a Trainer setting."""

@@ -296,10 +296,12 @@ def _fit(config: FinetuneConfig, prepared: Prepared, args, run_dir: Path, resume
         oom_retries[-1]["resumed_from"] = str(start) if start else None
 
 
-def segments_record(separator: str, examples: list) -> dict:
+def segments_record(config: FinetuneConfig, examples: list) -> dict:
+    """Where the training prompts were cut and how many segments they had (the examples' own record)."""
     counts = [max(e.prompt_segments, default=-1) + 1 for e in examples]
-    return {"source": "--segment-separator", "separator": separator, "prompts": len(counts),
-            "mean_segments": round(sum(counts) / len(counts), 3) if counts else None}
+    source = {"source": "--segment-field", "field": config.segment_field} if config.segment_field else \
+        {"source": "--segment-separator", "separator": config.segment_separator}
+    return {**source, "prompts": len(counts), "mean_segments": round(sum(counts) / len(counts), 3) if counts else None}
 
 
 def _check_mask(config: FinetuneConfig, prepared: Prepared, bf16: bool) -> dict | None:
@@ -361,8 +363,8 @@ def _summary(config: FinetuneConfig, prepared: Prepared, trained: Trained, run_d
         # the layers trained under the mask (ablate.core.layer_masks, resolved on the model; None: every layer)
         "mask_layers": layer_record(prepared.mask_layers, num_layers(prepared.model.config)),
         # segment masks: where the prompts were cut and how many segments the training prompts had
-        **({"segments": segments_record(config.segment_separator, prepared.train)}
-           if config.segment_separator is not None else {}),
+        **({"segments": segments_record(config, prepared.train)}
+           if config.segment_separator is not None or config.segment_field is not None else {}),
         "data": config.data,
         "data_identity": prepared.data_identity,  # what --resume checks --data against
         "supervised_tokens": supervised_tokens(prepared.train),
