@@ -300,3 +300,24 @@ def test_a_config_file_names_a_file_mask(tmp_path):
     (tmp_path / "study.yaml").write_text(f"model: m\ntasks: [ablate_tiny]\nmask: {FILE}:prompt_window\n")
     config = load_eval_config("stage2_ablation_eval", {"config_file": str(tmp_path / "study.yaml")})
     assert config.mask == user("prompt_window") and config.mask_file["name"] == "prompt_window"
+
+
+def test_a_run_re_read_from_its_config_loads_its_mask_file_again_and_refuses_an_edit(tiny_llama, tmp_path):
+    from ablate.cli import main
+    from ablate.stages.stage3_resume import _saved_config
+
+    path = tmp_path / "masks.py"
+    shutil.copy(FILE, path)
+    runs = tmp_path / "runs"
+    assert main(["stage3", "--mask", f"{path}:prompt_window", "--model", str(tiny_llama), "--data",
+                 "tests/data/sft.jsonl", "--max-steps", "1", "--save-steps", "1", "--device", "cpu", "--max-length",
+                 "64", "--runs-dir", str(runs)]) == 0
+    (run_dir,) = (runs / f"stage3_finetune_{resolve(f'{path}:prompt_window', None)[0]}").iterdir()
+    config = _saved_config(run_dir)  # what --resume reads
+    assert config.mask.startswith("prompt_window@") and config.mask_file["path"] == str(path.resolve())
+    original = path.read_bytes()
+    path.write_bytes(original.replace(b"<= 2", b"<= 3"))  # the mask's definition edited after the run began
+    with pytest.raises(BadInput, match="changed since this run was configured"):
+        _saved_config(run_dir)
+    path.write_bytes(original)
+    assert _saved_config(run_dir).mask == config.mask
