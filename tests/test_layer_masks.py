@@ -96,9 +96,16 @@ def brute_force_logits(model, tokens: list[int], prefix: int, mask_name: str, la
     """One request alone on eager: the mask's definition in ``layers``, causal elsewhere."""
     kinds, window = kinds_of(model)
     n = len(tokens)
-    per_layer = [reference_mask(mask_name if i in layers else "causal", [n], [prefix], n, torch.float32,
-                                window=window if kind == "sliding_attention" else None)
-                 for i, kind in enumerate(kinds)]
+    return explicit_logits(model, tokens, [
+        reference_mask(mask_name if i in layers else "causal", [n], [prefix], n, torch.float32,
+                       window=window if kind == "sliding_attention" else None)[0, 0] == 0
+        for i, kind in enumerate(kinds)])
+
+
+def explicit_logits(model, tokens: list[int], allowed: list[torch.Tensor]):
+    """One row alone on eager, layer i attending exactly where ``allowed[i]`` (``[n, n]``, True = may attend)."""
+    n = len(tokens)
+    per_layer = [torch.where(a, 0.0, torch.finfo(torch.float32).min)[None, None] for a in allowed]
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     before = base.config._attn_implementation
     base.set_attn_implementation("eager")
@@ -205,32 +212,29 @@ def run_loss(model, batch_rows, layout, mask):
     """The loss as MaskedTrainer computes it (its masks, per-layer context and, packed, attention per row)."""
     batch = Collator(0)(batch_rows) if layout == "padded" else PackingCollator(0, None)(batch_rows)
     real, prefix, segments = batch["attention_mask"].bool(), batch["prefix_len"], batch.get("segments")
+    prompt_segments = batch.get("prompt_segments")
     n = (batch["labels"][:, 1:] != -100).sum()
     kw = dict(input_ids=batch["input_ids"], labels=batch["labels"], num_items_in_batch=n)
     if segments is None:
-        kw["attention_mask"] = model_attention_mask(model.config, mask, real, prefix, torch.float32)
+        kw["attention_mask"] = model_attention_mask(model.config, mask, real, prefix, torch.float32,
+                                                    prompt_segments=prompt_segments)
         attend = _nothing()
     else:
         kw["attention_mask"] = packed_rows_mask(model.config, mask, real, prefix, segments, batch["position_ids"],
-                                                torch.float32)
+                                                torch.float32, prompt_segments)
         kw.update(position_ids=batch["position_ids"], row_spans=row_spans(segments))
         attend = rows_attention(model)
     with attend, forward_masks(model, mask, real, prefix, torch.float32, segments, batch.get("position_ids"),
-                               rows=segments is not None):
+                               rows=segments is not None, prompt_segments=prompt_segments):
         out = model(**kw)
     logits = out.logits if segments is None else unpack(out.logits, batch)
     return out.loss, logits
 
 
-@pytest.mark.parametrize("arch,overrides", ARCHS, ids=[a for a, _ in ARCHS])
-@pytest.mark.parametrize("impl,layout", [("sdpa", "padded"), ("sdpa", "packed"), ("eager", "padded"),
-                                         ("eager", "packed")])
-def test_a_training_forward_under_per_layer_masks_is_the_brute_force(three_layer, arch, overrides, impl, layout):
-    model, _ = load_model(str(three_layer(arch, **overrides)), "cpu", "float32", impl)
-    model.train()
-    layers = layer_masks.install(model, "0,2")
-    rows = training_rows()
-    loss, logits = run_loss(model, rows, layout, "prefill_bidir")
+def assert_training_step_is_the_brute_force(model, rows, layout, mask, reference):
+    """A training forward's per-row losses, loss and every gradient (``run_loss``) against ``reference(row)``, each
+    row's logits alone, within 1e-4 (the loss 1e-5)."""
+    loss, logits = run_loss(model, rows, layout, mask)
     model.zero_grad()
     loss.backward()
     grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
@@ -239,7 +243,7 @@ def test_a_training_forward_under_per_layer_masks_is_the_brute_force(three_layer
     n = sum(sum(1 for x in r["labels"][1:] if x != -100) for r in rows)
     total = 0
     for i, r in enumerate(rows):
-        ref = brute_force_logits(model, r["input_ids"], r["prefix_len"], "prefill_bidir", layers)
+        ref = reference(r)
         labels = torch.tensor(r["labels"])
         targets = torch.nonzero(labels[1:] != -100).flatten()
         row_loss = -torch.log_softmax(ref.float(), -1)[targets, labels[targets + 1]].sum()
@@ -250,6 +254,18 @@ def test_a_training_forward_under_per_layer_masks_is_the_brute_force(three_layer
     torch.testing.assert_close(loss, (total / n).detach(), rtol=0, atol=1e-5)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, model.get_parameter(name).grad, rtol=0, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("arch,overrides", ARCHS, ids=[a for a, _ in ARCHS])
+@pytest.mark.parametrize("impl,layout", [("sdpa", "padded"), ("sdpa", "packed"), ("eager", "padded"),
+                                         ("eager", "packed")])
+def test_a_training_forward_under_per_layer_masks_is_the_brute_force(three_layer, arch, overrides, impl, layout):
+    model, _ = load_model(str(three_layer(arch, **overrides)), "cpu", "float32", impl)
+    model.train()
+    layers = layer_masks.install(model, "0,2")
+    assert_training_step_is_the_brute_force(
+        model, training_rows(), layout, "prefill_bidir",
+        lambda r: brute_force_logits(model, r["input_ids"], r["prefix_len"], "prefill_bidir", layers))
 
 
 # --- the runtime mask check ---------------------------------------------------------------------------------

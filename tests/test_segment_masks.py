@@ -10,7 +10,6 @@ every supported architecture, sdpa and eager, the mask in every layer and in som
 
 import json
 import random
-from contextlib import nullcontext
 
 import pytest
 import torch
@@ -21,16 +20,15 @@ from ablate.core.layer_masks import parse_layers
 from ablate.core.leakage import find_leak
 from ablate.core.lm_eval_model import PrefillMaskLM
 from ablate.core.mask_check import check_mask, check_rows
-from ablate.core.masks import dense_mask, dense_packed_mask, get_mask, model_attention_mask, packed_rows_mask
+from ablate.core.masks import dense_mask, dense_packed_mask, get_mask, model_attention_mask
 from ablate.core.models import load_model
-from ablate.core.row_attention import row_spans, rows_attention
 from ablate.core.segments import separator_ends, text_segments, token_segments
 from ablate.core.sft_data import Collator
-from ablate.core.sft_packing import PackingCollator, unpack
+from ablate.core.sft_packing import PackingCollator
 from ablate.errors import BadInput
 
-from test_layer_masks import LAYERS, explicit_masks, kinds_of
-from test_sft_packing import ARCHS, SLIDING
+from test_layer_masks import LAYERS, assert_training_step_is_the_brute_force, explicit_logits, kinds_of
+from test_sft_packing import ARCHS
 
 
 def definition(n: int, prefix: int, segments: list[int], window: int | None) -> torch.Tensor:
@@ -48,20 +46,9 @@ def brute_force_logits(model, tokens, prefix, segments, layers):
     """One row alone on eager: segment_bidir in ``layers`` (None: every layer), causal elsewhere."""
     kinds, window = kinds_of(model)
     n = len(tokens)
-    per_layer = []
-    for i, kind in enumerate(kinds):
-        own_window = window if kind == "sliding_attention" else None
-        allowed = definition(n, prefix if layers is None or i in layers else 0, segments, own_window)
-        per_layer.append(torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[None, None])
-    base = model
-    before = base.config._attn_implementation
-    base.set_attn_implementation("eager")
-    try:
-        holder = layer_masks.installed(model)
-        with explicit_masks(model, per_layer), (holder.stock() if holder else nullcontext()):
-            return model(input_ids=torch.tensor([tokens]), position_ids=torch.arange(n)[None]).logits[0]
-    finally:
-        base.set_attn_implementation(before)
+    return explicit_logits(model, tokens, [
+        definition(n, prefix if layers is None or i in layers else 0, segments,
+                   window if kind == "sliding_attention" else None) for i, kind in enumerate(kinds)])
 
 
 # --- segments from text ----------------------------------------------------------------------------------
@@ -266,43 +253,12 @@ def test_a_training_step_under_segment_bidir_is_the_brute_force(tiny_models, arc
     model, _ = load_model(str(tiny_models(arch, num_hidden_layers=LAYERS, **overrides)), "cpu", "float32", impl)
     model.train()
     layers = layer_masks.install(model, spec)
-    rows = training_rows()
-    batch = Collator(0)(rows) if layout == "padded" else PackingCollator(0, None)(rows)
-    real, prefix, segments = batch["attention_mask"].bool(), batch["prefix_len"], batch.get("segments")
-    prompt_segments = batch["prompt_segments"]
-    n = (batch["labels"][:, 1:] != -100).sum()
-    kw = dict(input_ids=batch["input_ids"], labels=batch["labels"], num_items_in_batch=n)
-    if segments is None:
-        kw["attention_mask"] = model_attention_mask(model.config, "segment_bidir", real, prefix, torch.float32,
-                                                    prompt_segments=prompt_segments)
-        attend = torch.enable_grad()
-    else:
-        kw["attention_mask"] = packed_rows_mask(model.config, "segment_bidir", real, prefix, segments,
-                                                batch["position_ids"], torch.float32, prompt_segments)
-        kw.update(position_ids=batch["position_ids"], row_spans=row_spans(segments))
-        attend = rows_attention(model)
-    with attend, layer_masks.forward_masks(model, "segment_bidir", real, prefix, torch.float32, segments,
-                                           batch.get("position_ids"), rows=segments is not None,
-                                           prompt_segments=prompt_segments):
-        out = model(**kw)
-    logits = out.logits if segments is None else unpack(out.logits, batch)
-    out.loss.backward()
-    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    total = 0
-    for i, r in enumerate(rows):
+
+    def reference(r):
         own_segments = list(r["prompt_segments"]) + [-1] * (len(r["input_ids"]) - r["prefix_len"])
-        ref = brute_force_logits(model, r["input_ids"], r["prefix_len"], own_segments, layers)
-        labels = torch.tensor(r["labels"])
-        targets = torch.nonzero(labels[1:] != -100).flatten()
-        row_loss = -torch.log_softmax(ref.float(), -1)[targets, labels[targets + 1]].sum()
-        own = -torch.log_softmax(logits[i].float(), -1)[targets, labels[targets + 1]].sum()
-        torch.testing.assert_close(own, row_loss.detach(), rtol=0, atol=1e-4)
-        total = total + row_loss
-    (total / n).backward()
-    torch.testing.assert_close(out.loss, (total / n).detach(), rtol=0, atol=1e-5)
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, model.get_parameter(name).grad, rtol=0, atol=1e-4, msg=name)
+        return brute_force_logits(model, r["input_ids"], r["prefix_len"], own_segments, layers)
+
+    assert_training_step_is_the_brute_force(model, training_rows(), layout, "segment_bidir", reference)
 
 
 # --- configuration --------------------------------------------------------------------------------------
@@ -312,7 +268,7 @@ def test_stage3_config_asks_for_a_separator_exactly_when_the_mask_reads_one():
 
     with pytest.raises(BadInput, match="pass --segment-separator"):
         FinetuneConfig(model="m", data="d.jsonl", mask="segment_bidir")
-    with pytest.raises(BadInput, match="read by segment masks only"):
+    with pytest.raises(BadInput, match="read by masks that read segments only"):
         FinetuneConfig(model="m", data="d.jsonl", mask="prefill_bidir", segment_separator="\n\n")
     assert FinetuneConfig(model="m", data="d.jsonl", mask="segment_bidir", segment_separator="\n\n")
 

@@ -10,7 +10,6 @@ mask and a changed file is refused.
 
 import json
 import shutil
-from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -21,15 +20,14 @@ from ablate.core import layer_masks
 from ablate.core.layer_masks import parse_layers
 from ablate.core.leakage import find_leak
 from ablate.core.lm_eval_model import PrefillMaskLM
-from ablate.core.masks import MASKS, dense_mask, model_attention_mask, packed_rows_mask
+from ablate.core.masks import MASKS, dense_mask
 from ablate.core.models import load_model
-from ablate.core.row_attention import row_spans, rows_attention
 from ablate.core.sft_data import Collator
-from ablate.core.sft_packing import PackingCollator, unpack
+from ablate.core.sft_packing import PackingCollator
 from ablate.core.user_masks import resolve
 from ablate.errors import BadInput
 
-from test_layer_masks import LAYERS, explicit_masks, kinds_of
+from test_layer_masks import LAYERS, assert_training_step_is_the_brute_force, explicit_logits, kinds_of
 from test_sft_packing import ARCHS
 from test_sft_packing import rows as training_rows
 
@@ -149,17 +147,9 @@ def window_definition(n: int, prefix: int, window: int | None) -> torch.Tensor:
 def brute_force_logits(model, tokens, prefix, layers):
     kinds, window = kinds_of(model)
     n = len(tokens)
-    per_layer = [torch.where(window_definition(n, prefix if layers is None or i in layers else 0,
-                                               window if kind == "sliding_attention" else None),
-                             0.0, torch.finfo(torch.float32).min)[None, None] for i, kind in enumerate(kinds)]
-    before = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        holder = layer_masks.installed(model)
-        with explicit_masks(model, per_layer), (holder.stock() if holder else nullcontext()):
-            return model(input_ids=torch.tensor([tokens]), position_ids=torch.arange(n)[None]).logits[0]
-    finally:
-        model.set_attn_implementation(before)
+    return explicit_logits(model, tokens, [
+        window_definition(n, prefix if layers is None or i in layers else 0,
+                          window if kind == "sliding_attention" else None) for i, kind in enumerate(kinds)])
 
 
 @pytest.mark.parametrize("arch,overrides", ARCHS, ids=[a for a, _ in ARCHS])
@@ -219,40 +209,10 @@ def test_generation_refuses_a_mask_not_causal_after_the_prompt(tiny_llama):
 def test_a_training_step_under_a_file_mask_is_the_brute_force(tiny_models, arch, overrides, impl, layout):
     model, _ = load_model(str(tiny_models(arch, num_hidden_layers=LAYERS, **overrides)), "cpu", "float32", impl)
     model.train()
-    name, layers = user("prompt_window"), layer_masks.install(model, "0,2")
-    rows = training_rows()
-    batch = Collator(0)(rows) if layout == "padded" else PackingCollator(0, None)(rows)
-    real, prefix, segments = batch["attention_mask"].bool(), batch["prefix_len"], batch.get("segments")
-    n = (batch["labels"][:, 1:] != -100).sum()
-    kw = dict(input_ids=batch["input_ids"], labels=batch["labels"], num_items_in_batch=n)
-    if segments is None:
-        kw["attention_mask"] = model_attention_mask(model.config, name, real, prefix, torch.float32)
-        attend = nullcontext()
-    else:
-        kw["attention_mask"] = packed_rows_mask(model.config, name, real, prefix, segments, batch["position_ids"],
-                                                torch.float32)
-        kw.update(position_ids=batch["position_ids"], row_spans=row_spans(segments))
-        attend = rows_attention(model)
-    with attend, layer_masks.forward_masks(model, name, real, prefix, torch.float32, segments,
-                                           batch.get("position_ids"), rows=segments is not None):
-        out = model(**kw)
-    logits = out.logits if segments is None else unpack(out.logits, batch)
-    out.loss.backward()
-    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    total = 0
-    for i, r in enumerate(rows):
-        ref = brute_force_logits(model, r["input_ids"], r["prefix_len"], layers)
-        labels = torch.tensor(r["labels"])
-        targets = torch.nonzero(labels[1:] != -100).flatten()
-        row_loss = -torch.log_softmax(ref.float(), -1)[targets, labels[targets + 1]].sum()
-        own = -torch.log_softmax(logits[i].float(), -1)[targets, labels[targets + 1]].sum()
-        torch.testing.assert_close(own, row_loss.detach(), rtol=0, atol=1e-4)
-        total = total + row_loss
-    (total / n).backward()
-    torch.testing.assert_close(out.loss, (total / n).detach(), rtol=0, atol=1e-5)
-    for key, grad in grads.items():
-        torch.testing.assert_close(grad, model.get_parameter(key).grad, rtol=0, atol=1e-4, msg=key)
+    layers = layer_masks.install(model, "0,2")
+    assert_training_step_is_the_brute_force(
+        model, training_rows(), layout, user("prompt_window"),
+        lambda r: brute_force_logits(model, r["input_ids"], r["prefix_len"], layers))
 
 
 # --- the stages -----------------------------------------------------------------------------------------
