@@ -24,7 +24,7 @@ from ablate.core.masks import MASKS, dense_mask
 from ablate.core.models import load_model
 from ablate.core.sft_data import Collator
 from ablate.core.sft_packing import PackingCollator
-from ablate.core.user_masks import resolve
+from ablate.core.mask_files import resolve
 from ablate.errors import BadInput
 
 from test_layer_masks import LAYERS, assert_training_step_is_the_brute_force, explicit_logits, kinds_of
@@ -193,7 +193,7 @@ def test_generation_under_a_file_mask_is_the_brute_force(tiny_models, arch, over
 
 
 def test_generation_refuses_a_mask_not_causal_after_the_prompt(tiny_llama):
-    from ablate.stages.evaluation import check_generation
+    from ablate.stages.checks import check_generation
 
     class Generative:
         OUTPUT_TYPE = "generate_until"

@@ -69,7 +69,8 @@ def masks(
     from ablate.core.masks import MASKS
 
     if mask_file is not None:
-        from ablate.core.user_masks import parse, resolve
+        from ablate.core.mask_files import resolve
+        from ablate.core.user_masks import parse
 
         if parse(mask_file) is None:
             raise BadInput(f"'{mask_file}' is not FILE.py:NAME")

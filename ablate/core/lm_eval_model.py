@@ -316,11 +316,7 @@ class PrefillMaskLM(HFLM):
         if unsupported:  # they would change greedy decoding; silently dropping them would be a different run
             raise ValueError(f"generation kwargs {unsupported} are not supported under mask '{self.mask}'")
         eos = self.model.generation_config.eos_token_id
-        prompt_segments = None
-        if self.segments is not None:  # each row's prompt segments, left-padded as the prompt is
-            prompt_segments = torch.tensor(
-                [[-1] * int((~real.bool()).sum()) + self.segments(row[real.bool()].tolist())
-                 for row, real in zip(context, attention_mask)], device=context.device)
+        prompt_segments = self.segments.left_padded(context, attention_mask) if self.segments is not None else None
         with torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
                             enabled=self.mixed_precision_dtype is not None):
             return masked_greedy(

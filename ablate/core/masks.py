@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 from transformers import masking_utils
 
+from ablate.core.user_masks import overlay
 from ablate.errors import BadInput
 
 # (prefix_lens [batch], attention_mask [batch, length], prompt_segments [batch, length] or None) -> block ids or None
@@ -199,8 +200,6 @@ def _tree_parts(mask_name, attention_mask, prefix_lens, segments, positions, pro
     packed = segments is not None and int(segments.max()) > 1  # one continuation per row is the plain layout
     same_segment = (lambda window: tree_function(segments, positions, window)) if packed else None
     if spec.pattern is not None:
-        from ablate.core.user_masks import overlay
-
         return None, same_segment, overlay(spec, attention_mask, prefix_lens, prompt_segments, segments,
                                            positions if packed else None, rows=False)
     return spec.block_ids(prefix_lens, attention_mask, prompt_segments), same_segment, None
@@ -243,8 +242,6 @@ def _rows_parts(mask_name, attention_mask, prefix_lens, segments, positions, pro
     """Block ids or overlay (a mask from a file) of stage 3's packed rows."""
     spec = get_mask(mask_name)
     if spec.pattern is not None:
-        from ablate.core.user_masks import overlay
-
         return None, overlay(spec, attention_mask, prefix_lens, prompt_segments, segments, positions, rows=True)
     return packed_block_ids(mask_name, prefix_lens, segments, positions, prompt_segments), None
 
@@ -340,8 +337,6 @@ def dense_mask(mask_name: str, prefix_lens: torch.Tensor, attention_mask: torch.
     spec = get_mask(mask_name)
     attention_mask = attention_mask.bool()
     if spec.pattern is not None:
-        from ablate.core.user_masks import overlay
-
         allowed, _ = overlay(spec, attention_mask, prefix_lens, prompt_segments, None, None, rows=False)
         return allowed & attention_mask[:, None, :]
     block_ids = spec.block_ids(prefix_lens, attention_mask, prompt_segments)

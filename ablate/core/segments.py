@@ -87,3 +87,18 @@ class SegmentCache:
         """What metrics.json records: the separator and how many segments a prompt had on average."""
         return {"source": "fewshot_delimiter", "separator": self.separator, "prompts": self.prompts,
                 "mean_segments": round(self.segments / self.prompts, 3) if self.prompts else None}
+
+    def left_padded(self, context, attention_mask):
+        """Each row's prompt segments, left-padded with -1 as generation's prompt batch is."""
+        import torch
+
+        return torch.tensor([[-1] * int((~real.bool()).sum()) + self(row[real.bool()].tolist())
+                             for row, real in zip(context, attention_mask)], device=context.device)
+
+
+def training_record(separator: str | None, field: str | None, examples: list) -> dict:
+    """Stage 3's record of where its prompts were cut and how many segments they had (``summary.json``)."""
+    counts = [max(e.prompt_segments, default=-1) + 1 for e in examples]
+    source = {"source": "--segment-field", "field": field} if field else \
+        {"source": "--segment-separator", "separator": separator}
+    return {**source, "prompts": len(counts), "mean_segments": round(sum(counts) / len(counts), 3) if counts else None}

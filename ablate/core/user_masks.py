@@ -35,12 +35,11 @@ mask. Configs record the file (path, name, sha256); a run re-read from its confi
 file again and refuses it if its digest changed.
 
 No library loads mask functions from files (transformers' mask functions are code in the package), hence this.
+Loading, naming and registering a file's mask: ablate.core.mask_files; this module evaluates, probes and lays out.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import re
 from pathlib import Path
 
@@ -59,61 +58,8 @@ def parse(value: str) -> tuple[Path, str] | None:
     return (Path(found["path"]).expanduser(), found["name"]) if found else None
 
 
-def label_of(name: str, sha256: str) -> str:
-    return f"{name}@{sha256[:8]}"
-
-
-def resolve(value: str, source: dict | None) -> tuple[str, dict | None]:
-    """The mask name a run uses and the file it came from: ``path.py:name`` is loaded, probed and registered as
-    ``name@<sha8>``; a name with ``source`` (a config re-read) is loaded again from the recorded file, whose
-    digest must be the recorded one. Anything else is returned as it is (a built-in mask, or unknown)."""
-    from ablate.core.masks import MASKS
-
-    parsed = parse(value)
-    if parsed is not None:
-        path, name = parsed
-        data = _read(path, value)
-        source = {"path": str(path.resolve()), "name": name, "sha256": hashlib.sha256(data).hexdigest()}
-    elif source is not None:
-        if not isinstance(source, dict) or not all(isinstance(source.get(k), str) for k in ("path", "name", "sha256")):
-            raise BadInput(f"mask '{value}': its recorded mask file is not {{path, name, sha256}} (edited?)")
-        if value != label_of(source["name"], source["sha256"]):
-            raise BadInput(f"mask '{value}' is not the recorded mask file's {label_of(source['name'], source['sha256'])}")
-        data = _read(Path(source["path"]), value)
-        if hashlib.sha256(data).hexdigest() != source["sha256"]:
-            raise BadInput(f"mask file {source['path']} changed since this run was configured (its sha256 is not "
-                           f"the recorded {source['sha256'][:12]}...); restore it, or start a new run with "
-                           f"--mask {source['path']}:{source['name']}")
-    else:
-        return value, None
-    label = label_of(source["name"], source["sha256"])
-    if label not in MASKS:
-        register(label, _load(Path(source["path"]), source["name"], data), source)
-    return label, source
-
-
-def _read(path: Path, value: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise BadInput(f"--mask {value}: cannot read {path}: {exc.strerror or exc}") from None
-
-
-def _load(path: Path, name: str, data: bytes):
-    spec = importlib.util.spec_from_loader(f"ablate_user_mask_{hashlib.sha256(data).hexdigest()[:16]}", loader=None)
-    module = importlib.util.module_from_spec(spec)
-    module.__file__ = str(path)
-    try:
-        exec(compile(data, str(path), "exec"), module.__dict__)  # the bytes that were digested, not a re-read
-    except Exception as exc:
-        raise BadInput(f"mask file {path} does not run: {type(exc).__name__}: {_line(exc)}") from None
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise BadInput(f"mask file {path} defines no function '{name}'")
-    return fn
-
-
-def _line(exc: BaseException) -> str:
+def line(exc: BaseException) -> str:
+    """An exception's first line (its type when it has no message)."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
@@ -135,7 +81,7 @@ def evaluate(fn, label: str, prompt_lens: torch.Tensor, segment_ids: torch.Tenso
     except BadInput:
         raise
     except Exception as exc:
-        raise BadInput(f"mask '{label}' cannot be evaluated on index tensors ({type(exc).__name__}: {_line(exc)}); "
+        raise BadInput(f"mask '{label}' cannot be evaluated on index tensors ({type(exc).__name__}: {line(exc)}); "
                        "write it with tensor operations, as transformers' mask functions are") from None
 
 
@@ -181,17 +127,6 @@ def probe(fn, label: str) -> dict:
                 verdict["causal_continuation"] = False
     verdict["needs_segments"] = not torch.equal(per_layout[False], per_layout[True])
     return verdict
-
-
-def register(label: str, fn, source: dict) -> None:
-    from ablate.core.masks import MASKS, MaskSpec
-
-    verdict = probe(fn, label)
-    MASKS[label] = MaskSpec(
-        label, None, f"from {source['path']}:{source['name']} (sha256 {source['sha256'][:12]}...)",
-        leaks_labels=verdict["leaks_labels"], shares_context=verdict["shares_context"],
-        needs_segments=verdict["needs_segments"], pattern=fn, causal_continuation=verdict["causal_continuation"],
-        source=dict(source))
 
 
 def overlay(spec, attention_mask: torch.Tensor, prefix_lens: torch.Tensor, prompt_segments: torch.Tensor | None,

@@ -364,8 +364,7 @@ def find_runs(runs_dir: Path, stage: str, with_copies: bool = False) -> list[Run
 
 
 def stages_with_prefix(runs_dir: Path, prefix: str) -> list[str]:
-    """Stage folders such as ``stage3_finetune_<mask>`` (a mask from a file: ``<name>@<sha8>``,
-    ablate.core.user_masks); a renamed copy (``stage3_finetune_causal.bak``) is not one."""
+    """Stage folders such as ``stage3_finetune_<mask>`` (or ``_<name>@<sha8>``); not a copy (``..._causal.bak``)."""
     base = Path(runs_dir)
     pattern = re.compile(re.escape(prefix) + r"[A-Za-z0-9_]+(@[0-9a-f]{8})?$")
     return sorted(p.name for p in base.iterdir() if p.is_dir() and pattern.match(p.name)) if base.is_dir() else []

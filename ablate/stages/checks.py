@@ -138,3 +138,66 @@ def check_batch_size(value: str) -> None:
     """An evaluation batch size: a positive whole number or ``auto`` (lm-eval's own spellings)."""
     if value != "auto" and not (str(value).isdigit() and int(value) > 0):
         raise BadInput(f"--batch-size must be a positive integer or 'auto', got '{value}'")
+
+
+def check_mask_layers(mask: str, spec: str | None) -> None:
+    """--mask-layers: only with a mask other than causal, and a well-formed spec (its layers are checked against the
+    model once it is loaded: ablate.core.layer_masks)."""
+    if spec is None:
+        return
+    if mask == "causal":
+        raise BadInput("--mask-layers chooses the layers of a mask other than causal; the causal mask is causal in "
+                       "every layer")
+    from ablate.core.layer_masks import parse_layers
+
+    parse_layers(spec, None)  # the form now; the layers against the model's once it is loaded
+
+
+def resolve_mask(config) -> None:
+    """``--mask path.py:name``: loaded, probed and registered as ``name@<sha8>`` (ablate.core.user_masks), the
+    config's ``mask`` becoming that name and ``mask_file`` the file it came from; a config re-read from a run
+    loads the recorded file again (its digest checked)."""
+    if config.mask_file is None and ":" not in config.mask and "@" not in config.mask:
+        return  # a registered mask's name (torch is not imported for it)
+    from ablate.core.mask_files import resolve
+
+    mask, source = resolve(config.mask, config.mask_file)
+    object.__setattr__(config, "mask", mask)
+    object.__setattr__(config, "mask_file", source)
+
+
+def check_segments(mask: str, separator: str | None, field_name: str | None = None) -> None:
+    """--segment-separator / --segment-field: what segment masks read in stage 3, and only they."""
+    from ablate.core.masks import MASKS
+
+    needs = MASKS[mask].needs_segments
+    if needs and not separator and not field_name:
+        raise BadInput(f"mask '{mask}' reads the prompt's segments: pass --segment-separator TEXT (e.g. '\\n\\n') "
+                       "or --segment-field FIELD")
+    for option, value in (("--segment-separator", separator), ("--segment-field", field_name)):
+        if value is not None and not needs:
+            raise BadInput(f"{option} is read by masks that read segments only (segment_bidir), not by '{mask}'")
+
+
+def check_generation(mask: str, tasks: dict) -> None:
+    """Generation prefills the prompt under the mask and decodes causally from the cache: a mask whose tokens
+    after the prompt do not attend causally (a mask from a file, ablate.core.user_masks) cannot generate."""
+    from ablate.core.masks import MASKS
+
+    generative = sorted(name for name, task in tasks.items() if task.OUTPUT_TYPE == "generate_until")
+    if generative and not MASKS[mask].causal_continuation:
+        raise BadInput(f"mask '{mask}' is not causal after the prompt, so generation cannot decode under it "
+                       f"(tasks {', '.join(generative)}); evaluate multiple-choice tasks with it")
+
+
+def segment_separator(mask: str, tasks: dict) -> str | None:
+    """A segment mask's separator: the few-shot delimiter lm-eval resolved for the tasks (one for all), else None."""
+    from ablate.core.masks import MASKS
+
+    if not MASKS[mask].needs_segments:
+        return None
+    delimiters = {name: task.config.fewshot_delimiter for name, task in tasks.items()}
+    if len(set(delimiters.values())) != 1 or not next(iter(delimiters.values())):
+        raise BadInput(f"mask '{mask}' cuts prompts at the tasks' few-shot delimiter, and these tasks do not "
+                       f"share one non-empty delimiter: {delimiters}; evaluate them in separate runs")
+    return next(iter(delimiters.values()))

@@ -20,52 +20,14 @@ import yaml
 from ablate.errors import BadInput
 from ablate.results.rundir import STAGE1, STAGE3_PREFIX, STAGE4
 from ablate.stages.checks import (ATTN_IMPLEMENTATIONS, _check_gate, check_batch_size, check_leakage,  # noqa: F401
-                                  check_report_to, check_runs_dir, check_runtime, check_seed, check_types)
+                                  check_mask_layers, check_report_to, check_runs_dir, check_runtime, check_seed,
+                                  check_segments, check_types, resolve_mask)
 
 STAGES_DIR = Path(__file__).resolve().parent  # each stage's YAML sits beside its module and ships in the wheel
 
 
 MASK_LAYERS_HELP = ("apply --mask in these decoder layers only, the causal mask in the others (0-based: 0-7, "
                     "0,2,4, first:4, last:4, all; default: every layer)")
-
-
-def check_mask_layers(mask: str, spec: str | None) -> None:
-    """--mask-layers: only with a mask other than causal, and a well-formed spec (its layers are checked against the
-    model once it is loaded: ablate.core.layer_masks)."""
-    if spec is None:
-        return
-    if mask == "causal":
-        raise BadInput("--mask-layers chooses the layers of a mask other than causal; the causal mask is causal in "
-                       "every layer")
-    from ablate.core.layer_masks import parse_layers
-
-    parse_layers(spec, None)  # the form now; the layers against the model's once it is loaded
-
-
-def resolve_mask(config) -> None:
-    """``--mask path.py:name``: loaded, probed and registered as ``name@<sha8>`` (ablate.core.user_masks), the
-    config's ``mask`` becoming that name and ``mask_file`` the file it came from; a config re-read from a run
-    loads the recorded file again (its digest checked)."""
-    if config.mask_file is None and ":" not in config.mask and "@" not in config.mask:
-        return  # a registered mask's name (torch is not imported for it)
-    from ablate.core.user_masks import resolve
-
-    mask, source = resolve(config.mask, config.mask_file)
-    object.__setattr__(config, "mask", mask)
-    object.__setattr__(config, "mask_file", source)
-
-
-def check_segments(mask: str, separator: str | None, field_name: str | None = None) -> None:
-    """--segment-separator / --segment-field: what segment masks read in stage 3, and only they."""
-    from ablate.core.masks import MASKS
-
-    needs = MASKS[mask].needs_segments
-    if needs and not separator and not field_name:
-        raise BadInput(f"mask '{mask}' reads the prompt's segments: pass --segment-separator TEXT (e.g. '\\n\\n') "
-                       "or --segment-field FIELD")
-    for option, value in (("--segment-separator", separator), ("--segment-field", field_name)):
-        if value is not None and not needs:
-            raise BadInput(f"{option} is read by masks that read segments only (segment_bidir), not by '{mask}'")
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from ablate.core.masks import MASKS
 from ablate.results.environment import environment
 from ablate.results.gates import check_gate
 from ablate.results.samples import macro, record_files, task_metrics
+from ablate.stages.checks import check_generation, segment_separator
 from ablate.stages.config import EvalConfig
 from ablate.errors import BadInput
 from ablate.faults import fault_point
@@ -256,30 +257,6 @@ def evaluate(config: EvalConfig, model, tokenizer, device: str, mask: str, tasks
         **({"segments": lm.segments.record()} if lm.segments is not None else {}),
         "rows": rows,
     }
-
-
-def check_generation(mask: str, tasks: dict) -> None:
-    """Generation prefills the prompt under the mask and decodes causally from the cache: a mask whose tokens
-    after the prompt do not attend causally (a mask from a file, ablate.core.user_masks) cannot generate."""
-    from ablate.core.masks import MASKS
-
-    generative = sorted(name for name, task in tasks.items() if task.OUTPUT_TYPE == "generate_until")
-    if generative and not MASKS[mask].causal_continuation:
-        raise BadInput(f"mask '{mask}' is not causal after the prompt, so generation cannot decode under it "
-                       f"(tasks {', '.join(generative)}); evaluate multiple-choice tasks with it")
-
-
-def segment_separator(mask: str, tasks: dict) -> str | None:
-    """A segment mask's separator: the few-shot delimiter lm-eval resolved for the tasks (one for all), else None."""
-    from ablate.core.masks import MASKS
-
-    if not MASKS[mask].needs_segments:
-        return None
-    delimiters = {name: task.config.fewshot_delimiter for name, task in tasks.items()}
-    if len(set(delimiters.values())) != 1 or not next(iter(delimiters.values())):
-        raise BadInput(f"mask '{mask}' cuts prompts at the tasks' few-shot delimiter, and these tasks do not "
-                       f"share one non-empty delimiter: {delimiters}; evaluate them in separate runs")
-    return next(iter(delimiters.values()))
 
 
 def write_samples(run_dir: Path, rows: dict, prefix: str = "") -> dict:

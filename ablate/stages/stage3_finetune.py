@@ -36,6 +36,7 @@ from ablate.core.leakage import probe
 from ablate.core.masks import model_attention_mask, packed_rows_mask
 from ablate.core.models import resolved as resolved_runtime
 from ablate.core.row_attention import has_row_attention, row_spans, rows_attention
+from ablate.core.segments import training_record
 from ablate.core.sft_data import supervised_logits, supervised_tokens
 from ablate.core.memory import PeakMemory
 from ablate.core.oom import StepOutOfMemory, halve_training, is_out_of_memory, release
@@ -296,14 +297,6 @@ def _fit(config: FinetuneConfig, prepared: Prepared, args, run_dir: Path, resume
         oom_retries[-1]["resumed_from"] = str(start) if start else None
 
 
-def segments_record(config: FinetuneConfig, examples: list) -> dict:
-    """Where the training prompts were cut and how many segments they had (the examples' own record)."""
-    counts = [max(e.prompt_segments, default=-1) + 1 for e in examples]
-    source = {"source": "--segment-field", "field": config.segment_field} if config.segment_field else \
-        {"source": "--segment-separator", "separator": config.segment_separator}
-    return {**source, "prompts": len(counts), "mean_segments": round(sum(counts) / len(counts), 3) if counts else None}
-
-
 def _check_mask(config: FinetuneConfig, prepared: Prepared, bf16: bool) -> dict | None:
     """The mask must take effect on this stack (backend, dtype, versions) before step 1."""
     if config.mask == "causal":
@@ -363,7 +356,7 @@ def _summary(config: FinetuneConfig, prepared: Prepared, trained: Trained, run_d
         # the layers trained under the mask (ablate.core.layer_masks, resolved on the model; None: every layer)
         "mask_layers": layer_record(prepared.mask_layers, num_layers(prepared.model.config)),
         # segment masks: where the prompts were cut and how many segments the training prompts had
-        **({"segments": segments_record(config, prepared.train)}
+        **({"segments": training_record(config.segment_separator, config.segment_field, prepared.train)}
            if config.segment_separator is not None or config.segment_field is not None else {}),
         "data": config.data,
         "data_identity": prepared.data_identity,  # what --resume checks --data against
