@@ -281,3 +281,35 @@ def test_a_run_re_read_from_its_config_loads_its_mask_file_again_and_refuses_an_
         _saved_config(run_dir)
     path.write_bytes(original)
     assert _saved_config(run_dir).mask == config.mask
+
+
+def test_a_file_masks_leakage_is_recorded_with_its_file_and_a_reader_holds_the_run_to_it(tiny_models, tmp_path):
+    """Readers cannot probe (no torch): the verdict travels in config.json's mask_file, digested with the run; a
+    run whose leaky flag disagrees with it is damaged, for a leaking and for a clean file mask."""
+    from ablate.cli import main
+    from ablate.results import rundir
+    from ablate.results.verified import verified_run
+
+    runs, model = tmp_path / "runs", str(tiny_models("llama", num_hidden_layers=LAYERS))
+    common = ["--model", model, "--tasks", "ablate_tiny", "--device", "cpu", "--limit", "4", "--runs-dir", str(runs)]
+    assert main(["stage1", *common]) == 0
+    assert main(["stage2", "--mask", f"{FILE}:next_token", *common]) == 2  # leaks: refused without the flag
+    assert main(["stage2", "--mask", f"{FILE}:next_token", "--allow-label-leakage", *common]) == 0
+    assert main(["stage2", "--mask", f"{FILE}:prompt_window", *common]) == 0
+    for run in rundir.find_runs(runs, "stage2_ablation_eval"):
+        name = run.metrics["mask"].split("@")[0]
+        verdict = json.loads((run.path / "config.json").read_text())["mask_file"]["verdict"]
+        assert verdict == {"leaks_labels": name == "next_token", "shares_context": name != "next_token",
+                           "causal_continuation": name != "next_token", "needs_segments": False}
+        assert run.metrics["leaky"] is (name == "next_token") and verified_run(run, runs).error is None
+        metrics = json.loads((run.path / "metrics.json").read_text())
+        metrics["leaky"] = not metrics["leaky"]  # the flag edited: the reader refuses the run
+        (run.path / "metrics.json").write_text(json.dumps(metrics))
+        assert "leaky" in verified_run(rundir.load_run(run.path), runs).error
+
+
+def test_a_file_mask_probed_otherwise_than_recorded_is_refused():
+    label, source = resolve(f"{FILE}:prompt_window", None)
+    assert source["verdict"]["shares_context"] is True
+    with pytest.raises(BadInput, match="probes now say"):
+        resolve(label, {**source, "verdict": {**source["verdict"], "shares_context": False}})

@@ -44,7 +44,17 @@ def resolve(value: str, source: dict | None) -> tuple[str, dict | None]:
     label = label_of(source["name"], source["sha256"])
     if label not in MASKS:
         register(label, _load(Path(source["path"]), source["name"], data), source)
-    return label, source
+    verdict = verdict_of(MASKS[label])
+    if "verdict" in source and source["verdict"] != verdict:  # the same file, probed otherwise (another version)
+        raise BadInput(f"mask '{label}': its probes now say {verdict}, not the recorded {source['verdict']} (another "
+                       "version of ablate probes it otherwise); rerun with this version")
+    # Recorded with the file (config.json, digested in the run's results): what readers take the mask to be.
+    return label, {**source, "verdict": verdict}
+
+
+def verdict_of(spec: MaskSpec) -> dict:
+    return {"leaks_labels": spec.leaks_labels, "shares_context": spec.shares_context,
+            "causal_continuation": spec.causal_continuation, "needs_segments": spec.needs_segments}
 
 
 def _read(path: Path, value: str) -> bytes:
@@ -74,4 +84,4 @@ def register(label: str, fn, source: dict) -> None:
         label, None, f"from {source['path']}:{source['name']} (sha256 {source['sha256'][:12]}...)",
         leaks_labels=verdict["leaks_labels"], shares_context=verdict["shares_context"],
         needs_segments=verdict["needs_segments"], pattern=fn, causal_continuation=verdict["causal_continuation"],
-        source=dict(source))
+        source={k: source[k] for k in ("path", "name", "sha256")})

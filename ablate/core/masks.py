@@ -277,8 +277,6 @@ def _build(config, mask_name: str, attention_mask: torch.Tensor, block_ids: torc
     file (ablate.core.user_masks), the whole pattern (or-ed onto causal and and-ed: exactly ``allowed``), a
     sliding layer's window cutting keys more than its window behind the query, in position ids.
     """
-    if overlay is not None:
-        return _build_overlay(config, mask_name, attention_mask, dtype, same_segment, by_kind, *overlay)
     batch, length = attention_mask.shape
     # Only the shape, dtype and device of inputs_embeds are read by the mask builders.
     embeds = torch.empty(batch, length, 0, dtype=dtype, device=attention_mask.device)
@@ -290,39 +288,21 @@ def _build(config, mask_name: str, attention_mask: torch.Tensor, block_ids: torc
         raise BadInput(f"mask '{mask_name}' does not support layer types {unknown} of this model")
     masks = {}
     for kind in kinds:
-        if same_segment is not None:
-            window = config.sliding_window if kind == "sliding_attention" else None
+        window = config.sliding_window if kind == "sliding_attention" else None
+        if overlay is not None:  # the file's pattern, within the layout's rows and the layer's window
+            allowed, positions = overlay
+            pattern = lambda b, h, q, kv: allowed[b, q, kv]  # noqa: E731
+            parts = [pattern] + ([same_segment(None)] if same_segment is not None else []) + (
+                [lambda b, h, q, kv, w=window: positions[b, q] - positions[b, kv] < w] if window is not None else [])
+            masks[kind] = masking_utils.create_causal_mask(**kwargs, or_mask_function=pattern,
+                                                           and_mask_function=masking_utils.and_masks(*parts))
+        elif same_segment is not None:
             masks[kind] = masking_utils.create_causal_mask(**kwargs, and_mask_function=same_segment(window))
         elif kind == "sliding_attention":
             masks[kind] = masking_utils.create_sliding_window_causal_mask(**kwargs)
         else:
             masks[kind] = masking_utils.create_causal_mask(**kwargs)
     # Models declaring layer_types (Qwen2/3) take a mapping; the others one mask.
-    return masks if by_kind or getattr(config, "layer_types", None) else masks[kinds[0]]
-
-
-def _build_overlay(config, mask_name, attention_mask, dtype, same_segment, by_kind, allowed, positions):
-    batch, length = attention_mask.shape
-    embeds = torch.empty(batch, length, 0, dtype=dtype, device=attention_mask.device)
-    kwargs = dict(config=config, inputs_embeds=embeds, attention_mask=attention_mask, **{_CACHE_KWARG: None})
-    kinds = mask_kinds(config)
-    unknown = [k for k in kinds if k not in ("full_attention", "sliding_attention")]
-    if unknown:
-        raise BadInput(f"mask '{mask_name}' does not support layer types {unknown} of this model")
-
-    def pattern(batch_idx, head_idx, q_idx, kv_idx):
-        return allowed[batch_idx, q_idx, kv_idx]
-
-    masks = {}
-    for kind in kinds:
-        window = config.sliding_window if kind == "sliding_attention" else None
-        parts = [pattern]
-        if same_segment is not None:
-            parts.append(same_segment(None))
-        if window is not None:
-            parts.append(lambda b, h, q, kv, w=window: positions[b, q] - positions[b, kv] < w)
-        masks[kind] = masking_utils.create_causal_mask(**kwargs, or_mask_function=pattern,
-                                                       and_mask_function=masking_utils.and_masks(*parts))
     return masks if by_kind or getattr(config, "layer_types", None) else masks[kinds[0]]
 
 

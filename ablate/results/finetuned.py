@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ablate.errors import BadInput
 from ablate.results import rundir
-from ablate.results.samples import LEAKS, config_digest
+from ablate.results.samples import config_digest, mask_leaks
 
 SCORED = ("final", "checkpoint")  # what a stage 4 entry scored: a stage 3 run's final/, or one of its checkpoints
 # The runs a checkpoint may be scored of: any that stage 3 has finished or given up on.
@@ -56,7 +56,7 @@ def stage3_record(run: rundir.Run) -> dict:
             raise BadInput(f"{Path(run.path) / 'config.json'} holds other settings than stage 3 started with (its "
                            "run.json records their digest); restore it")
         mask = config.get("mask")
-        record = {"mask": mask, "mask_layers": None, "leaky": LEAKS.get(mask), "model": config.get("model"),
+        record = {"mask": mask, "mask_layers": None, "leaky": mask_leaks(mask, config), "model": config.get("model"),
                   "model_identity": info.get("model_identity")}
     record["seed"] = config.get("seed")
     if run.stage != rundir.STAGE3_PREFIX + str(record["mask"]) or not isinstance(record["leaky"], bool):

@@ -26,6 +26,18 @@ from ablate.errors import BadInput
 LEAKS = {"causal": False, "prefill_bidir": False, "segment_bidir": False, "full_bidir": True}
 
 
+def mask_leaks(mask, config) -> bool | None:
+    """Whether ``mask`` leaks labels, as a reader tells it without torch: ``LEAKS`` for a registered mask; for a
+    mask from a file (ablate.core.mask_files), the probes' verdict its run's config.json records with the file
+    (``mask_file.verdict``; config.json is digested in the run's results); None when neither says."""
+    if mask in LEAKS:
+        return LEAKS[mask]
+    source = config.get("mask_file") if isinstance(config, dict) else None
+    verdict = source.get("verdict") if isinstance(source, dict) else None
+    value = verdict.get("leaks_labels") if isinstance(verdict, dict) else None
+    return value if isinstance(value, bool) else None
+
+
 def verified_samples(run, prefix: str = "", tasks=None) -> dict[str, dict[int, bool]]:
     """``task -> {doc_id: correct}`` of an evaluation run, from its samples files, or one line (BadInput).
 

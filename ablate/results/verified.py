@@ -36,7 +36,7 @@ from ablate.results import rundir
 from ablate.results.recovery import baseline_block, head_to_head, pairs, recovery_block
 from ablate.results.rundir import STAGE1, STAGE2, STAGE3_PREFIX, STAGE4
 from ablate.results.finetuned import CHECKPOINT_OF, SCORED, checkpoint_step, stage3_record, stage4_label
-from ablate.results.samples import (LEAKS, RECORDED, by_doc, macro, mean_loss, read_samples, task_metrics,
+from ablate.results.samples import (RECORDED, by_doc, macro, mask_leaks, mean_loss, read_samples, task_metrics,
                                     verified_samples)
 
 TOLERANCE = 1e-12
@@ -129,8 +129,8 @@ def verified_metrics(run: rundir.Run, runs_dir: Path) -> dict:
     file = _file(run)
     if run.stage in (STAGE1, STAGE2):
         rows = _evaluation(run.path, file, metrics, metrics.get("samples"))
-        _same(file, "leaky", metrics.get("leaky"), LEAKS.get(metrics.get("mask"), metrics.get("leaky")),
-              f"its mask {metrics.get('mask')} and ablate.core.masks")
+        _same(file, "leaky", metrics.get("leaky"), mask_leaks(metrics.get("mask"), run.config),
+              f"its mask {metrics.get('mask')} (ablate.core.masks, or the mask file its config.json records)")
         _same(file, "seed", metrics.get("seed"), (metrics.get("comparison") or {}).get("seed"), "its comparison record")
         _layers(file, metrics)
         if run.stage == STAGE2 and "baseline" in metrics:
@@ -299,8 +299,9 @@ def verified_summary(run: rundir.Run) -> dict:
     if not (summary.get("leaky") is (not guard.get("passed")) is guard.get("allowed_by_flag")
             is (guard.get("first_leak") is not None)):
         raise BadInput(f"{file}: leaky is {summary.get('leaky')} but its leakage_guard says {guard}; edited")
-    if LEAKS.get(summary.get("mask")) and not summary.get("leaky"):
-        raise BadInput(f"{file}: leaky is false for the label-leaking mask {summary.get('mask')}; edited")
+    if mask_leaks(summary.get("mask"), run.config) is not False and not summary.get("leaky"):
+        raise BadInput(f"{file}: leaky is false for the mask {summary.get('mask')}, which leaks labels (or whose "
+                       "file verdict its config.json does not record); edited")
     _layers(file, summary)
     return summary
 
